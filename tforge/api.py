@@ -1,0 +1,204 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+>>> import tforge
+>>> model = tforge.load("model.onnx")
+>>> result = tforge.compile(model, passes="canonicalize", output="model.canon.onnx")
+>>> result.report.passes[0].stats
+>>> tforge.inspect(result.model).blocks[0].attention.num_heads
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from tforge.compiler import structure
+from tforge.compiler.pass_infra import Pass, Property, model_properties
+from tforge.compiler.pipeline import NumericsCheck, PassManager, Report
+from tforge.errors import PassConfigError, UnsupportedModelError
+
+PathLike = str | os.PathLike
+
+
+def load(
+    source: PathLike | Any,
+    example_inputs: tuple | None = None,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+) -> ir.Model:
+    """Load an ``.onnx`` file, a saved ``.pt2`` ExportedProgram, or an ``nn.Module`` (with inputs).
+
+    ONNX initializers stay memory-mapped from their external data; nothing is copied until a
+    pass rewrites it.
+    """
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if path.suffix == ".pt2":
+            from tforge.frontends.torch import from_torch
+
+            return from_torch(path, input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+        from tforge.frontends.onnx import load_onnx
+
+        return load_onnx(path)
+    from tforge.frontends.torch import from_torch
+
+    return from_torch(
+        source,
+        example_inputs,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
+    )
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """The compiled model (in memory), where it was written (if asked), and the pass report."""
+
+    model: ir.Model
+    report: Report
+    output: Path | None = None
+
+
+def compile(  # noqa: A001 - mirrors the `tforge compile` command
+    model: ir.Model | PathLike,
+    passes: str | Sequence[str | Pass] = "canonicalize",
+    *,
+    output: PathLike | None = None,
+    calibration: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
+    input_shapes: Mapping[str, str] | None = None,
+    verify_each: bool = False,
+    dump_dir: PathLike | None = None,
+    check_numerics: NumericsCheck | bool | None = None,
+    external_data: bool | None = None,
+    progress: Any = None,
+) -> CompileResult:
+    """Run a pipeline on a model (mutated in place) and optionally save the result atomically.
+
+    ``calibration`` is a list of input feeds (or one feed) for passes that calibrate;
+    ``input_shapes`` (``{"input_ids": "8x128"}``) is forwarded to ``canonicalize``.
+    """
+    if not isinstance(model, ir.Model):
+        model = load(model)
+    pm = PassManager.parse(
+        passes,
+        verify_each=verify_each,
+        dump_dir=dump_dir,
+        check_numerics=NumericsCheck() if check_numerics is True else (check_numerics or None),
+        progress=progress,
+    )
+    if input_shapes:
+        pm.passes = _with_input_shapes(pm.passes, dict(input_shapes))
+    if calibration is not None:
+        feeds = [calibration] if isinstance(calibration, Mapping) else list(calibration)
+        model.meta["tforge.calibration_feeds"] = feeds
+    report = pm.run(model)
+    out_path = None
+    if output is not None:
+        from tforge.backends.ort import save_model
+
+        out_path = save_model(model, output, external_data=external_data)
+    return CompileResult(model=model, report=report, output=out_path)
+
+
+def _with_input_shapes(passes: list[Pass], shapes: dict[str, str]) -> list[Pass]:
+    from tforge.passes.canonicalize import Canonicalize
+
+    if not any(isinstance(p, Canonicalize) for p in passes):
+        raise PassConfigError(
+            "input shapes are applied by 'canonicalize', which is not in the pipeline; add it first"
+        )
+    return [
+        dataclasses.replace(p, input_shapes={**p.input_shapes, **shapes}) if isinstance(p, Canonicalize) else p
+        for p in passes
+    ]
+
+
+def inspect(model: ir.Model | PathLike, *, canonicalize: bool = True) -> structure.BlockMap:
+    """The block map of a model; a non-canonical model is canonicalized on a copy first."""
+    if not isinstance(model, ir.Model):
+        model = load(model)
+    if canonicalize and Property.CANONICAL not in model_properties(model):
+        model = model.clone()
+        PassManager.parse("canonicalize", progress=lambda _: None).run(model)
+    return structure.find_blocks(model)
+
+
+@dataclasses.dataclass
+class BenchResult:
+    """Latency of one model in a side-by-side run; ``ratio`` is relative to the first model."""
+
+    model: str
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    ratio: float
+
+
+def bench(
+    models: Sequence[ir.Model | PathLike],
+    *,
+    names: Sequence[str] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    dims: Mapping[str, int] | None = None,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> list[BenchResult]:
+    """Time models side by side in one process, interleaved, on the same feeds."""
+    from tforge.backends import ort
+    from tforge.compiler import verify
+
+    if not models:
+        raise PassConfigError("bench: no models given")
+    loaded = [m if isinstance(m, ir.Model) else load(m) for m in models]
+    if names is None:
+        names = [str(m) if not isinstance(m, ir.Model) else (m.graph.name or f"model{i}") for i, m in enumerate(models)]
+    if feeds is None:
+        feeds = verify.make_inputs(loaded[0], dims=dict(dims or {}), rng=np.random.default_rng(0))
+    first_inputs = sorted(v.name for v in loaded[0].graph.inputs)
+    for name, m in zip(names[1:], loaded[1:], strict=True):
+        if sorted(v.name for v in m.graph.inputs) != first_inputs:
+            raise UnsupportedModelError(
+                f"bench: {name} has inputs {sorted(v.name for v in m.graph.inputs)}, the first model "
+                f"{first_inputs}; side-by-side timing needs the same inputs"
+            )
+    sessions = [ort.create_session(m, optimize=True, threads=threads) for m in loaded]
+    timings = ort.time_side_by_side(sessions, feeds, warmup=warmup, runs=runs)
+    base = timings[0].median_ms
+    return [
+        BenchResult(name, t.median_ms, t.p10_ms, t.p90_ms, t.runs, t.median_ms / base if base else float("nan"))
+        for name, t in zip(names, timings, strict=True)
+    ]
+
+
+def symbol_values(model: ir.Model, shapes: Mapping[str, str]) -> dict[str, int]:
+    """Map the symbolic dims of the named inputs to sizes: ``{"input_ids": "1x128"}`` -> ``{"batch": 1, "seq": 128}``."""
+    from tforge.passes.canonicalize import parse_shape
+
+    inputs = {v.name: v for v in model.graph.inputs}
+    values: dict[str, int] = {}
+    for name, text in shapes.items():
+        if name not in inputs:
+            raise PassConfigError(f"input shape given for {name!r}, but the model's inputs are {', '.join(inputs)}")
+        dims = parse_shape(text)
+        shape = inputs[name].shape
+        if shape is None or len(shape) != len(dims):
+            raise PassConfigError(f"input {name!r} has shape {shape}, which does not match {text}")
+        for dim, size in zip(shape, dims, strict=True):
+            if isinstance(dim, int) and dim != size:
+                raise PassConfigError(f"input {name!r} has a fixed dimension {dim}, not {size}")
+            if isinstance(dim, ir.SymbolicDim) and dim.value:
+                values[dim.value] = size
+    return values

@@ -1,0 +1,326 @@
+"""The ONNX Runtime backend: save safely, open sessions, run, time, and see which kernels ran.
+
+Saving is where models get destroyed: an interrupted write leaves half a file, and writing over
+the external data a loaded model still memory-maps corrupts the weights being written. So
+``save_model`` stages everything in a temporary folder beside the output, renames into place
+only when complete, and refuses outputs that alias the model's own source files.
+``kernels_run`` reads ORT's profiler because only it says which kernel ORT actually ran (an int8
+graph that ORT silently runs in float is the failure it exists to catch).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from tforge.errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+SOURCE_PATH_KEY = "tforge.source_path"
+# A ModelProto cannot exceed 2 GiB; keep room for the graph itself next to the weights.
+PROTO_WEIGHT_LIMIT = 2**31 - 128 * 2**20
+PROVIDERS = ["CPUExecutionProvider"]
+
+_ORT_NUMPY_TYPES: dict[str, type] = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+    "tensor(string)": np.object_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Wall-clock latency of one session over ``runs`` timed runs, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> Timing:
+        p10, median, p90 = np.percentile(np.asarray(samples_ms, dtype=np.float64), [10, 50, 90])
+        return cls(float(median), float(p10), float(p90), len(samples_ms))
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Total bytes of the initializers of every graph (no tensor is read to count them)."""
+    return sum(
+        v.const_value.nbytes
+        for graph in model.graphs()
+        for v in graph.initializers.values()
+        if v.const_value is not None
+    )
+
+
+def external_data_files(model: ir.Model) -> list[Path]:
+    """Resolved paths of the files the model's ExternalTensors read (memory-map) from."""
+    paths: dict[Path, None] = {}
+    for graph in model.graphs():
+        tensors = [v.const_value for v in graph.initializers.values()]
+        for node in graph:
+            for attr in node.attributes.values():
+                if not attr.is_ref() and attr.type == ir.AttributeType.TENSOR:
+                    tensors.append(attr.value)
+        for tensor in tensors:
+            if isinstance(tensor, ir.ExternalTensor):
+                paths[Path(os.path.realpath(tensor.path))] = None
+    return list(paths)
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    size_threshold: int = 1024,
+) -> Path:
+    """Write ``model`` to ``path`` atomically and return the path; the model is left unchanged.
+
+    With external data (forced, or automatic once the weights approach protobuf's 2 GiB limit)
+    tensors above ``size_threshold`` bytes go to ``<file name>.data`` beside the output.
+    Both files are written into a temporary folder next to the output and renamed into place,
+    so a failure leaves nothing new at ``path``.
+    """
+    path = Path(path)
+    data_name = f"{path.name}.data"
+    if external_data is None:
+        external_data = initializer_bytes(model) > PROTO_WEIGHT_LIMIT
+    targets = [path, path.with_name(data_name)] if external_data else [path]
+    _refuse_aliasing(model, targets)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    try:
+        staged = staging / path.name
+        if external_data:
+            # onnx_ir streams ExternalTensors file to file and restores the model's tensors.
+            ir.save(model, staged, external_data=data_name, size_threshold_bytes=size_threshold)
+        else:
+            with _inlined_external_tensors(model):
+                ir.save(model, staged)
+        staged_data = staging / data_name
+        placed_data = staged_data.exists() and staged_data.stat().st_size > 0  # else unused
+        if placed_data:
+            os.replace(staged_data, path.with_name(data_name))
+        try:
+            os.replace(staged, path)
+        except BaseException:
+            if placed_data:  # data without its model is useless and misleading
+                path.with_name(data_name).unlink(missing_ok=True)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("saved %s%s", path, f" (+ {data_name})" if external_data else "")
+    return path
+
+
+def _refuse_aliasing(model: ir.Model, targets: Sequence[Path]) -> None:
+    """Refuse outputs that are the model's source file or a file its tensors read from."""
+    protected: list[tuple[Path, str]] = []
+    source = model.meta.get(SOURCE_PATH_KEY)
+    if source:
+        protected.append((Path(os.path.realpath(source)), "the model's source file"))
+    protected += [(p, "external data the model reads") for p in external_data_files(model)]
+    for target in targets:
+        real = Path(os.path.realpath(target))
+        for other, what in protected:
+            if real == other or (
+                real.exists() and other.exists() and os.path.samefile(real, other)
+            ):
+                raise UnsupportedModelError(
+                    f"save: '{target}' is {what} ('{other}'); writing it would corrupt the "
+                    "weights being saved; choose another output path"
+                )
+
+
+@contextmanager
+def _inlined_external_tensors(model: ir.Model) -> Iterator[None]:
+    """Temporarily hold ExternalTensors in memory so a single-file save embeds them.
+
+    Serialised as-is they would keep a location relative to their old folder, which is wrong
+    next to the new file.
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    swapped.append((value, tensor))
+                    value.const_value = ir.Tensor(
+                        tensor.numpy(),
+                        dtype=tensor.dtype,
+                        name=tensor.name,
+                        metadata_props=dict(tensor.metadata_props),
+                    )
+        yield
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+def create_session(
+    model: ir.Model | str | os.PathLike,
+    *,
+    optimize: bool = True,
+    threads: int | None = None,
+    profile_prefix: str | None = None,
+) -> ort.InferenceSession:
+    """Open a CPU session; ``optimize=False`` turns all of ORT's graph rewrites off.
+
+    Tests compare numerics with optimisations off so that they measure tforge's rewrites, not
+    ORT's. In-memory models go to ORT as bytes; models with external data or near 2 GiB are
+    saved to a temporary folder first (ORT cannot resolve external files from bytes).
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3  # ORT's warnings (e.g. unused initializers) are noise here
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    if not isinstance(model, ir.Model):
+        return _open(str(model), options, str(model))
+    label = f"model '{model.graph.name or 'main'}'"
+    if not external_data_files(model) and initializer_bytes(model) <= PROTO_WEIGHT_LIMIT:
+        return _open(ir.to_proto(model).SerializeToString(), options, label)
+    with tempfile.TemporaryDirectory(prefix="tforge-ort-") as folder:
+        saved = save_model(model, Path(folder) / "model.onnx", external_data=True)
+        # ORT reads the initializers during construction; the folder can go afterwards.
+        return _open(str(saved), options, label)
+
+
+def _open(model: str | bytes, options: ort.SessionOptions, label: str) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, options, providers=PROVIDERS)
+    except Exception as error:  # ORT raises its own pybind classes (Fail, InvalidGraph, ...)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsupportedModelError(f"onnxruntime cannot load {label}: {first}") from error
+
+
+def prepare_feeds(
+    session: ort.InferenceSession, feeds: Mapping[str, object]
+) -> dict[str, np.ndarray]:
+    """Cast ``feeds`` to the dtypes the session declares; every input must be fed, nothing else."""
+    inputs = session.get_inputs()
+    names = [i.name for i in inputs]
+    missing = [n for n in names if n not in feeds]
+    unknown = [n for n in feeds if n not in names]
+    if missing or unknown:
+        raise UnsupportedModelError(
+            f"run: feeds do not match the model inputs: missing {missing}, unknown {unknown} "
+            f"(inputs are {names})"
+        )
+    prepared = {}
+    for spec in inputs:
+        dtype = _ORT_NUMPY_TYPES.get(spec.type)
+        array = np.asarray(feeds[spec.name])
+        prepared[spec.name] = array.astype(dtype, copy=False) if dtype is not None else array
+    return prepared
+
+
+def run(session: ort.InferenceSession, feeds: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Run once and return the outputs by name."""
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, prepare_feeds(session, feeds)), strict=True))
+
+
+def time_session(
+    session: ort.InferenceSession, feeds: Mapping[str, object], *, warmup: int = 3, runs: int = 20
+) -> Timing:
+    """Latency of one session (after ``warmup`` untimed runs)."""
+    return time_side_by_side([session], feeds, warmup=warmup, runs=runs)[0]
+
+
+def time_side_by_side(
+    sessions: Sequence[ort.InferenceSession],
+    feeds: Mapping[str, object],
+    *,
+    warmup: int = 3,
+    runs: int = 20,
+) -> list[Timing]:
+    """Time several sessions round robin, so load on the machine hits all of them alike.
+
+    The starting session rotates every round so that none always runs first (after an idle
+    gap, with cold caches).
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"time: need runs >= 1 and warmup >= 0, got runs={runs} warmup={warmup}")
+    prepared = [prepare_feeds(s, feeds) for s in sessions]
+    for _ in range(warmup):
+        for session, session_feeds in zip(sessions, prepared, strict=True):
+            session.run(None, session_feeds)
+    samples: list[list[float]] = [[] for _ in sessions]
+    for round_ in range(runs):
+        for offset in range(len(sessions)):
+            i = (round_ + offset) % len(sessions)
+            start = time.perf_counter()
+            sessions[i].run(None, prepared[i])
+            samples[i].append((time.perf_counter() - start) * 1e3)
+    return [Timing.from_samples(s) for s in samples]
+
+
+def kernels_run(
+    model_or_path: ir.Model | str | os.PathLike,
+    feeds: Mapping[str, object],
+    *,
+    optimize: bool = True,
+) -> collections.Counter[tuple[str, str]]:
+    """Count ``(op_type, execution provider)`` of the kernels ORT ran in one inference.
+
+    Read from ORT's profiler, which records what ran after ORT's own fusions: the only proof
+    that a quantized graph really used int8 kernels.
+    """
+    with tempfile.TemporaryDirectory(prefix="tforge-profile-") as folder:
+        session = create_session(
+            model_or_path, optimize=optimize, profile_prefix=os.path.join(folder, "ort")
+        )
+        run(session, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    if isinstance(events, dict):  # chrome trace object form
+        events = events.get("traceEvents", [])
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") != "Node" or name.endswith(("_fence_before", "_fence_after")):
+            continue
+        args = event.get("args", {})
+        if "op_name" in args:
+            counts[(args["op_name"], args.get("provider", "?"))] += 1
+    return counts

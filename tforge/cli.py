@@ -1,0 +1,309 @@
+"""``tforge compile | inspect | passes | bench``.
+
+Exit codes: 0 success; 1 user error (one line on stderr, traceback with -v); 2 usage;
+70 internal error (also writes ``tforge-crash.json`` with the pipeline and traceback).
+Requested output goes to stdout; logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tforge.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, PassConfigError, TforgeError
+
+logger = logging.getLogger("tforge")
+
+_EPILOG = """examples:
+  tforge compile model.onnx --passes canonicalize -o model.canon.onnx --report report.json
+  tforge compile model.onnx --passes canonicalize --input-shape input_ids=8x128 --dump-dir build/ir
+  tforge inspect model.onnx --json
+  tforge bench model.onnx model.canon.onnx --input-shape input_ids=1x128
+  tforge passes
+"""
+
+
+def _input_shape(text: str) -> tuple[str, str]:
+    name, sep, shape = text.partition("=")
+    if not sep or not name or not shape:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIMS like input_ids=8x128, got {text!r}")
+    return name, shape
+
+
+def _numerics(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("atol", "min-cosine"):
+            raise argparse.ArgumentTypeError(f"expected atol=X and/or min-cosine=Y, got {part!r}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key} must be a number, got {value!r}") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tforge",
+        description="A compression compiler for exported transformer models (ONNX in, ONNX Runtime out).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging; -v shows tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = sub.add_parser("compile", help="run a pass pipeline on a model and save the result")
+    c.add_argument("input", help="an .onnx file (with its external data beside it) or a .pt2 ExportedProgram")
+    c.add_argument("--passes", required=True, metavar="SPEC", help="e.g. 'canonicalize,smoothquant{alpha=0.5}'")
+    c.add_argument("-o", "--output", help="where to write the compiled .onnx (atomically); omit for a dry run")
+    c.add_argument("--report", metavar="FILE", help="write the pass report as JSON")
+    c.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=DIMS",
+                   help="fix an input's shape for canonicalize, e.g. input_ids=8x128 (repeatable)")
+    c.add_argument("--verify-each", action="store_true", help="verify the graph structure after every pass")
+    c.add_argument("--check-numerics", nargs="?", const="", type=_numerics, metavar="atol=X,min-cosine=Y",
+                   help="compare outputs with the input model on generated inputs; fail beyond the limits")
+    c.add_argument("--print-ir-after", action="append", default=[], metavar="PASS", help="print the IR after PASS")
+    c.add_argument("--print-ir-after-change", action="store_true", help="print the IR after every pass that changed it")
+    c.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
+    c.add_argument("--dump-dir", metavar="DIR", help="write DIR/NNN-<pass>.ir after every pass")
+    c.add_argument("--pass-statistics", action="store_true", help="print each pass's statistics to stdout")
+    c.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                   help="store weights in OUTPUT.data (auto: only above 2 GB)")
+
+    i = sub.add_parser("inspect", help="show a model's transformer blocks (the block map)")
+    i.add_argument("input")
+    i.add_argument("--json", action="store_true", help="print the block map as JSON")
+    i.add_argument("--ir", action="store_true", help="print the IR as text")
+    i.add_argument("--tensors", choices=("digest", "shape"), default="digest", help="how --ir prints tensors")
+    i.add_argument("--raw", action="store_true", help="do not canonicalize (in memory) before inspecting")
+
+    sub.add_parser("passes", help="list the available passes and their options")
+
+    b = sub.add_parser("bench", help="time models side by side in ONNX Runtime (ratios to the first)")
+    b.add_argument("inputs", nargs="+", metavar="MODEL")
+    b.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=DIMS",
+                   help="shape of a generated input, e.g. input_ids=1x128 (default: batch 2, other dims 16)")
+    b.add_argument("--runs", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    b.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
+        return int(e.code or 0)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO),
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("onnxscript", "onnx_ir", "torch", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose < 2 else logging.DEBUG)
+    try:
+        return _COMMANDS[args.command](args)
+    except TforgeError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"tforge: error: {e}", file=sys.stderr)
+        if e.exit_code == EXIT_INTERNAL:
+            _write_crash_report(args, e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tforge: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in tforge
+        traceback.print_exc()
+        print(f"tforge: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        _write_crash_report(args, e)
+        return EXIT_INTERNAL
+
+
+def _write_crash_report(args: argparse.Namespace, error: BaseException) -> None:
+    report = {
+        "command": args.command,
+        "argv": sys.argv,
+        "pipeline": getattr(args, "passes", None),
+        "input": getattr(args, "input", None),
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": traceback.format_exception(error),
+        "replay": (
+            f"tforge compile {args.input} --passes '{args.passes}'" if args.command == "compile" else None
+        ),
+    }
+    path = Path("tforge-crash.json")
+    try:
+        _write_text_atomic(path, json.dumps(report, indent=2))
+        print(f"tforge: crash report written to {path}; please attach it to a bug report", file=sys.stderr)
+    except OSError:
+        pass
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    import tforge
+    from tforge.compiler.pipeline import NumericsCheck
+
+    numerics = None
+    if args.check_numerics is not None:
+        numerics = NumericsCheck(
+            atol=args.check_numerics.get("atol"), min_cosine=args.check_numerics.get("min-cosine")
+        )
+    # Parse the pipeline before loading: a typo should not cost a model load.
+    tforge.PassManager.parse(args.passes)
+    if args.output is None:
+        logger.info("no -o/--output given: dry run, nothing will be written")
+    model = tforge.load(args.input)
+    from tforge.compiler.pipeline import PassManager
+
+    pm = PassManager.parse(
+        args.passes,
+        verify_each=args.verify_each,
+        dump_dir=args.dump_dir,
+        print_ir_after=args.print_ir_after,
+        print_ir_after_change=args.print_ir_after_change,
+        print_ir_after_all=args.print_ir_after_all,
+        check_numerics=numerics,
+    )
+    if args.input_shape:
+        from tforge.api import _with_input_shapes
+
+        pm.passes = _with_input_shapes(pm.passes, dict(args.input_shape))
+    report = pm.run(model)
+    if args.output is not None:
+        from tforge.backends.ort import save_model
+
+        external = {"auto": None, "yes": True, "no": False}[args.external_data]
+        out = save_model(model, args.output, external_data=external)
+        logger.info("wrote %s", out)
+    if args.report:
+        _write_text_atomic(Path(args.report), report.to_json() + "\n")
+    if not args.quiet:
+        print(report.summary(), file=sys.stderr)
+    if args.pass_statistics:
+        for record in report.passes:
+            print(f"{record.spec}:")
+            for key, value in sorted(record.stats.items()):
+                print(f"  {value:>8}  {key}")
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import tforge
+    from tforge.compiler import printer, structure
+    from tforge.compiler.pass_infra import Property, model_properties
+    from tforge.compiler.pipeline import PassManager
+
+    model = tforge.load(args.input)
+    if not args.raw and Property.CANONICAL not in model_properties(model):
+        PassManager.parse("canonicalize", progress=lambda _: None).run(model)
+    if args.ir:
+        print(printer.print_ir(model, tensors=args.tensors))
+        return EXIT_OK
+    block_map = structure.find_blocks(model)
+    info: dict[str, Any] = {
+        "model": str(args.input),
+        "inputs": {v.name: str(v.shape) for v in model.graph.inputs},
+        "outputs": {v.name: str(v.shape) for v in model.graph.outputs},
+        "nodes": len(model.graph),
+        "parameters": int(sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)),
+        **block_map.describe(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(_format_inspect(info))
+    return EXIT_OK
+
+
+def _format_inspect(info: dict[str, Any]) -> str:
+    lines = [
+        f"{info['model']}: {info['nodes']} nodes, {info['parameters']:,} parameters",
+        f"  inputs:  {', '.join(f'{k} {v}' for k, v in info['inputs'].items())}",
+        f"  outputs: {', '.join(f'{k} {v}' for k, v in info['outputs'].items())}",
+        f"  {info['num_blocks']} transformer blocks",
+    ]
+    for b in info["blocks"]:
+        a, f = b["attention"], b["ffn"]
+        parts = [f"  [{b['index']:>2}] {'pre' if b['pre_norm'] else 'post'}-norm"]
+        norm = b["attention_norm"] or b["ffn_norm"]
+        if norm:
+            parts.append(f"{norm['kind']}norm")
+        if a:
+            kind = "fused-qkv " if a["fused_qkv"] else ""
+            parts.append(
+                f"attention {kind}heads={a['num_heads']} kv_heads={a['num_kv_heads']} head_dim={a['head_dim']}"
+                f"{' causal' if a['causal'] else ''}{' rotary' if a['rotary'] else ''}"
+            )
+        if f:
+            parts.append(f"ffn {'gated ' if f['gated'] else ''}{f['activation']} intermediate={f['intermediate_size']}")
+        lines.append("  ".join(parts))
+    if info["other_linears"]:
+        lines.append(f"  linears outside blocks: {', '.join(info['other_linears'])}")
+    for message in info["unrecognized"]:
+        lines.append(f"  unrecognized: {message}")
+    return "\n".join(lines)
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from tforge.compiler import registry
+
+    for name, cls in registry.all_passes().items():
+        print(f"{name}: {cls.summary}")
+        req = ", ".join(sorted(str(p) for p in cls.requires))
+        est = ", ".join(sorted(str(p) for p in cls.establishes))
+        if req or est:
+            print(f"    requires: {req or '-'}; establishes: {est or '-'}")
+        for key, tp, default in registry.option_fields(cls):
+            print(f"    {key}={registry.describe_type(tp)}  (default: {default!r})")
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import tforge
+    from tforge.api import symbol_values
+
+    if args.runs < 1 or args.warmup < 0:
+        raise PassConfigError("bench: --runs must be >= 1 and --warmup >= 0")
+    models = [tforge.load(path) for path in args.inputs]
+    dims = symbol_values(models[0], dict(args.input_shape)) if args.input_shape else {}
+    results = tforge.bench(models, names=args.inputs, dims=dims, runs=args.runs, warmup=args.warmup, threads=args.threads)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+        return EXIT_OK
+    width = max(len(r.model) for r in results)
+    print(f"{'model':<{width}}  {'median ms':>10}  {'p10':>8}  {'p90':>8}  {'ratio':>6}")
+    for r in results:
+        print(f"{r.model:<{width}}  {r.median_ms:10.3f}  {r.p10_ms:8.3f}  {r.p90_ms:8.3f}  {r.ratio:6.3f}")
+    return EXIT_OK
+
+
+_COMMANDS = {"compile": _cmd_compile, "inspect": _cmd_inspect, "passes": _cmd_passes, "bench": _cmd_bench}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,908 @@
+"""The transformer block map: where the norms, attention blocks and FFNs of a graph are.
+
+Found once, from the dataflow of a canonical graph (never from node names), and consumed by
+every pass. The anchors are the ops every transformer has:
+
+- a *linear* is ``MatMul(x, W)`` with a constant 2-D ``W``, optionally followed by ``Add(b)``;
+- a *norm* is ``LayerNormalization`` or the RMSNorm pattern ``g * (x * 1/sqrt(mean(x^2) + eps))``;
+- an *attention* is found from its ``Softmax``: the scores ``MatMul`` before it leads back to the
+  query and key linears, the ``MatMul`` after it to the value linear and on to the output linear;
+- an *FFN* is a linear whose input is reached from one (up) or two (up, gate) linears through
+  elementwise ops only.
+
+Head counts come from the ``Reshape`` that splits a projection's width into heads, read from the
+annotated shapes or, failing that, from the constant parts of its target shape. Whatever cannot
+be recognised is reported in :attr:`BlockMap.unrecognized` with the node where recognition stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+# Ops that only move data between layouts; a path through them keeps "which linear it came from".
+_LAYOUT_OPS = frozenset(
+    {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Tile", "Flatten", "Identity", "Cast"}
+)
+# Ops whose first input carries the data and whose other inputs are indices or shapes.
+_DATA_INPUT_ONLY = frozenset(
+    {"Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Slice", "Split", "Gather", "Pad", "Flatten"}
+)
+_ELEMENTWISE = frozenset(
+    {
+        "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",
+        "Elu", "LeakyRelu", "HardSigmoid", "HardSwish", "Softplus", "Exp", "Cast", "Identity",
+        "Clip", "Where", "Min", "Max", "Abs", "Reciprocal", "Silu", "Mish", "QuickGelu",
+    }
+)
+_ACTIVATIONS = {
+    "Gelu": "gelu", "Erf": "gelu", "Tanh": "gelu_tanh", "Sigmoid": "silu", "Relu": "relu",
+    "Elu": "elu", "HardSwish": "hardswish", "Softplus": "softplus", "Silu": "silu",
+    "Mish": "mish", "QuickGelu": "quick_gelu", "LeakyRelu": "leaky_relu",
+}
+_COMPARISONS = frozenset({"Less", "LessOrEqual", "Greater", "GreaterOrEqual"})
+_MAX_WALK = 400  # nodes visited by one backward walk before giving up
+
+
+# ----------------------------------------------------------------------------- the map
+
+
+@dataclasses.dataclass(eq=False)
+class Linear:
+    """``output = input @ weight (+ bias)`` with constant ``weight`` of shape [in, out]."""
+
+    matmul: ir.Node
+    weight: ir.Value
+    bias: ir.Value | None
+    bias_add: ir.Node | None
+
+    @property
+    def input(self) -> ir.Value:
+        return self.matmul.inputs[0]  # type: ignore[return-value]
+
+    @property
+    def output(self) -> ir.Value:
+        return (self.bias_add or self.matmul).outputs[0]
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[0])  # type: ignore[index]
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[1])  # type: ignore[index]
+
+    @property
+    def name(self) -> str:
+        return self.weight.name or self.matmul.name or "?"
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "node": self.matmul.name,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+
+@dataclasses.dataclass(eq=False)
+class Norm:
+    """A LayerNorm or RMSNorm and what reads its output.
+
+    For ``kind="rms"`` the graph holds the decomposed pattern; :attr:`node` is the final
+    ``Mul`` by gamma and :attr:`nodes` lists the whole pattern.
+    """
+
+    kind: Literal["layer", "rms"]
+    node: ir.Node
+    input: ir.Value
+    gamma: ir.Value
+    beta: ir.Value | None
+    epsilon: float
+    nodes: list[ir.Node]
+    linears: list[Linear] = dataclasses.field(default_factory=list)
+    other_consumers: list[ir.Node] = dataclasses.field(default_factory=list)
+
+    @property
+    def output(self) -> ir.Value:
+        return self.node.outputs[0]
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.gamma.name or "?"
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "node": self.node.name,
+            "gamma": self.gamma.name,
+            "beta": self.beta.name if self.beta is not None else None,
+            "epsilon": self.epsilon,
+            "linears": [lin.name for lin in self.linears],
+            "other_consumers": [n.name for n in self.other_consumers],
+        }
+
+
+@dataclasses.dataclass(eq=False)
+class Attention:
+    """A multi-head (or grouped-query) attention block.
+
+    ``q``, ``k``, ``v`` are separate linears, or all three are the same fused linear ``qkv``
+    whose output is split (``qkv_split`` gives the widths of the three parts).
+    ``shape_nodes`` are the Reshape/Expand/Split/Slice nodes on the paths between the
+    projections and the output linear: the constants that encode the head count or the width.
+    """
+
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    softmax: ir.Node
+    scores_matmul: ir.Node
+    context_matmul: ir.Node
+    causal: bool
+    rotary: bool
+    shape_nodes: list[ir.Node]
+    qkv_split: tuple[int, int, int] | None = None
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.q is self.k
+
+    @property
+    def qkv(self) -> Linear | None:
+        return self.q if self.fused_qkv else None
+
+    def describe(self) -> dict:
+        return {
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "fused_qkv": self.fused_qkv,
+            "qkv_split": list(self.qkv_split) if self.qkv_split else None,
+            "q": self.q.name,
+            "k": self.k.name,
+            "v": self.v.name,
+            "o": self.o.name,
+            "causal": self.causal,
+            "rotary": self.rotary,
+            "softmax": self.softmax.name,
+            "shape_nodes": [n.name for n in self.shape_nodes],
+        }
+
+
+@dataclasses.dataclass(eq=False)
+class FFN:
+    """``down(act(up(x)) [* gate...])``; with a gate, ``act`` applies to the gate branch."""
+
+    up: Linear
+    gate: Linear | None
+    down: Linear
+    activation: str
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.up.out_features
+
+    def describe(self) -> dict:
+        return {
+            "gated": self.gated,
+            "intermediate_size": self.intermediate_size,
+            "activation": self.activation,
+            "up": self.up.name,
+            "gate": self.gate.name if self.gate else None,
+            "down": self.down.name,
+        }
+
+
+@dataclasses.dataclass(eq=False)
+class Block:
+    """One transformer layer: attention and FFN with the norms that feed or follow them.
+
+    Pre-norm: ``x + attn(norm1(x))``, then ``h + ffn(norm2(h))``; the norms are those feeding
+    attention and FFN. Post-norm (BERT): ``norm1(x + attn(x))``, ``norm2(h + ffn(h))``; the
+    norms are those after each residual add.
+    """
+
+    index: int
+    attention: Attention | None
+    ffn: FFN | None
+    attention_norm: Norm | None
+    ffn_norm: Norm | None
+    residual_adds: list[ir.Node]
+    pre_norm: bool
+
+    def describe(self) -> dict:
+        return {
+            "index": self.index,
+            "pre_norm": self.pre_norm,
+            "attention_norm": self.attention_norm.describe() if self.attention_norm else None,
+            "attention": self.attention.describe() if self.attention else None,
+            "ffn_norm": self.ffn_norm.describe() if self.ffn_norm else None,
+            "ffn": self.ffn.describe() if self.ffn else None,
+            "residual_adds": [n.name for n in self.residual_adds],
+        }
+
+
+@dataclasses.dataclass
+class BlockMap:
+    blocks: list[Block]
+    norms: list[Norm]
+    linears: list[Linear]
+    unrecognized: list[str]
+
+    def describe(self) -> dict:
+        in_blocks = {
+            id(lin)
+            for b in self.blocks
+            for lin in _block_linears(b)
+        }
+        return {
+            "num_blocks": len(self.blocks),
+            "blocks": [b.describe() for b in self.blocks],
+            "norms": [n.describe() for n in self.norms],
+            "other_linears": [lin.name for lin in self.linears if id(lin) not in in_blocks],
+            "unrecognized": list(self.unrecognized),
+        }
+
+    def linear_for(self, matmul: ir.Node) -> Linear | None:
+        for lin in self.linears:
+            if lin.matmul is matmul:
+                return lin
+        return None
+
+
+def _block_linears(block: Block) -> Iterator[Linear]:
+    if block.attention:
+        a = block.attention
+        yield from {id(x): x for x in (a.q, a.k, a.v, a.o)}.values()
+    if block.ffn:
+        f = block.ffn
+        yield from (x for x in (f.up, f.gate, f.down) if x is not None)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant content (initializer or Constant op), or None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].value.numpy()
+    return None
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    arr = const_array(value)
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(()))
+
+
+def static_dims(value: ir.Value | None) -> list[int | None] | None:
+    if value is None or value.shape is None:
+        return None
+    return [d if isinstance(d, int) else None for d in value.shape]
+
+
+def reshape_target(node: ir.Node) -> list[int | None] | None:
+    """Target dims of a Reshape, with None where they are computed at run time."""
+    target = node.inputs[1] if len(node.inputs) > 1 else None
+    arr = const_array(target)
+    if arr is not None:
+        return [int(x) for x in arr.ravel()]
+    producer = target.producer() if target is not None else None
+    if producer is None or producer.op_type != "Concat":
+        return None
+    dims: list[int | None] = []
+    for part in producer.inputs:
+        arr = const_array(part)
+        if arr is not None:
+            dims.extend(int(x) for x in arr.ravel())
+            continue
+        shape = static_dims(part)
+        if shape is None or len(shape) != 1 or shape[0] is None:
+            return None
+        dims.extend([None] * shape[0])
+    return dims
+
+
+def _node_label(node: ir.Node | None) -> str:
+    if node is None:
+        return "graph input"
+    return f"{node.op_type} '{node.name}'"
+
+
+# ----------------------------------------------------------------------------- finding linears & norms
+
+
+def find_linears(graph: ir.Graph) -> list[Linear]:
+    linears = []
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        weight = node.inputs[1]
+        if weight is None or const_array(weight) is None or weight.shape is None or len(weight.shape) != 2:
+            continue
+        bias, bias_add = None, None
+        users = list(node.outputs[0].uses())
+        if len(users) == 1 and users[0].node.op_type == "Add" and node.outputs[0] not in graph.outputs:
+            add = users[0].node
+            other = add.inputs[1 - users[0].idx]
+            arr = const_array(other)
+            if arr is not None and arr.ndim == 1 and arr.shape[0] == weight.shape[1]:
+                bias, bias_add = other, add
+        linears.append(Linear(node, weight, bias, bias_add))
+    return linears
+
+
+def _match_rms(mul: ir.Node) -> Norm | None:
+    """``gamma * (x * 1/sqrt(mean(x^2) + eps))`` (or ``x / sqrt(...)``), any operand order."""
+    if mul.op_type != "Mul":
+        return None
+    for gi in (0, 1):
+        gamma = mul.inputs[gi]
+        g = const_array(gamma)
+        if g is None or g.ndim != 1:
+            continue
+        normed = mul.inputs[1 - gi]
+        inner = normed.producer() if normed is not None else None
+        if inner is None or inner.op_type not in ("Mul", "Div"):
+            continue
+        for xi in ((0, 1) if inner.op_type == "Mul" else (0,)):
+            x, scale = inner.inputs[xi], inner.inputs[1 - xi]
+            chain = _rms_scale_chain(scale, x, reciprocal=inner.op_type == "Mul")
+            if chain is None:
+                continue
+            nodes, eps = chain
+            return Norm("rms", mul, x, gamma, None, eps, [*nodes, inner, mul])  # type: ignore[arg-type]
+    return None
+
+
+def _rms_scale_chain(scale: ir.Value | None, x: ir.Value | None, *, reciprocal: bool):
+    """Match 1/sqrt(mean(x^2)+eps) (reciprocal=True) or sqrt(mean(x^2)+eps)."""
+    node = scale.producer() if scale is not None else None
+    nodes = []
+    if reciprocal:
+        if node is None:
+            return None
+        if node.op_type == "Reciprocal":
+            nodes.append(node)
+            node = node.inputs[0].producer()
+        elif node.op_type == "Div" and _scalar(node.inputs[0]) == 1.0:
+            nodes.append(node)
+            node = node.inputs[1].producer()
+        else:
+            return None
+    if node is None or node.op_type != "Sqrt":
+        return None
+    nodes.append(node)
+    add = node.inputs[0].producer()
+    if add is None or add.op_type != "Add":
+        return None
+    eps = _scalar(add.inputs[1]) if _scalar(add.inputs[1]) is not None else _scalar(add.inputs[0])
+    mean = next((i.producer() for i in add.inputs if i is not None and i.producer() is not None), None)
+    if eps is None or mean is None or mean.op_type != "ReduceMean":
+        return None
+    square = mean.inputs[0].producer()
+    if square is None:
+        return None
+    if square.op_type == "Pow" and _scalar(square.inputs[1]) == 2.0 and square.inputs[0] is x:
+        pass
+    elif square.op_type == "Mul" and square.inputs[0] is x and square.inputs[1] is x:
+        pass
+    else:
+        return None
+    return [square, mean, add, *reversed(nodes)], eps
+
+
+def find_norms(graph: ir.Graph) -> list[Norm]:
+    norms = []
+    for node in graph:
+        if node.op_type == "LayerNormalization":
+            gamma = node.inputs[1]
+            beta = node.inputs[2] if len(node.inputs) > 2 else None
+            if const_array(gamma) is None or (beta is not None and const_array(beta) is None):
+                continue
+            eps_attr = node.attributes.get("epsilon")
+            eps = float(eps_attr.value) if eps_attr is not None else 1e-5
+            norms.append(Norm("layer", node, node.inputs[0], gamma, beta, eps, [node]))  # type: ignore[arg-type]
+        elif node.op_type in ("RMSNormalization", "SimplifiedLayerNormalization"):
+            gamma = node.inputs[1]
+            if const_array(gamma) is None:
+                continue
+            eps_attr = node.attributes.get("epsilon")
+            eps = float(eps_attr.value) if eps_attr is not None else 1e-5
+            norms.append(Norm("rms", node, node.inputs[0], gamma, None, eps, [node]))  # type: ignore[arg-type]
+        else:
+            rms = _match_rms(node)
+            if rms is not None:
+                norms.append(rms)
+    return norms
+
+
+def _attach_consumers(norms: list[Norm], linears_by_input: dict[int, list[Linear]]) -> None:
+    for norm in norms:
+        for use in norm.output.uses():
+            node = use.node
+            lin = next((lin for lin in linears_by_input.get(id(norm.output), []) if lin.matmul is node), None)
+            if lin is not None:
+                norm.linears.append(lin)
+            else:
+                norm.other_consumers.append(node)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class _Walk:
+    """Backward walk from a value through data-movement and elementwise ops to the linears it came from."""
+
+    def __init__(self, linear_by_output: dict[int, Linear], norm_outputs: set[int]) -> None:
+        self.linear_by_output = linear_by_output
+        self.norm_outputs = norm_outputs
+        self.visited: list[ir.Node] = []  # every node the last walk went through
+
+    def sources(self, start: ir.Value) -> tuple[list[Linear], list[ir.Node], str | None]:
+        """Linears reached, nodes on the shortest path to the first one, and why it stopped if none."""
+        queue: deque[ir.Value] = deque([start])
+        parent: dict[int, ir.Node | None] = {id(start): None}
+        found: list[Linear] = []
+        first_path: list[ir.Node] = []
+        stop_reason = None
+        visited = 0
+        self.visited = []
+        while queue:
+            value = queue.popleft()
+            lin = self.linear_by_output.get(id(value))
+            if lin is not None:
+                if all(lin is not f for f in found):
+                    found.append(lin)
+                    if len(found) == 1:
+                        first_path = self._path(value, parent)
+                continue
+            if id(value) in self.norm_outputs:
+                stop_reason = stop_reason or f"reached a norm output '{value.name}' before any linear"
+                continue
+            node = value.producer()
+            if node is None or value.const_value is not None:
+                continue
+            visited += 1
+            self.visited.append(node)
+            if visited > _MAX_WALK:
+                stop_reason = f"gave up after {_MAX_WALK} nodes at {_node_label(node)}"
+                break
+            if node.op_type in ("MatMul", "Softmax", "Gemm", "Conv"):
+                stop_reason = stop_reason or f"reached {_node_label(node)} before any linear"
+                continue
+            if node.op_type == "Shape" or node.op_type == "Range":
+                continue
+            inputs = node.inputs[:1] if node.op_type in _DATA_INPUT_ONLY else node.inputs
+            if node.op_type == "Where":
+                inputs = node.inputs[1:]
+            for inp in inputs:
+                if inp is None or id(inp) in parent or const_array(inp) is not None:
+                    continue
+                parent[id(inp)] = node
+                queue.append(inp)
+        return found, first_path, stop_reason
+
+    @staticmethod
+    def _path(value: ir.Value, parent: dict[int, ir.Node | None]) -> list[ir.Node]:
+        """Nodes from ``value`` (a linear output) forward to the walk's start, via parent links."""
+        path = []
+        node = parent.get(id(value))
+        while node is not None:
+            path.append(node)
+            node = parent.get(id(node.outputs[0]))
+        return path
+
+
+def _skip_forward(value: ir.Value, ops: Iterable[str]) -> ir.Value:
+    """Follow single-use chains of the given ops forward."""
+    ops = set(ops)
+    while True:
+        users = list(value.uses())
+        if len(users) != 1 or users[0].node.op_type not in ops:
+            return value
+        value = users[0].node.outputs[0]
+
+
+def _scores_matmul(softmax: ir.Node) -> ir.Node | None:
+    """The Q @ K^T MatMul feeding a Softmax through scaling / masking ops."""
+    queue = deque([softmax.inputs[0]])
+    seen = 0
+    while queue and seen < 32:
+        value = queue.popleft()
+        node = value.producer() if value is not None else None
+        if node is None:
+            continue
+        seen += 1
+        if node.op_type == "MatMul" and const_array(node.inputs[1]) is None:
+            return node
+        if node.op_type in ("Add", "Mul", "Div", "Sub", "Where", "Cast", "Identity", "Reshape", "Max", "Min", "Clip", "Tanh"):
+            queue.extend(i for i in node.inputs if i is not None and const_array(i) is None)
+    return None
+
+
+def _context_matmul(softmax: ir.Node) -> ir.Node | None:
+    """The probs @ V MatMul fed by a Softmax, through NaN guards, casts, dropout or reshapes."""
+    frontier = [softmax.outputs[0]]
+    for _ in range(8):
+        nxt = []
+        for value in frontier:
+            for use in value.uses():
+                node = use.node
+                if node.op_type == "MatMul" and use.idx == 0:
+                    return node
+                if node.op_type in ("Where", "Cast", "Dropout", "Identity", "Reshape", "Mul", "Div"):
+                    nxt.append(node.outputs[0])
+        frontier = nxt
+    return None
+
+
+def _head_split(path: list[ir.Node], width: int) -> tuple[int, int] | None:
+    """(heads, head_dim) from the first Reshape on the path that splits ``width`` into heads."""
+    for node in path:
+        if node.op_type != "Reshape":
+            continue
+        dims = static_dims(node.outputs[0])
+        target = reshape_target(node)
+        for cand in (dims, target):
+            if not cand or len(cand) < 3:
+                continue
+            last = cand[-1]
+            if last is None or last <= 0 or width % last != 0 or last == width:
+                continue
+            return width // last, last
+    return None
+
+
+def _split_widths(path: list[ir.Node]) -> list[int] | None:
+    for node in path:
+        if node.op_type == "Split":
+            arr = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            if arr is not None:
+                return [int(x) for x in arr.ravel()]
+            widths = [static_dims(o) for o in node.outputs]
+            if all(w and w[-1] for w in widths):
+                return [int(w[-1]) for w in widths]  # type: ignore[index]
+    return None
+
+
+def _depends_on(value: ir.Value, predicate, limit: int = 200) -> bool:
+    queue, seen = deque([value]), set()
+    while queue and len(seen) < limit:
+        v = queue.popleft()
+        node = v.producer() if v is not None else None
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if predicate(node):
+            return True
+        queue.extend(i for i in node.inputs if i is not None)
+    return False
+
+
+def _is_causal(scores: ir.Node, softmax: ir.Node) -> bool:
+    """A causal mask compares two position ranges (query index >= key index) or uses Trilu."""
+    between = deque([softmax.inputs[0]])
+    masks: list[ir.Value] = []
+    seen = set()
+    while between:
+        value = between.popleft()
+        node = value.producer() if value is not None else None
+        if node is None or node is scores or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for inp in node.inputs:
+            if inp is None or const_array(inp) is not None:
+                continue
+            if _depends_on(inp, lambda n: n is scores, limit=16):
+                between.append(inp)
+            else:
+                masks.append(inp)
+
+    def causal_op(node: ir.Node) -> bool:
+        if node.op_type == "Trilu":
+            return True
+        if node.op_type in _COMPARISONS:
+            return all(
+                i is not None and _depends_on(i, lambda n: n.op_type in ("Range", "CumSum"), limit=30)
+                for i in node.inputs
+            )
+        return False
+
+    return any(_depends_on(m, causal_op, limit=400) for m in masks)
+
+
+def _find_attention(
+    softmax: ir.Node, walk: _Walk, linears_by_input: dict[int, list[Linear]]
+) -> Attention | str:
+    where = _node_label(softmax)
+    scores = _scores_matmul(softmax)
+    if scores is None:
+        return f"{where}: no Q @ K^T MatMul found before it"
+    context = _context_matmul(softmax)
+    if context is None:
+        return f"{where}: no probs @ V MatMul found after it"
+    q_lins, q_path, q_why = walk.sources(scores.inputs[0])
+    # Rotary embedding: rotate_half negates one half of each head (Neg), or a fused op.
+    rotary = any(n.op_type in ("Neg", "RotaryEmbedding") for n in walk.visited)
+    k_lins, k_path, k_why = walk.sources(scores.inputs[1])
+    v_lins, v_path, v_why = walk.sources(context.inputs[1])
+    for role, lins, why, node in (
+        ("query", q_lins, q_why, scores),
+        ("key", k_lins, k_why, scores),
+        ("value", v_lins, v_why, context),
+    ):
+        if len(lins) != 1:
+            found = ", ".join(lin.name for lin in lins) or "none"
+            return (
+                f"{where}: the {role} input of {_node_label(node)} does not come from exactly one "
+                f"linear (found: {found}){'; ' + why if why and not lins else ''}"
+            )
+    q, k, v = q_lins[0], k_lins[0], v_lins[0]
+    # The output projection: the linear reading the context after it is merged back from heads.
+    merged = _skip_forward(context.outputs[0], _LAYOUT_OPS)
+    o = next((lin for lin in linears_by_input.get(id(merged), [])), None)
+    if o is None:
+        users = ", ".join(_node_label(u.node) for u in merged.uses()) or "nothing"
+        return f"{where}: no output linear reads the attention context (it feeds {users})"
+    fused = q is k
+    qkv_split = None
+    if fused:
+        if v is not q:
+            return f"{where}: query and key come from fused linear '{q.name}' but value from '{v.name}'"
+        widths = _split_widths(q_path) or _split_widths(k_path)
+        if widths is None or len(widths) != 3:
+            return f"{where}: fused QKV linear '{q.name}' is not split into three parts by a Split"
+        qkv_split = (widths[0], widths[1], widths[2])
+        q_width, k_width = widths[0], widths[1]
+    else:
+        q_width, k_width = q.out_features, k.out_features
+    q_heads = _head_split(q_path, q_width)
+    if q_heads is None:
+        return f"{where}: no Reshape splits the query projection '{q.name}' ({q_width} wide) into heads"
+    num_heads, head_dim = q_heads
+    if k_width % head_dim:
+        return f"{where}: key width {k_width} is not a multiple of head_dim {head_dim}"
+    num_kv_heads = k_width // head_dim
+    if num_heads % num_kv_heads:
+        return f"{where}: {num_heads} query heads cannot share {num_kv_heads} KV heads evenly"
+    shape_ops = {"Reshape", "Expand", "Split", "Slice", "Tile", "Concat"}
+    shape_nodes: dict[int, ir.Node] = {}
+    for node in [*q_path, *k_path, *v_path]:
+        if node.op_type in shape_ops:
+            shape_nodes[id(node)] = node
+    value = context.outputs[0]
+    while value is not merged:
+        node = next(iter(value.uses())).node
+        if node.op_type in shape_ops:
+            shape_nodes[id(node)] = node
+        value = node.outputs[0]
+    return Attention(
+        q=q, k=k, v=v, o=o,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        softmax=softmax, scores_matmul=scores, context_matmul=context,
+        causal=_is_causal(scores, softmax), rotary=rotary,
+        shape_nodes=list(shape_nodes.values()), qkv_split=qkv_split,
+    )
+
+
+# ----------------------------------------------------------------------------- FFN
+
+
+def _find_ffn(down: Linear, walk: _Walk) -> FFN | None:
+    """``down``'s input reached through elementwise ops from one or two linears sharing an input."""
+    queue = deque([down.input])
+    seen: set[int] = set()
+    reached: list[Linear] = []
+    activations: list[str] = []
+    gate_of: dict[int, bool] = {}
+    steps = 0
+    while queue and steps < 64:
+        value = queue.popleft()
+        lin = walk.linear_by_output.get(id(value))
+        if lin is not None:
+            if all(lin is not r for r in reached):
+                reached.append(lin)
+            continue
+        node = value.producer()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        steps += 1
+        if node.op_type not in _ELEMENTWISE:
+            return None
+        if node.op_type in _ACTIVATIONS:
+            activations.append(_ACTIVATIONS[node.op_type])
+            # which linear does the activation sit on: that one is the gate (or the only up)
+            src, _, _ = walk.sources(node.inputs[0])
+            for s in src:
+                gate_of[id(s)] = True
+        queue.extend(i for i in node.inputs if i is not None and const_array(i) is None)
+    if not activations or not 1 <= len(reached) <= 2:
+        return None
+    activation = activations[0]
+    if activation == "gelu_tanh" and "Pow" not in {n.op_type for n in _producers(down.input, 40)}:
+        activation = "tanh"
+    if len(reached) == 1:
+        return FFN(up=reached[0], gate=None, down=down, activation=activation)
+    a, b = reached
+    if a.input is not b.input or a.out_features != b.out_features:
+        return None
+    gate, up = (a, b) if gate_of.get(id(a)) and not gate_of.get(id(b)) else (b, a)
+    if not gate_of.get(id(gate)):
+        return None
+    return FFN(up=up, gate=gate, down=down, activation=activation)
+
+
+def _producers(value: ir.Value, limit: int) -> list[ir.Node]:
+    out, queue, seen = [], deque([value]), set()
+    while queue and len(out) < limit:
+        v = queue.popleft()
+        node = v.producer() if v is not None else None
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        out.append(node)
+        queue.extend(i for i in node.inputs if i is not None)
+    return out
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def find_blocks(model: ir.Model | ir.Graph) -> BlockMap:
+    """Build the block map of a (canonical) model."""
+    graph = model.graph if isinstance(model, ir.Model) else model
+    order = {id(node): i for i, node in enumerate(graph)}
+    linears = find_linears(graph)
+    norms = find_norms(graph)
+    linears_by_input: dict[int, list[Linear]] = {}
+    for lin in linears:
+        linears_by_input.setdefault(id(lin.input), []).append(lin)
+    _attach_consumers(norms, linears_by_input)
+    walk = _Walk({id(lin.output): lin for lin in linears}, {id(n.output) for n in norms})
+
+    unrecognized: list[str] = []
+    attentions: list[Attention] = []
+    for node in graph:
+        if node.op_type != "Softmax":
+            continue
+        found = _find_attention(node, walk, linears_by_input)
+        if isinstance(found, str):
+            unrecognized.append(found)
+        else:
+            attentions.append(found)
+
+    attention_linears = {id(lin) for a in attentions for lin in (a.q, a.k, a.v, a.o)}
+    ffns: list[FFN] = []
+    for lin in linears:
+        if id(lin) in attention_linears:
+            continue
+        ffn = _find_ffn(lin, walk)
+        if ffn is not None and not ({id(ffn.up), id(ffn.gate)} & attention_linears):
+            ffns.append(ffn)
+
+    norm_by_output = {id(n.output): n for n in norms}
+    blocks = _assemble_blocks(attentions, ffns, norm_by_output, order, unrecognized)
+    return BlockMap(blocks=blocks, norms=norms, linears=linears, unrecognized=unrecognized)
+
+
+def _assemble_blocks(
+    attentions: list[Attention],
+    ffns: list[FFN],
+    norm_by_output: dict[int, Norm],
+    order: dict[int, int],
+    unrecognized: list[str],
+) -> list[Block]:
+    events: list[tuple[int, Attention | FFN]] = [(order[id(a.softmax)], a) for a in attentions]
+    events += [(order[id(f.down.matmul)], f) for f in ffns]
+    events.sort(key=lambda e: e[0])
+    blocks: list[Block] = []
+    pending: Attention | None = None
+    for _, item in events:
+        if isinstance(item, Attention):
+            if pending is not None:  # two attentions in a row (e.g. cross-attention): own block
+                blocks.append(_make_block(len(blocks), pending, None, norm_by_output))
+            pending = item
+        else:
+            blocks.append(_make_block(len(blocks), pending, item, norm_by_output))
+            pending = None
+    if pending is not None:
+        blocks.append(_make_block(len(blocks), pending, None, norm_by_output))
+    return blocks
+
+
+def _residual_after(output: ir.Value) -> tuple[ir.Node | None, ir.Value | None]:
+    """The Add that adds a sub-block's output to the residual stream, and the stream operand."""
+    value = output
+    for _ in range(4):
+        users = list(value.uses())
+        if len(users) != 1:
+            return None, None
+        node = users[0].node
+        if node.op_type == "Add" and const_array(node.inputs[1 - users[0].idx]) is None:
+            return node, node.inputs[1 - users[0].idx]
+        if node.op_type not in ("Reshape", "Mul", "Dropout", "Identity", "Cast"):
+            return None, None
+        value = node.outputs[0]
+    return None, None
+
+
+def _norm_of(value: ir.Value | None, norm_by_output: dict[int, Norm]) -> Norm | None:
+    """The norm producing ``value``, looking through flattening Reshapes (GPT-2's Conv1D)."""
+    while value is not None:
+        norm = norm_by_output.get(id(value))
+        if norm is not None:
+            return norm
+        node = value.producer()
+        if node is None or node.op_type not in ("Reshape", "Identity", "Cast"):
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def _norm_after(add: ir.Node | None, norm_by_output: dict[int, Norm]) -> Norm | None:
+    if add is None:
+        return None
+    for use in add.outputs[0].uses():
+        for norm in norm_by_output.values():
+            if norm.input is add.outputs[0]:
+                return norm
+    return None
+
+
+def _make_block(
+    index: int, attention: Attention | None, ffn: FFN | None, norm_by_output: dict[int, Norm]
+) -> Block:
+    adds: list[ir.Node] = []
+    attn_add = ffn_add = None
+    attn_stream = ffn_stream = None
+    if attention is not None:
+        attn_add, attn_stream = _residual_after(attention.o.output)
+    if ffn is not None:
+        ffn_add, ffn_stream = _residual_after(ffn.down.output)
+    adds = [a for a in (attn_add, ffn_add) if a is not None]
+    # Post-norm: the residual stream entering the add is itself a norm output (BERT).
+    stream = attn_stream if attention is not None else ffn_stream
+    post_norm = stream is not None and _norm_of(stream, norm_by_output) is not None and (
+        _norm_after(attn_add or ffn_add, norm_by_output) is not None
+    )
+    if post_norm:
+        attention_norm = _norm_after(attn_add, norm_by_output) if attention else None
+        ffn_norm = _norm_after(ffn_add, norm_by_output) if ffn else None
+    else:
+        attention_norm = _norm_of(attention.q.input, norm_by_output) if attention else None
+        ffn_norm = _norm_of(ffn.up.input, norm_by_output) if ffn else None
+    return Block(
+        index=index,
+        attention=attention,
+        ffn=ffn,
+        attention_norm=attention_norm,
+        ffn_norm=ffn_norm,
+        residual_adds=adds,
+        pre_norm=not post_norm,
+    )

@@ -1,0 +1,251 @@
+"""canonicalize: put an exported graph in the one form the block map and every later pass read.
+
+- optional static input shapes (``input_ids:8x128``), applied to every input sharing a symbol;
+- ``Gemm`` with a constant right operand becomes ``MatMul`` + ``Add`` so that every linear looks
+  the same (GPT-2's Conv1D and ViT's classifier export as Gemm);
+- a decomposed LayerNorm (ReduceMean/Sub/Pow/.../Div) is fused into ``LayerNormalization``;
+  RMSNorm stays the recognised pattern ``gamma * (x * 1/sqrt(mean(x^2) + eps))`` because opsets
+  below 23 have no RMSNormalization op and ONNX Runtime fuses that pattern itself;
+- constant folding, common-subexpression and dead-code elimination (onnxscript's optimizer);
+- initializers named after the module parameter they were folded from, so dumps stay readable.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import logging
+import re
+from collections import Counter
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import onnxscript.optimizer
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules.fusion import _layer_norm
+
+from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
+from tforge.compiler.registry import register_pass
+from tforge.errors import PassConfigError
+
+logger = logging.getLogger(__name__)
+
+_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+_SHAPE = re.compile(r"^\d+(x\d+)*$")
+# Only the LayerNorm rule: onnxscript's LN+bias rule would also absorb a residual Add that follows
+# a bias-less LayerNorm; _fold_layernorm_bias below folds only constant 1-D biases.
+_LAYER_NORM_FUSION = pattern.RewriteRuleSet([_layer_norm.LayerNormFusion.rule()])
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"8x128"`` -> ``(8, 128)``."""
+    if not _SHAPE.match(text):
+        raise PassConfigError(f"canonicalize: input shape {text!r} is not of the form 8x128")
+    return tuple(int(d) for d in text.split("x"))
+
+
+@register_pass("canonicalize")
+@dataclasses.dataclass(frozen=True)
+class Canonicalize(Pass):
+    """Fold constants, remove dead code, fuse decomposed norms, unify linears; optionally fix input shapes."""
+
+    input_shapes: dict[str, str] = dataclasses.field(default_factory=dict)
+    fold_size_limit: int = 1 << 22  # elements; larger constant subgraphs stay as ops
+
+    establishes: ClassVar = frozenset({Property.CANONICAL})
+    invalidates: ClassVar = frozenset({Property.CALIBRATED})
+
+    def __post_init__(self) -> None:
+        for shape in self.input_shapes.values():
+            parse_shape(shape)
+        if self.fold_size_limit <= 0:
+            raise ValueError(f"fold-size-limit must be positive, got {self.fold_size_limit}")
+
+    def run(self, model: ir.Model) -> PassResult:
+        stats: Counter[str] = Counter()
+        before = _fingerprint(model)
+        if self.input_shapes:
+            stats["inputs made static"] = self._apply_static_shapes(model)
+        stats["gemm -> matmul+add"] = _gemm_to_matmul(model)
+        onnxscript.optimizer.optimize(
+            model,
+            input_size_limit=self.fold_size_limit,
+            output_size_limit=self.fold_size_limit,
+        )
+        stats["layernorm fused"] = _LAYER_NORM_FUSION.apply_to_model(model)
+        stats["layernorm bias folded"] = _fold_layernorm_bias(model)
+        if stats["layernorm fused"] or stats["layernorm bias folded"]:
+            common_passes.RemoveUnusedNodesPass()(model)
+        stats["initializers renamed"] = _name_folded_initializers(model)
+        common_passes.TopologicalSortPass()(model)
+        stats = Counter({k: v for k, v in stats.items() if v})
+        return PassResult(model, changed=_fingerprint(model) != before, stats=stats)
+
+    def _apply_static_shapes(self, model: ir.Model) -> int:
+        inputs = {v.name: v for v in model.graph.inputs}
+        symbols: dict[str, int] = {}
+        for name, text in self.input_shapes.items():
+            if name not in inputs:
+                raise PassConfigError(
+                    f"canonicalize: input shape given for {name!r}, but the model's inputs are "
+                    f"{', '.join(inputs)}"
+                )
+            dims = parse_shape(text)
+            value = inputs[name]
+            if value.shape is not None and len(value.shape) != len(dims):
+                raise PassConfigError(
+                    f"canonicalize: input {name!r} has rank {len(value.shape)} "
+                    f"({value.shape}), but the shape given is {text}"
+                )
+            for old, new in zip(value.shape or (), dims, strict=False):
+                if isinstance(old, int) and old != new:
+                    raise PassConfigError(
+                        f"canonicalize: input {name!r} dimension is fixed to {old}, cannot set {new}"
+                    )
+                if isinstance(old, ir.SymbolicDim) and old.value is not None:
+                    symbols[old.value] = new
+        changed = 0
+        for value in model.graph.inputs:
+            if value.shape is None:
+                continue
+            new_dims = [
+                symbols.get(d.value, d) if isinstance(d, ir.SymbolicDim) and d.value else d
+                for d in value.shape
+            ]
+            if value.name in self.input_shapes:
+                new_dims = list(parse_shape(self.input_shapes[value.name]))
+            if any(not isinstance(d, int) for d in new_dims):
+                continue
+            value.shape = ir.Shape(new_dims)
+            changed += 1
+        # The exporter's symbolic annotations on intermediate values are now stale: infer again.
+        for node in model.graph:
+            for out in node.outputs:
+                if out not in model.graph.outputs:
+                    out.shape = None
+        for out in model.graph.outputs:
+            out.shape = None
+        common_passes.ShapeInferencePass()(model)
+        return changed
+
+
+def _fingerprint(model: ir.Model) -> tuple:
+    return (
+        tuple((n.op_type, tuple(id(v) for v in n.inputs)) for n in model.graph),
+        tuple(model.graph.initializers),
+        tuple(str(v.shape) for v in model.graph.inputs),
+    )
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _gemm_to_matmul(model: ir.Model) -> int:
+    """Gemm(A, B, C) with constant B, alpha=beta=1, transA=0 -> MatMul(A, B') + C."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        b = _const(node.inputs[1])
+        if (
+            b is None
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+            or attrs.get("transA", 0)
+        ):
+            continue
+        weight = b.T.copy() if attrs.get("transB", 0) else b
+        src = node.inputs[1]
+        w_value = ir.Value(
+            name=f"{src.name}_t" if attrs.get("transB", 0) else src.name + "_w",
+            shape=ir.Shape(weight.shape),
+            type=ir.TensorType(ir.DataType.from_numpy(weight.dtype)),
+            const_value=ir.tensor(weight),
+        )
+        model.graph.register_initializer(w_value)
+        matmul = ir.node("MatMul", [node.inputs[0], w_value], name=f"{node.name}_matmul")
+        new_nodes = [matmul]
+        result = matmul.outputs[0]
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            add = ir.node("Add", [result, node.inputs[2]], name=f"{node.name}_bias")
+            new_nodes.append(add)
+            result = add.outputs[0]
+        out = node.outputs[0]
+        result.shape, result.type = out.shape, out.type
+        for n in new_nodes:
+            mark_provenance(n, "canonicalize")
+        model.graph.insert_after(node, new_nodes)
+        _replace_value(out, result)
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def _replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Make every reader of ``old`` read ``new``; a graph output keeps its name."""
+    is_output = old.is_graph_output()
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if is_output:
+        name = old.name
+        old.name = f"{name}.replaced"
+        new.name = name
+
+
+def _fold_layernorm_bias(model: ir.Model) -> int:
+    """LayerNormalization(x, g) + b with a constant 1-D b -> LayerNormalization(x, g, b)."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "LayerNormalization" or (len(node.inputs) > 2 and node.inputs[2] is not None):
+            continue
+        out = node.outputs[0]
+        users = list(out.uses())
+        if len(users) != 1 or out in model.graph.outputs:
+            continue
+        add = users[0].node
+        if add.op_type != "Add":
+            continue
+        other = add.inputs[1 - users[0].idx]
+        bias = _const(other)
+        gamma = node.inputs[1]
+        if bias is None or bias.ndim != 1 or gamma is None or gamma.shape is None or bias.shape[0] != gamma.shape[0]:
+            continue
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(2, other)
+        _replace_value(add.outputs[0], out)
+        mark_provenance(node, "canonicalize")
+        count += 1
+    return count
+
+
+def _name_folded_initializers(model: ir.Model) -> int:
+    """Rename ``val_127`` to ``model.layers.0.self_attn.q_proj.weight_t`` when folded from one parameter."""
+    renamed = 0
+    taken = set(model.graph.initializers)
+    for name, value in list(model.graph.initializers.items()):
+        raw = value.metadata_props.get(_FOLDED_FROM)
+        if not raw or not name.startswith("val_"):
+            continue
+        try:
+            sources = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            continue
+        if len(sources) != 1:
+            continue
+        new_name = f"{sources[0]}_t"
+        if new_name in taken:
+            continue
+        try:
+            value.name = new_name  # the initializers dict follows the value's name
+        except ValueError:
+            continue
+        taken.discard(name)
+        taken.add(new_name)
+        renamed += 1
+    return renamed

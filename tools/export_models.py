@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Export the real pretrained models on this machine to ONNX, once.
+
+    python tools/export_models.py [--out DIR] [--models minilm,smollm2] [--force]
+
+Writes DIR/minilm.onnx and DIR/smollm2.onnx (default DIR: .cache/models under the repository),
+checks each against PyTorch on a real sentence and prints the export time and error to stderr.
+An export newer than this script and than the code that produces it is reused unless --force.
+The logic lives in tforge.frontends.hf_models, so tests use the very same exports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tforge.errors import TforgeError  # noqa: E402
+from tforge.frontends import hf_models  # noqa: E402
+
+EXPORTERS: dict[str, Callable[[Path], hf_models.ExportReport]] = {
+    "minilm": hf_models.export_minilm,
+    "smollm2": hf_models.export_smollm2,
+}
+DEFAULT_OUT = REPO / ".cache" / "models"
+
+
+def is_fresh(path: Path) -> bool:
+    """True if ``path`` exists and is newer than every file that decides its contents."""
+    sources = [Path(__file__), Path(hf_models.__file__)]
+    return path.is_file() and path.stat().st_mtime > max(s.stat().st_mtime for s in sources)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--models", default=",".join(EXPORTERS), help="comma-separated: minilm,smollm2")
+    parser.add_argument("--force", action="store_true", help="re-export even if the output is up to date")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXPORTERS]
+    if unknown or not names:
+        parser.error(f"--models: unknown {unknown or 'empty list'}; choose from {','.join(EXPORTERS)}")
+
+    for name in names:
+        out = args.out / f"{name}.onnx"
+        if is_fresh(out) and not args.force:
+            print(f"{name}: {out} is up to date (use --force to re-export)", file=sys.stderr)
+            continue
+        print(f"{name}: exporting to {out} ...", file=sys.stderr, flush=True)
+        try:
+            report = EXPORTERS[name](out)
+        except TforgeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+        print(
+            f"{name}: wrote {out} ({out.stat().st_size / 1e6:.0f} MB) in {report.seconds:.1f} s; "
+            f"max |ORT - torch| = {report.max_abs_diff:.3g} on a {report.tokens}-token sentence",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
