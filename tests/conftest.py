@@ -1,12 +1,96 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures.
+
+- ``rng``: a seeded NumPy generator.
+- ``zoo_model(name) -> Path``: the zoo model ``name`` exported to ONNX (once per session).
+- ``zoo_module(name) -> torch.nn.Module``: the very module that was exported, for references.
+- ``zoo_entries``: ``{name: ZooEntry}``; ``entry.truth`` is the ground truth to assert.
+- a test with a ``zoo_name`` argument runs once per zoo model.
+- ``minilm_onnx`` / ``smollm2_onnx``: real pretrained exports in ``.cache/models`` (reused when
+  current); tests using them must be marked ``@pytest.mark.slow``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
+
+from tests.models import zoo
+
+if TYPE_CHECKING:
+    import torch
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_CACHE = REPO / ".cache" / "models"
 
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     """A seeded generator, so a test's random weights are the same on every run."""
     return np.random.default_rng(0)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize every test that takes ``zoo_name`` over the whole zoo."""
+    if "zoo_name" in metafunc.fixturenames:
+        metafunc.parametrize("zoo_name", zoo.NAMES)
+
+
+@pytest.fixture(scope="session")
+def zoo_entries() -> dict[str, zoo.ZooEntry]:
+    return zoo.ZOO
+
+
+@pytest.fixture(scope="session")
+def zoo_module() -> Callable[[str], torch.nn.Module]:
+    """Build each zoo module once; exports and numeric references share the same weights."""
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in cache:
+            cache[name] = zoo.ZOO[name].module()
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def zoo_model(
+    tmp_path_factory: pytest.TempPathFactory, zoo_module: Callable[[str], torch.nn.Module]
+) -> Callable[[str], Path]:
+    """Export each zoo model at most once per session, on first request."""
+    folder = tmp_path_factory.mktemp("zoo")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = zoo.ZOO[name].export(folder, zoo_module(name))
+        return cache[name]
+
+    return get
+
+
+def _real_export(name: str) -> Path:
+    from tforge.frontends import hf_models
+
+    path = MODEL_CACHE / f"{name}.onnx"
+    script = REPO / "tools" / "export_models.py"
+    if not hf_models.is_current(path, *([script] if script.exists() else [])):
+        exporter = {"minilm": hf_models.export_minilm, "smollm2": hf_models.export_smollm2}[name]
+        exporter(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx() -> Path:
+    """MiniLM exported by tools/export_models.py's code (inputs input_ids, attention_mask)."""
+    return _real_export("minilm")
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx() -> Path:
+    """SmolLM2-135M exported by tools/export_models.py's code (input input_ids -> logits)."""
+    return _real_export("smollm2")

@@ -30,17 +30,17 @@ EXPORTERS: dict[str, Callable[[Path], hf_models.ExportReport]] = {
 DEFAULT_OUT = REPO / ".cache" / "models"
 
 
-def is_fresh(path: Path) -> bool:
-    """True if ``path`` exists and is newer than every file that decides its contents."""
-    sources = [Path(__file__), Path(hf_models.__file__)]
-    return path.is_file() and path.stat().st_mtime > max(s.stat().st_mtime for s in sources)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--models", default=",".join(EXPORTERS), help="comma-separated: minilm,smollm2")
-    parser.add_argument("--force", action="store_true", help="re-export even if the output is up to date")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--models", default=",".join(EXPORTERS), help="comma-separated: minilm,smollm2"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="re-export even if the output is up to date"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
@@ -48,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in EXPORTERS]
     if unknown or not names:
-        parser.error(f"--models: unknown {unknown or 'empty list'}; choose from {','.join(EXPORTERS)}")
+        parser.error(
+            f"--models: unknown {unknown or 'empty list'}; choose from {','.join(EXPORTERS)}"
+        )
 
     for name in names:
         out = args.out / f"{name}.onnx"
-        if is_fresh(out) and not args.force:
+        if not args.force and hf_models.is_current(out, __file__):
             print(f"{name}: {out} is up to date (use --force to re-export)", file=sys.stderr)
             continue
         print(f"{name}: exporting to {out} ...", file=sys.stderr, flush=True)

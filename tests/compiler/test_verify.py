@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -10,6 +12,7 @@ from tforge import testing
 from tforge.compiler.verify import (
     TOLERANCES,
     assert_close,
+    compare_arrays,
     compare_outputs,
     make_inputs,
     verify_structure,
@@ -173,6 +176,36 @@ def test_compare_perturbed_model_names_the_worst_element(rng: np.random.Generato
     assert_close([comparison], atol=10.0, rtol=0.0)  # explicit tolerances override the table
     with pytest.raises(AssertionError, match=r"output 'y' differs at"):
         testing.assert_ort_allclose(model, perturbed, feeds)
+
+
+def test_assert_close_is_elementwise_and_catches_nan_and_inf() -> None:
+    reference = np.array([100.0, 1e-9, 1.0, np.inf], dtype=np.float32)
+    # abs error 1e-4 on 100 is within rtol, rel error 1e3 on 1e-9 is within atol: passes
+    close = compare_arrays("y", reference, np.array([100.0001, 1e-6, 1.0, np.inf], np.float32))
+    assert close.max_abs > 1e-5 and close.max_rel > 1e-4
+    assert_close([close])
+    assert set(dataclasses.asdict(close)) == {
+        "name",
+        "max_abs",
+        "max_rel",
+        "cosine",
+        "worst_index",
+        "shape",
+    }
+
+    nan = np.array([100.0, 1e-9, np.nan, np.inf], np.float32)
+    with pytest.raises(VerificationError, match=r"output 'y' differs at \[2\]: got nan"):
+        assert_close([compare_arrays("y", reference, nan)])
+    finite = np.array([100.0, 1e-9, 1.0, 1.0], np.float32)  # 1 where inf was expected
+    with pytest.raises(
+        VerificationError, match=r"output 'y' differs at \[3\]: got 1, expected inf"
+    ):
+        assert_close([compare_arrays("y", reference, finite)])
+
+    summary_only = dataclasses.replace(close)  # arrays lost: judged on max_abs / max_rel
+    with pytest.raises(VerificationError, match="max abs err"):
+        assert_close([summary_only])
+    assert_close([summary_only], atol=1e-3)
 
 
 def test_tolerance_table_has_one_entry_per_float_dtype() -> None:

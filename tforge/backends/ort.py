@@ -111,8 +111,14 @@ def save_model(
     """
     path = Path(path)
     data_name = f"{path.name}.data"
+    weight_bytes = initializer_bytes(model)
     if external_data is None:
-        external_data = initializer_bytes(model) > PROTO_WEIGHT_LIMIT
+        external_data = weight_bytes > PROTO_WEIGHT_LIMIT
+    elif not external_data and weight_bytes > PROTO_WEIGHT_LIMIT:
+        raise UnsupportedModelError(
+            f"save: {weight_bytes / 2**30:.1f} GiB of weights do not fit in one ONNX file "
+            "(protobuf's limit is 2 GiB); save with external_data=True"
+        )
     targets = [path, path.with_name(data_name)] if external_data else [path]
     _refuse_aliasing(model, targets)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,8 +161,8 @@ def _refuse_aliasing(model: ir.Model, targets: Sequence[Path]) -> None:
                 real.exists() and other.exists() and os.path.samefile(real, other)
             ):
                 raise UnsupportedModelError(
-                    f"save: '{target}' is {what} ('{other}'); writing it would corrupt the "
-                    "weights being saved; choose another output path"
+                    f"save: refusing to write '{target}': it is {what} ('{other}'); "
+                    "choose another output path"
                 )
 
 

@@ -258,6 +258,8 @@ class _Printer:
             array = tensor.numpy()
         except (TypeError, ValueError):  # dtypes numpy cannot hold: digest the bytes only
             return f"{text} sha1:{_sha1(tensor)}"
+        except OSError:  # a dump is diagnostics: show the broken reference, do not crash
+            return f"{text} <unreadable>"
         if small_int and array.ndim > 0:
             return f"{text} [" + ",".join(str(int(v)) for v in array.reshape(-1)) + "]"
         if array.size and np.all(array == array.reshape(-1)[0]):

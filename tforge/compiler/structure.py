@@ -733,10 +733,14 @@ def _find_ffn(down: Linear, walk: _Walk) -> FFN | None:
             continue
         seen.add(id(node))
         steps += 1
+        if node.op_type in ("Reshape", "Flatten", "Identity"):
+            # Conv1D-style exports (GPT-2) flatten to 2-D around each linear
+            queue.append(node.inputs[0])  # type: ignore[arg-type]
+            continue
         if node.op_type not in _ELEMENTWISE:
             return None
         if node.op_type in _ACTIVATIONS:
-            activations.append(_ACTIVATIONS[node.op_type])
+            activations.append(_activation_name(node))
             # which linear does the activation sit on: that one is the gate (or the only up)
             src, _, _ = walk.sources(node.inputs[0])
             for s in src:
@@ -756,6 +760,13 @@ def _find_ffn(down: Linear, walk: _Walk) -> FFN | None:
     if not gate_of.get(id(gate)):
         return None
     return FFN(up=up, gate=gate, down=down, activation=activation)
+
+
+def _activation_name(node: ir.Node) -> str:
+    approximate = node.attributes.get("approximate")
+    if node.op_type == "Gelu" and approximate is not None and approximate.value == "tanh":
+        return "gelu_tanh"
+    return _ACTIVATIONS[node.op_type]
 
 
 def _producers(value: ir.Value, limit: int) -> list[ir.Node]:

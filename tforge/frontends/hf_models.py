@@ -34,6 +34,7 @@ __all__ = [
     "ExportReport",
     "export_minilm",
     "export_smollm2",
+    "is_current",
     "load_minilm_torch",
     "load_smollm2_torch",
     "minilm_dir",
@@ -96,10 +97,18 @@ def smollm2_gguf_path() -> Path:
 
 
 def minilm_tokenizer() -> tokenizers.Tokenizer:
-    """MiniLM's WordPiece tokenizer, read from the package's tokenizer.json."""
+    """MiniLM's WordPiece tokenizer from the package's tokenizer.json.
+
+    The file pads every text to a fixed 128 tokens; padding is switched to "longest in the
+    batch" so one sentence gives its real length, and truncation to 256 tokens, the
+    ``max_seq_length`` sentence-transformers uses for this model.
+    """
     import tokenizers
 
-    return tokenizers.Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tokenizer = tokenizers.Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    tokenizer.enable_truncation(max_length=256)
+    return tokenizer
 
 
 def smollm2_tokenizer() -> Any:
@@ -152,7 +161,9 @@ def load_smollm2_torch() -> torch.nn.Module:
             return self.model(input_ids=input_ids, use_cache=False).logits
 
     gguf = smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     return Logits(model).eval()
 
 
@@ -163,8 +174,10 @@ def export_minilm(out_path: str | os.PathLike[str]) -> ExportReport:
 
     module = load_minilm_torch()
     enc = minilm_tokenizer().encode(SENTENCE)
-    ids = torch.tensor([enc.ids], dtype=torch.int64)
-    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    feeds = {
+        "input_ids": torch.tensor([enc.ids], dtype=torch.int64),
+        "attention_mask": torch.tensor([enc.attention_mask], dtype=torch.int64),
+    }
     # Export from a batch of two so that torch.export cannot specialise the batch dim to 1.
     example = tuple(t.repeat(2, 1) for t in feeds.values())
     dims = {0: "batch", 1: "sequence"}
@@ -197,6 +210,18 @@ def export_smollm2(out_path: str | os.PathLike[str]) -> ExportReport:
         output_names=["logits"],
         dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}},
     )
+
+
+def is_current(path: str | os.PathLike[str], *sources: str | os.PathLike[str]) -> bool:
+    """True if the export at ``path`` exists and is newer than the code that produced it
+    (this module, the torch frontend, and any extra ``sources`` such as a calling script)."""
+    from tforge.frontends import torch as torch_frontend
+
+    out = Path(path)
+    if not out.is_file():
+        return False
+    code = [Path(__file__), Path(torch_frontend.__file__), *map(Path, sources)]
+    return out.stat().st_mtime > max(p.stat().st_mtime for p in code)
 
 
 def _export(

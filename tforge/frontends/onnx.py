@@ -182,40 +182,43 @@ def _check_external_data(proto: onnx.ModelProto, where: str, base_dir: str) -> N
                 f"{where}: external data '{loc}' of initializer '{name}' is an absolute path; "
                 "the ONNX spec requires a path relative to the model, re-save with a relative location"
             )
-        joined = os.path.normpath(os.path.join(base_dir, loc))
-        if not _inside(joined, base_dir):
+        joined = os.path.join(base_dir, loc)
+        if not _inside(os.path.normpath(joined), base_dir):
             raise UnsupportedModelError(
                 f"{where}: external data '{loc}' of initializer '{name}' escapes the model folder "
                 f"{base_dir} with '..'; move the file next to the model and fix the location"
             )
+        # realpath of the joined (not normalised) path resolves each symlink before the '..'
+        # after it, as open() does: 'link/../x' with link -> /elsewhere/d is /elsewhere/x.
         real = os.path.realpath(joined)
         if not _inside(real, base_real):
             raise UnsupportedModelError(
                 f"{where}: external data '{loc}' of initializer '{name}' resolves outside the "
                 f"model folder (to {real}); copy the file next to the model instead of linking it"
             )
-        resolved.append((ref, real))
+        resolved.append((ref, joined))
 
     sizes: dict[str, os.stat_result] = {}
-    for ref, real in resolved:
+    for ref, joined in resolved:
         name, loc = ref.tensor.name, ref.location
-        if real not in sizes:
+        if joined not in sizes:
             try:
-                sizes[real] = os.stat(real)
+                # stat the path onnx_ir will open, so that OS path semantics decide existence
+                sizes[joined] = os.stat(joined)
             except FileNotFoundError:
                 raise UnsupportedModelError(
                     f"{where}: external data file '{loc}' of initializer '{name}' is missing "
                     f"(looked in {base_dir}); copy it next to the model"
                 ) from None
-            if not os.path.isfile(real):
+            if not os.path.isfile(joined):
                 raise UnsupportedModelError(
                     f"{where}: external data '{loc}' of initializer '{name}' is not a regular file"
                 )
-            if sizes[real].st_nlink > 1:
+            if sizes[joined].st_nlink > 1:
                 # onnx_ir refuses hard-linked data on first access (a hard link can bring a
                 # file from outside the folder in); say so now rather than in the middle of a pass.
                 raise UnsupportedModelError(
-                    f"{where}: external data file '{loc}' has {sizes[real].st_nlink} hard links, "
+                    f"{where}: external data file '{loc}' has {sizes[joined].st_nlink} hard links, "
                     "which onnx_ir refuses to map; replace it by a plain copy"
                 )
         expected = _nbytes(ref.tensor)
@@ -225,7 +228,7 @@ def _check_external_data(proto: onnx.ModelProto, where: str, base_dir: str) -> N
                 f"{where}: initializer '{name}' declares {length} bytes of external data but its "
                 f"dtype and shape need {expected}; re-export the model"
             )
-        file_size = sizes[real].st_size
+        file_size = sizes[joined].st_size
         if length is not None and ref.offset + length > file_size:
             raise UnsupportedModelError(
                 f"{where}: external data '{loc}' is {file_size} bytes but initializer '{name}' "

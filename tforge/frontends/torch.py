@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +70,14 @@ def from_torch(
                 f"{where}: exporting an nn.Module needs example_inputs, a tuple of tensors for "
                 "forward(); pass e.g. (input_ids,)"
             )
-        args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        names = list(input_names) if input_names is not None else _forward_arg_names(source, len(args))
+        args = (
+            tuple(example_inputs)
+            if isinstance(example_inputs, (tuple, list))
+            else (example_inputs,)
+        )
+        names = (
+            list(input_names) if input_names is not None else _forward_arg_names(source, len(args))
+        )
         dynamic_shapes = _dynamic_shapes(where, args, names, dynamic_axes) if dynamic_axes else None
     else:
         raise UnsupportedModelError(
@@ -85,17 +92,20 @@ def from_torch(
         logger.info("%s: module is in training mode; exporting it in eval mode", where)
         source.eval()
     try:
-        program = torch.onnx.export(
-            source,
-            args,
-            input_names=list(input_names) if input_names is not None else None,
-            output_names=list(output_names) if output_names is not None else None,
-            dynamic_shapes=dynamic_shapes,
-            opset_version=opset,
-            dynamo=True,
-            optimize=True,
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            # Axes sharing a Dim (the batch of every input) are one symbol; torch warns per reuse.
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+            program = torch.onnx.export(
+                source,
+                args,
+                input_names=list(input_names) if input_names is not None else None,
+                output_names=list(output_names) if output_names is not None else None,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
     except Exception as err:
         raise UnsupportedModelError(
             f"{where}: torch.onnx.export failed: {_first_line(err)}; fix the model or its "
@@ -126,7 +136,9 @@ def _load_pt2(path: str) -> torch.export.ExportedProgram:
     if not os.path.exists(path):
         raise UnsupportedModelError(f"{path}: no such file; check the path to the .pt2 program")
     if os.path.isdir(path):
-        raise UnsupportedModelError(f"{path}: is a directory; pass the .pt2 file saved by torch.export.save")
+        raise UnsupportedModelError(
+            f"{path}: is a directory; pass the .pt2 file saved by torch.export.save"
+        )
     try:
         return torch.export.load(path)
     except Exception as err:

@@ -69,6 +69,7 @@ class Canonicalize(Pass):
         if self.input_shapes:
             stats["inputs made static"] = self._apply_static_shapes(model)
         stats["gemm -> matmul+add"] = _gemm_to_matmul(model)
+        stats["flatten around linear removed"] = _drop_flatten_around_linears(model)
         onnxscript.optimizer.optimize(
             model,
             input_size_limit=self.fold_size_limit,
@@ -183,6 +184,52 @@ def _gemm_to_matmul(model: ir.Model) -> int:
         model.graph.insert_after(node, new_nodes)
         _replace_value(out, result)
         model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def _drop_flatten_around_linears(model: ir.Model) -> int:
+    """``Reshape(x, [-1, K]) -> MatMul(W) [-> Add(b)] -> Reshape(back)`` -> ``MatMul(x, W) [+ b]``.
+
+    GPT-2's Conv1D (``addmm`` on a flattened input) exports this way; MatMul broadcasts over the
+    leading dims, so the two Reshapes are only noise for the block map and the passes. Applied
+    only when the annotated shapes prove the second Reshape restores the first one's leading dims.
+    """
+    count = 0
+    for matmul in list(model.graph):
+        if matmul.op_type != "MatMul" or _const(matmul.inputs[1]) is None:
+            continue
+        flatten = matmul.inputs[0].producer() if matmul.inputs[0] is not None else None
+        if flatten is None or flatten.op_type != "Reshape" or len(list(flatten.outputs[0].uses())) != 1:
+            continue
+        source = flatten.inputs[0]
+        end = matmul.outputs[0]
+        users = list(end.uses())
+        if len(users) == 1 and users[0].node.op_type == "Add":
+            bias = _const(users[0].node.inputs[1 - users[0].idx])
+            if bias is not None and bias.ndim == 1:
+                end = users[0].node.outputs[0]
+                users = list(end.uses())
+        if len(users) != 1 or users[0].node.op_type != "Reshape" or users[0].idx != 0:
+            continue
+        unflatten = users[0].node
+        src_shape, out_shape = source.shape if source else None, unflatten.outputs[0].shape
+        if src_shape is None or out_shape is None or len(src_shape) != len(out_shape) or len(src_shape) < 2:
+            continue
+        leading_match = all(
+            a == b and not (isinstance(a, ir.SymbolicDim) and a.value is None)
+            for a, b in zip(src_shape[:-1], out_shape[:-1], strict=True)
+        )
+        if not leading_match:
+            continue
+        matmul.replace_input_with(0, source)
+        for node in (matmul, end.producer()):
+            node.outputs[0].shape = ir.Shape([*src_shape[:-1], out_shape[-1]])
+        _replace_value(unflatten.outputs[0], end)
+        model.graph.remove(unflatten, safe=True)
+        if not list(flatten.outputs[0].uses()):
+            model.graph.remove(flatten, safe=True)
+        mark_provenance(matmul, "canonicalize")
         count += 1
     return count
 

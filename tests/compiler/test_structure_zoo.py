@@ -1,0 +1,100 @@
+"""The block map on real exports: six-plus model families (random weights) and the two real models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tforge
+from tforge import testing
+from tforge.compiler import verify
+from tforge.compiler.pipeline import PassManager
+from tforge.compiler.structure import find_blocks
+
+
+def _canonical(path):
+    model = tforge.load(path)
+    PassManager.parse("canonicalize", progress=lambda _: None).run(model)
+    return model
+
+
+def test_block_map_matches_ground_truth(zoo_name, zoo_model, zoo_entries) -> None:
+    truth = zoo_entries[zoo_name].truth
+    block_map = find_blocks(_canonical(zoo_model(zoo_name)))
+    assert block_map.unrecognized == []
+    assert len(block_map.blocks) == truth.num_layers
+    for block in block_map.blocks:
+        attn, ffn = block.attention, block.ffn
+        assert attn is not None and ffn is not None
+        assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (
+            truth.num_heads, truth.num_kv_heads, truth.head_dim
+        )
+        assert attn.fused_qkv == truth.fused_qkv
+        assert attn.causal == truth.causal
+        assert (attn.q.bias is not None) == truth.qkv_bias
+        assert attn.o.in_features == truth.num_heads * truth.head_dim
+        assert (ffn.gated, ffn.intermediate_size) == (truth.gated, truth.intermediate_size)
+        assert ffn.activation == truth.activation
+        assert block.pre_norm == truth.pre_norm
+        norm = block.attention_norm
+        assert norm is not None and block.ffn_norm is not None and norm.kind == truth.norm
+        if truth.pre_norm:
+            # the pre-norm feeds exactly the attention's projections
+            assert {id(lin) for lin in norm.linears} == {id(attn.q), id(attn.k), id(attn.v)}
+            assert {id(lin) for lin in block.ffn_norm.linears} == {id(x) for x in (ffn.up, ffn.gate) if x}
+
+
+def test_canonicalize_keeps_outputs(zoo_name, zoo_model) -> None:
+    path = zoo_model(zoo_name)
+    original = tforge.load(path)
+    model = _canonical(path)
+    assert len(model.graph) <= len(original.graph)
+    feeds = verify.make_inputs(original, dims={"batch": 2, "sequence": 9}, rng=np.random.default_rng(0))
+    testing.assert_ort_allclose(original, model, feeds, atol=1e-4, rtol=1e-4)
+
+
+def test_static_shapes_keep_outputs_and_map(zoo_name, zoo_model, zoo_entries) -> None:
+    path = zoo_model(zoo_name)
+    original = tforge.load(path)
+    shapes = {v.name: "x".join(["2", "9"][: len(v.shape)]) for v in original.graph.inputs if v.name != "pixel_values"}
+    if not shapes:
+        pytest.skip("image model: inputs are already static apart from batch")
+    result = tforge.compile(tforge.load(path), "canonicalize", input_shapes=shapes)
+    assert all(all(isinstance(d, int) for d in v.shape) for v in result.model.graph.inputs)
+    assert len(find_blocks(result.model).blocks) == zoo_entries[zoo_name].truth.num_layers
+    feeds = verify.make_inputs(original, dims={"batch": 2, "sequence": 9}, rng=np.random.default_rng(1))
+    testing.assert_ort_allclose(original, result.model, feeds, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_map_and_canonicalize(smollm2_onnx) -> None:
+    original = tforge.load(smollm2_onnx)
+    model = _canonical(smollm2_onnx)
+    block_map = find_blocks(model)
+    assert block_map.unrecognized == []
+    assert len(block_map.blocks) == 30
+    for block in block_map.blocks:
+        a = block.attention
+        assert (a.num_heads, a.num_kv_heads, a.head_dim, a.causal, a.rotary) == (9, 3, 64, True, True)
+        assert block.ffn.gated and block.ffn.intermediate_size == 1536 and block.attention_norm.kind == "rms"
+    assert len(model.graph) <= len(original.graph)
+    feeds = verify.make_inputs(original, dims={"batch": 1, "sequence": 24}, rng=np.random.default_rng(0))
+    (logits,) = verify.compare_outputs(original, model, feeds)
+    assert logits.max_abs < 1e-4, logits
+
+
+@pytest.mark.slow
+def test_minilm_map_and_canonicalize(minilm_onnx) -> None:
+    original = tforge.load(minilm_onnx)
+    model = _canonical(minilm_onnx)
+    block_map = find_blocks(model)
+    assert block_map.unrecognized == []
+    assert len(block_map.blocks) == 6
+    for block in block_map.blocks:
+        a = block.attention
+        assert (a.num_heads, a.num_kv_heads, a.head_dim, a.causal) == (12, 12, 32, False)
+        assert not block.pre_norm and block.ffn.intermediate_size == 1536 and not block.ffn.gated
+    assert len(model.graph) <= len(original.graph)
+    feeds = verify.make_inputs(original, dims={"batch": 2, "sequence": 20}, rng=np.random.default_rng(0))
+    (hidden,) = verify.compare_outputs(original, model, feeds)
+    assert hidden.max_abs < 1e-4, hidden

@@ -1,0 +1,285 @@
+"""Tiny randomly initialised transformers, exported the way users export them, with ground truth.
+
+Each entry is a two-layer ``transformers`` model (hidden size 64, vocabulary 96) built under a
+fixed seed and exported by ``from_torch`` (``torch.onnx.export(dynamo=True, optimize=True)``)
+with dynamic batch and sequence. ``Truth`` records the architecture facts a block finder must
+recover from the graph alone; tests assert against it.
+
+Weights are perturbed after initialisation: ``transformers`` initialises every norm gamma to 1
+and every bias to 0, and the exporter's optimizer then merges identical initializers (all
+gammas become one shared tensor) and drops zero biases, which would give a graph unlike any
+trained model's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from tforge.frontends.hf_models import save_model
+from tforge.frontends.torch import from_torch
+
+if TYPE_CHECKING:
+    import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SEED = 0
+VOCAB = 96
+HIDDEN = 64
+LAYERS = 2
+HEADS = 4
+INTERMEDIATE = 128
+TEXT_DIMS = {0: "batch", 1: "sequence"}
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What the block finder must report for every layer of the model."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    gated: bool  # FFN is act(gate(x)) * up(x) (SwiGLU) rather than act(up(x))
+    norm: Literal["layer", "rms"]
+    pre_norm: bool
+    causal: bool
+    fused_qkv: bool  # one projection produces Q, K and V (GPT-2 c_attn)
+    activation: Literal["gelu", "gelu_tanh", "silu"]
+    qkv_bias: bool
+    attn_implementation: Literal["sdpa", "eager"]
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A model of the zoo: how to build it, how to feed it, and its ground truth."""
+
+    name: str
+    truth: Truth
+    build: Callable[[], torch.nn.Module]
+    input_names: tuple[str, ...]
+    output_name: str
+    dynamic_axes: dict[str, dict[int, str]]
+    inputs: Callable[[int, int, np.random.Generator], dict[str, np.ndarray]]
+    notes: str = field(default="")
+
+    def module(self) -> torch.nn.Module:
+        """The model in eval mode, with deterministic (seeded) weights."""
+        import torch
+
+        torch.manual_seed(SEED)
+        module = self.build().eval()
+        _perturb_constant_parameters(module)
+        return module
+
+    def export(self, folder: str | os.PathLike[str], module: torch.nn.Module | None = None) -> Path:
+        """Export to ``folder/<name>.onnx`` and return the path."""
+        import torch
+
+        module = module if module is not None else self.module()
+        example = self.inputs(2, 7, np.random.default_rng(SEED))
+        args = tuple(torch.from_numpy(example[name]) for name in self.input_names)
+        model = from_torch(
+            module,
+            args,
+            input_names=list(self.input_names),
+            output_names=[self.output_name],
+            dynamic_axes=self.dynamic_axes,
+        )
+        return save_model(model, Path(folder) / f"{self.name}.onnx")
+
+
+def _perturb_constant_parameters(module: torch.nn.Module) -> None:
+    """Give every constant-filled parameter (gammas of 1, biases of 0) distinct values."""
+    import torch
+
+    generator = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for param in module.parameters():
+            flat = param.reshape(-1)
+            if flat.numel() > 1 and bool((flat == flat[0]).all()):
+                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+                param.add_(noise * (0.1 if float(flat[0]) != 0 else 0.02))
+
+
+def _text_inputs(
+    with_mask: bool,
+) -> Callable[[int, int, np.random.Generator], dict[str, np.ndarray]]:
+    """Token ids, plus an attention mask whose last row is right-padded (exercises masking)."""
+
+    def make(batch: int, seq: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": rng.integers(0, VOCAB, size=(batch, seq), dtype=np.int64)}
+        if with_mask:
+            mask = np.ones((batch, seq), dtype=np.int64)
+            if batch > 1:
+                mask[-1, seq - seq // 3 :] = 0
+            feeds["attention_mask"] = mask
+        return feeds
+
+    return make
+
+
+def _image_inputs(batch: int, seq: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    del seq  # the number of patches is fixed by the image size
+    return {"pixel_values": rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)}
+
+
+def _hidden_state_wrapper(model: torch.nn.Module, **call_kwargs: Any) -> torch.nn.Module:
+    """Wrap a text model so that ``forward(input_ids, attention_mask)`` returns only
+    ``last_hidden_state`` (one ONNX output, named forward arguments for dynamic axes)."""
+    import torch
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **call_kwargs)
+            return out.last_hidden_state
+
+    return LastHiddenState()
+
+
+def _image_wrapper(model: torch.nn.Module) -> torch.nn.Module:
+    """Wrap an image model so that ``forward(pixel_values)`` returns ``last_hidden_state``."""
+    import torch
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values=pixel_values).last_hidden_state
+
+    return LastHiddenState()
+
+
+def _bert() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=INTERMEDIATE, max_position_embeddings=64, hidden_act="gelu",
+    )  # fmt: skip
+    return _hidden_state_wrapper(transformers.BertModel(config, add_pooling_layer=False))
+
+
+def _gpt2() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTERMEDIATE,
+        n_positions=64, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return _hidden_state_wrapper(transformers.GPT2Model(config), use_cache=False)
+
+
+def _llama() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=2, intermediate_size=INTERMEDIATE, max_position_embeddings=64,
+    )  # fmt: skip
+    return _hidden_state_wrapper(transformers.LlamaModel(config), use_cache=False)
+
+
+def _qwen2() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=2, intermediate_size=INTERMEDIATE, max_position_embeddings=64,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return _hidden_state_wrapper(transformers.Qwen2Model(config), use_cache=False)
+
+
+def _vit() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, intermediate_size=INTERMEDIATE, hidden_act="gelu",
+    )  # fmt: skip
+    return _image_wrapper(transformers.ViTModel(config, add_pooling_layer=False))
+
+
+_COMMON = {
+    "num_layers": LAYERS,
+    "hidden_size": HIDDEN,
+    "num_heads": HEADS,
+    "head_dim": HIDDEN // HEADS,
+}
+_TEXT = {
+    "input_names": ("input_ids", "attention_mask"),
+    "output_name": "last_hidden_state",
+    "dynamic_axes": {"input_ids": TEXT_DIMS, "attention_mask": TEXT_DIMS},
+    "inputs": _text_inputs(with_mask=True),
+}
+
+ZOO: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in [
+        ZooEntry(
+            name="bert",
+            truth=Truth(**_COMMON, num_kv_heads=HEADS, intermediate_size=INTERMEDIATE, gated=False,
+                        norm="layer", pre_norm=False, causal=False, fused_qkv=False,
+                        activation="gelu", qkv_bias=True, attn_implementation="sdpa"),
+            build=_bert,
+            notes="encoder, post-norm LayerNorm, exact GELU, separate Q/K/V with biases",
+            **_TEXT,
+        ),
+        ZooEntry(
+            name="gpt2",
+            truth=Truth(**_COMMON, num_kv_heads=HEADS, intermediate_size=INTERMEDIATE, gated=False,
+                        norm="layer", pre_norm=True, causal=True, fused_qkv=True,
+                        activation="gelu_tanh", qkv_bias=True, attn_implementation="sdpa"),
+            build=_gpt2,
+            notes="decoder, fused c_attn (Conv1D, weight [in, 3*out]) lowered to Gemm + Split",
+            **_TEXT,
+        ),
+        ZooEntry(
+            name="llama",
+            truth=Truth(**_COMMON, num_kv_heads=2, intermediate_size=INTERMEDIATE, gated=True,
+                        norm="rms", pre_norm=True, causal=True, fused_qkv=False,
+                        activation="silu", qkv_bias=False, attn_implementation="sdpa"),
+            build=_llama,
+            notes="decoder, RMSNorm, SwiGLU, rotary, grouped-query attention (2 query heads per KV head)",
+            **_TEXT,
+        ),
+        ZooEntry(
+            name="qwen2",
+            truth=Truth(**_COMMON, num_kv_heads=2, intermediate_size=INTERMEDIATE, gated=True,
+                        norm="rms", pre_norm=True, causal=True, fused_qkv=False,
+                        activation="silu", qkv_bias=True, attn_implementation="eager"),
+            build=_qwen2,
+            notes="like llama but with Q/K/V biases and eager attention (explicit MatMul-Softmax-MatMul)",
+            **_TEXT,
+        ),
+        ZooEntry(
+            name="vit",
+            truth=Truth(**_COMMON, num_kv_heads=HEADS, intermediate_size=INTERMEDIATE, gated=False,
+                        norm="layer", pre_norm=True, causal=False, fused_qkv=False,
+                        activation="gelu", qkv_bias=True, attn_implementation="sdpa"),
+            build=_vit,
+            input_names=("pixel_values",),
+            output_name="last_hidden_state",
+            dynamic_axes={"pixel_values": {0: "batch"}},
+            inputs=_image_inputs,
+            notes="image encoder, 32x32 image in 8x8 patches (Conv) -> 17 tokens incl. CLS, pre-norm",
+        ),
+    ]
+}  # fmt: skip
+
+NAMES: tuple[str, ...] = tuple(ZOO)
