@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tforge.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, PassConfigError, TforgeError
+from tforge.errors import EXIT_INTERNAL, EXIT_OK, PassConfigError, TforgeError
 
 logger = logging.getLogger("tforge")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from tforge import testing
 from tforge.compiler.structure import find_blocks

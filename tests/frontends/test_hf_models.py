@@ -41,24 +41,6 @@ def _tiny_model() -> ir.Model:
     return ir.Model(graph, ir_version=10)
 
 
-def test_save_model_writes_atomically_and_overwrites(tmp_path: Path) -> None:
-    out = tmp_path / "sub" / "tiny.onnx"
-    hf_models.save_model(_tiny_model(), out)
-    hf_models.save_model(_tiny_model(), out)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny.onnx"]  # no temp file left
-    assert load_onnx(out).graph.initializers["w"].const_value.numpy().sum() == 19900
-
-
-def test_save_model_uses_external_data_past_the_protobuf_limit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(hf_models, "_PROTO_LIMIT", 16)
-    out = hf_models.save_model(_tiny_model(), tmp_path / "big.onnx")
-    assert (tmp_path / "big.onnx.data").stat().st_size == 800
-    tensor = load_onnx(out).graph.initializers["w"].const_value
-    assert isinstance(tensor, ir.ExternalTensor) and tensor.numpy().sum() == 19900
-
-
 def test_is_current_compares_with_the_exporting_code(tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     assert not hf_models.is_current(out)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from tforge.frontends.hf_models import save_model
+from tforge.backends.ort import save_model
 from tforge.frontends.torch import from_torch
 
 if TYPE_CHECKING:

@@ -158,7 +158,7 @@ def check_properties(passes: Sequence[Pass], available: Iterable[Property]) -> N
     """Reject a pipeline in which some pass requires a property nothing establishes before it."""
     have = set(available)
     for i, p in enumerate(passes):
-        missing = sorted((str(prop) for prop in p.requires - have))
+        missing = sorted(str(prop) for prop in p.requires - have)
         if missing:
             providers = [
                 name

@@ -407,9 +407,7 @@ def _rms_scale_chain(scale: ir.Value | None, x: ir.Value | None, *, reciprocal: 
     square = mean.inputs[0].producer()
     if square is None:
         return None
-    if square.op_type == "Pow" and _scalar(square.inputs[1]) == 2.0 and square.inputs[0] is x:
-        pass
-    elif square.op_type == "Mul" and square.inputs[0] is x and square.inputs[1] is x:
+    if square.op_type == "Pow" and _scalar(square.inputs[1]) == 2.0 and square.inputs[0] is x or square.op_type == "Mul" and square.inputs[0] is x and square.inputs[1] is x:
         pass
     else:
         return None
@@ -879,11 +877,7 @@ def _norm_of(value: ir.Value | None, norm_by_output: dict[int, Norm]) -> Norm | 
 def _norm_after(add: ir.Node | None, norm_by_output: dict[int, Norm]) -> Norm | None:
     if add is None:
         return None
-    for use in add.outputs[0].uses():
-        for norm in norm_by_output.values():
-            if norm.input is add.outputs[0]:
-                return norm
-    return None
+    return next((norm for norm in norm_by_output.values() if norm.input is add.outputs[0]), None)
 
 
 def _make_block(

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx_ir as ir
 
+from tforge.backends.ort import save_model
 from tforge.errors import UnsupportedModelError, VerificationError
 from tforge.frontends.torch import from_torch
 
@@ -40,14 +40,14 @@ __all__ = [
     "minilm_dir",
     "minilm_tokenizer",
     "ort_max_abs_diff",
-    "save_model",
     "smollm2_gguf_path",
     "smollm2_tokenizer",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: A real English sentence (from wikitext-2) used to check each export against PyTorch.
+#: Real English text (wikitext-2 test set, first article, "@-@" markup removed) used to check
+#: each export against PyTorch.
 SENTENCE = (
     "Robert Boulter is an English film , television and theatre actor . He had a guest "
     "starring role on the television series The Bill in 2000 ."
@@ -56,7 +56,6 @@ SENTENCE = (
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
-_PROTO_LIMIT = 2**31 - 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,7 @@ def export_minilm(out_path: str | os.PathLike[str]) -> ExportReport:
         "input_ids": torch.tensor([enc.ids], dtype=torch.int64),
         "attention_mask": torch.tensor([enc.attention_mask], dtype=torch.int64),
     }
-    # Export from a batch of two so that torch.export cannot specialise the batch dim to 1.
+    # Export from a batch of two: torch.export may specialise a dynamic dim whose example is 1.
     example = tuple(t.repeat(2, 1) for t in feeds.values())
     dims = {0: "batch", 1: "sequence"}
     return _export(
@@ -236,37 +235,13 @@ def _export(
 
     start = time.perf_counter()
     model = from_torch(module, example, **export_args)
-    path = save_model(model, out_path)
+    path = save_model(model, out_path)  # atomic; external data past protobuf's 2 GiB
     seconds = time.perf_counter() - start
     with torch.no_grad():
         expected = module(*feeds.values()).numpy()
     diff = ort_max_abs_diff(path, {k: v.numpy() for k, v in feeds.items()}, expected)
     logger.info("%s: exported to %s in %.1f s, max |ORT - torch| = %.3g", name, path, seconds, diff)
     return ExportReport(name, Path(path), seconds, diff, int(next(iter(feeds.values())).shape[1]))
-
-
-def save_model(model: ir.Model, out_path: str | os.PathLike[str]) -> Path:
-    """Write ``model`` atomically: readers see the old file or the complete new one, never half.
-
-    Models whose weights would push the protobuf past its 2 GiB limit get their initializers
-    in ``<name>.data`` next to the file (written before the ``.onnx`` appears).
-    """
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    weights = sum(
-        v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
-    )
-    try:
-        if weights >= _PROTO_LIMIT:
-            logger.info("%s: %.2f GB of weights; writing external data", out, weights / 1e9)
-            ir.save(model, tmp, external_data=f"{out.name}.data")
-        else:
-            ir.save(model, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
 
 
 def ort_max_abs_diff(

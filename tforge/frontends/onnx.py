@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -64,8 +65,13 @@ def load_onnx(path: str | os.PathLike[str]) -> ir.Model:
         raise UnsupportedModelError(f"{where}: is a directory; pass the .onnx file inside it")
     if not os.path.exists(where):
         raise UnsupportedModelError(f"{where}: is a broken symlink; point it at an .onnx file")
-    with open(where, "rb") as f:
-        data = f.read()
+    try:
+        with open(where, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise UnsupportedModelError(
+            f"{where}: cannot be read ({err.strerror}); check its permissions"
+        ) from None
     if not data:
         raise UnsupportedModelError(f"{where}: file is empty (0 bytes); re-export the model")
 
@@ -205,12 +211,12 @@ def _check_external_data(proto: onnx.ModelProto, where: str, base_dir: str) -> N
             try:
                 # stat the path onnx_ir will open, so that OS path semantics decide existence
                 sizes[joined] = os.stat(joined)
-            except FileNotFoundError:
+            except OSError as err:
                 raise UnsupportedModelError(
                     f"{where}: external data file '{loc}' of initializer '{name}' is missing "
-                    f"(looked in {base_dir}); copy it next to the model"
+                    f"({err.strerror}; looked in {base_dir}); copy it next to the model"
                 ) from None
-            if not os.path.isfile(joined):
+            if not stat.S_ISREG(sizes[joined].st_mode):
                 raise UnsupportedModelError(
                     f"{where}: external data '{loc}' of initializer '{name}' is not a regular file"
                 )
