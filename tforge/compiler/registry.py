@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import pkgutil
 import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -15,9 +16,7 @@ from tforge.errors import PassConfigError
 _PASSES: dict[str, type[Pass]] = {}
 _P = TypeVar("_P", bound=type[Pass])
 
-# Modules that register passes when imported; imported lazily on the first lookup so that
-# `import tforge` stays cheap and a pass module is the only place a pass is declared.
-_PASS_MODULES = ("tforge.passes.canonicalize",)
+_loaded = False
 
 
 def register_pass(name: str) -> Callable[[_P], _P]:
@@ -38,8 +37,20 @@ def register_pass(name: str) -> Callable[[_P], _P]:
 
 
 def _load_builtin_passes() -> None:
-    for module in _PASS_MODULES:
-        importlib.import_module(module)
+    """Import every module of ``tforge.passes`` (each registers its pass when imported).
+
+    Done lazily on the first lookup so that ``import tforge`` stays cheap, and by listing the
+    package so that a pass module is the only place a pass is declared.
+    """
+    global _loaded
+    if _loaded:
+        return
+    import tforge.passes
+
+    for info in pkgutil.iter_modules(tforge.passes.__path__):
+        if not info.ispkg and not info.name.startswith("_"):
+            importlib.import_module(f"tforge.passes.{info.name}")
+    _loaded = True
 
 
 def all_passes() -> dict[str, type[Pass]]:
