@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", metavar="FILE", help="write the pass report as JSON")
     c.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=DIMS",
                    help="fix an input's shape for canonicalize, e.g. input_ids=8x128 (repeatable)")
+    c.add_argument("--calib-text", metavar="FILE", help="calibrate on the first half of this text file (needs --tokenizer)")
+    c.add_argument("--tokenizer", metavar="PATH", help="tokenizer for --calib-text: a folder with tokenizer.json or a .gguf file")
+    c.add_argument("--calib-npz", metavar="FILE", help="calibrate on the arrays of this .npz (named after the inputs)")
+    c.add_argument("--calib-samples", type=int, metavar="N", help="number of calibration samples (default: calibrate's)")
     c.add_argument("--verify-each", action="store_true", help="verify the graph structure after every pass")
     c.add_argument("--check-numerics", nargs="?", const="", type=_numerics, metavar="atol=X,min-cosine=Y",
                    help="compare outputs with the input model on generated inputs; fail beyond the limits")
@@ -193,13 +197,18 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         from tforge.api import _with_input_shapes
 
         pm.passes = _with_input_shapes(pm.passes, dict(args.input_shape))
+    calibration = {"text": args.calib_text, "tokenizer": args.tokenizer, "npz": args.calib_npz,
+                   "samples": args.calib_samples}
+    if any(v is not None for v in calibration.values()):
+        from tforge.api import _with_calibration
+
+        pm.passes = _with_calibration(pm.passes, **calibration)
     report = pm.run(model)
     if args.output is not None:
         from tforge.backends.ort import save_model
 
         external = {"auto": None, "yes": True, "no": False}[args.external_data]
-        out = save_model(model, args.output, external_data=external)
-        logger.info("wrote %s", out)
+        save_model(model, args.output, external_data=external)  # logs where it wrote
     if args.report:
         _write_text_atomic(Path(args.report), report.to_json() + "\n")
     if not args.quiet:
