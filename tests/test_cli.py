@@ -153,3 +153,15 @@ def test_output_over_input_is_refused(block_path: Path, capsys) -> None:
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_internal_error_exits_70_with_crash_report(block_path: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import tests.compiler.test_pipeline  # noqa: F401  (registers the 'test-crash' pass)
+
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = _run(capsys, "compile", str(block_path), "--passes", "canonicalize,test-crash", "-o", "out.onnx")
+    assert code == 70
+    assert "test-crash: internal error ZeroDivisionError: boom" in stderr
+    crash = json.loads((tmp_path / "tforge-crash.json").read_text())
+    assert crash["pipeline"] == "canonicalize,test-crash" and "ZeroDivisionError" in crash["error"]
+    assert not (tmp_path / "out.onnx").exists()

@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tforge.errors import EXIT_INTERNAL, EXIT_OK, PassConfigError, TforgeError
+from tforge.errors import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    PassConfigError,
+    TforgeError,
+    UnsupportedModelError,
+)
 
 logger = logging.getLogger("tforge")
 
@@ -177,8 +183,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         numerics = NumericsCheck(
             atol=args.check_numerics.get("atol"), min_cosine=args.check_numerics.get("min-cosine")
         )
-    # Parse the pipeline before loading: a typo should not cost a model load.
+    # Parse the pipeline and check the output before loading: a typo should not cost a model load.
     tforge.PassManager.parse(args.passes)
+    if args.output is not None and Path(args.output).resolve() == Path(args.input).resolve():
+        raise UnsupportedModelError(
+            f"{args.output}: the output would overwrite the input model; choose another output path"
+        )
     if args.output is None:
         logger.info("no -o/--output given: dry run, nothing will be written")
     model = tforge.load(args.input)
