@@ -68,35 +68,28 @@ def test_static_shapes_keep_outputs_and_map(zoo_name, zoo_model, zoo_entries) ->
     testing.assert_ort_allclose(original, result.model, feeds, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.slow
-def test_smollm2_map_and_canonicalize(smollm2_onnx) -> None:
-    original = tforge.load(smollm2_onnx)
-    model = _canonical(smollm2_onnx)
-    block_map = find_blocks(model)
-    assert block_map.unrecognized == []
-    assert len(block_map.blocks) == 30
-    for block in block_map.blocks:
-        a = block.attention
-        assert (a.num_heads, a.num_kv_heads, a.head_dim, a.causal, a.rotary) == (9, 3, 64, True, True)
-        assert block.ffn.gated and block.ffn.intermediate_size == 1536 and block.attention_norm.kind == "rms"
-    assert len(model.graph) <= len(original.graph)
-    feeds = verify.make_inputs(original, dims={"batch": 1, "sequence": 24}, rng=np.random.default_rng(0))
-    (logits,) = verify.compare_outputs(original, model, feeds)
-    assert logits.max_abs < 1e-4, logits
+# (fixture, blocks, (heads, kv heads, head_dim, causal, rotary, pre-norm, gated, intermediate, norm), dims)
+REAL_MODELS = [
+    ("smollm2_onnx", 30, (9, 3, 64, True, True, True, True, 1536, "rms"), {"batch": 1, "sequence": 24}),
+    ("minilm_onnx", 6, (12, 12, 32, False, False, False, False, 1536, "layer"), {"batch": 2, "sequence": 20}),
+]
 
 
 @pytest.mark.slow
-def test_minilm_map_and_canonicalize(minilm_onnx) -> None:
-    original = tforge.load(minilm_onnx)
-    model = _canonical(minilm_onnx)
+@pytest.mark.parametrize(("fixture", "num_blocks", "expected", "dims"), REAL_MODELS, ids=["smollm2", "minilm"])
+def test_real_model_map_and_canonicalize(request, fixture, num_blocks, expected, dims) -> None:
+    path = request.getfixturevalue(fixture)
+    original = tforge.load(path)
+    model = _canonical(path)
     block_map = find_blocks(model)
     assert block_map.unrecognized == []
-    assert len(block_map.blocks) == 6
+    assert len(block_map.blocks) == num_blocks
     for block in block_map.blocks:
-        a = block.attention
-        assert (a.num_heads, a.num_kv_heads, a.head_dim, a.causal) == (12, 12, 32, False)
-        assert not block.pre_norm and block.ffn.intermediate_size == 1536 and not block.ffn.gated
+        a, f = block.attention, block.ffn
+        found = (a.num_heads, a.num_kv_heads, a.head_dim, a.causal, a.rotary, block.pre_norm,
+                 f.gated, f.intermediate_size, block.attention_norm.kind)
+        assert found == expected
     assert len(model.graph) <= len(original.graph)
-    feeds = verify.make_inputs(original, dims={"batch": 2, "sequence": 20}, rng=np.random.default_rng(0))
-    (hidden,) = verify.compare_outputs(original, model, feeds)
-    assert hidden.max_abs < 1e-4, hidden
+    feeds = verify.make_inputs(original, dims=dims, rng=np.random.default_rng(0))
+    (output,) = verify.compare_outputs(original, model, feeds)
+    assert output.max_abs < 1e-4, output
