@@ -124,6 +124,32 @@ def _with_input_shapes(passes: list[Pass], shapes: dict[str, str]) -> list[Pass]
     ]
 
 
+def _with_calibration(
+    passes: list[Pass],
+    *,
+    text: PathLike | None = None,
+    tokenizer: PathLike | None = None,
+    npz: PathLike | None = None,
+    samples: int | None = None,
+) -> list[Pass]:
+    """Fill the data options of every ``calibrate`` pass (the CLI's --calib-* flags)."""
+    from tforge.passes.calibrate import Calibrate
+
+    given = {"text": text, "tokenizer": tokenizer, "npz": npz, "samples": samples}
+    options = {k: (v if isinstance(v, int) else os.fspath(v)) for k, v in given.items() if v is not None}
+    if not options:
+        return list(passes)
+    if not any(isinstance(p, Calibrate) for p in passes):
+        raise PassConfigError(
+            "calibration data is read by 'calibrate', which is not in the pipeline; "
+            "add it after 'canonicalize'"
+        )
+    try:
+        return [dataclasses.replace(p, **options) if isinstance(p, Calibrate) else p for p in passes]
+    except ValueError as e:
+        raise PassConfigError(f"calibrate: {e}") from None
+
+
 def inspect(model: ir.Model | PathLike, *, canonicalize: bool = True) -> structure.BlockMap:
     """The block map of a model; a non-canonical model is canonicalized on a copy first."""
     if not isinstance(model, ir.Model):

@@ -1,0 +1,225 @@
+"""calibrate: statistics for every linear input, data sources in priority order, errors, CLI flags."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import tforge
+from tests.models import zoo
+from tforge import testing
+from tforge.backends.ort import save_model
+from tforge.cli import main
+from tforge.compiler import printer
+from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, CalibrationStats, attached_stats
+from tforge.compiler.pipeline import PassManager, parse_pass
+from tforge.compiler.structure import find_blocks
+from tforge.errors import PassConfigError, PreconditionError
+from tforge.frontends import hf_models
+from tforge.passes.calibrate import Calibrate
+
+WIKITEXT = (
+    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+)
+VOCAB = 30522
+
+ENCODER = f"""
+<ir_version: 10, opset_import: ["" : 18]>
+encoder (int64[B, S] input_ids, int64[B, S] attention_mask) => (float[B, S, 4] y)
+<float[{VOCAB}, 8] emb, float[8, 8] w1, float[8, 4] w2, int64[1] last>
+{{
+    e = Gather <axis = 0> (emb, input_ids)
+    m = Cast <to = 1> (attention_mask)
+    mu = Unsqueeze (m, last)
+    h = Mul (e, mu)
+    a = MatMul (h, w1)
+    r = Relu (a)
+    y = MatMul (r, w2)
+}}
+"""
+
+
+def _feeds(name: str, count: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    return [zoo.ZOO[name].inputs(2, 10, rng) for _ in range(count)]
+
+
+def _linear_inputs(model: ir.Model) -> set[str]:
+    return {lin.input.name for lin in find_blocks(model).linears}
+
+
+@pytest.fixture
+def encoder(rng: np.random.Generator) -> ir.Model:
+    model = testing.model_from_onnx_text(
+        ENCODER,
+        emb=rng.normal(size=(VOCAB, 8)),
+        w1=rng.normal(size=(8, 8)),
+        w2=rng.normal(size=(8, 4)),
+        last=np.array([-1], dtype=np.int64),
+    )
+    PassManager.parse("canonicalize", progress=lambda _: None).run(model)
+    return model
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_stats_for_every_linear_input(
+    name: str, zoo_model: Callable[[str], Path], rng: np.random.Generator
+) -> None:
+    result = tforge.compile(
+        zoo_model(name), "canonicalize,calibrate", calibration=_feeds(name, 3, rng)
+    )
+
+    model = result.model
+    stats = attached_stats(model)
+    assert isinstance(stats, CalibrationStats) and model.meta[STATS_KEY] is stats
+    assert set(stats.stats) == _linear_inputs(model) and len(stats.stats) == 8
+    record = result.report.passes[1]
+    assert record.name == "calibrate" and not record.changed
+    assert record.stats == {"activations": 8, "samples": 3}
+    assert "calibrated" in result.report.properties
+    tokens = sum(int(f["attention_mask"].sum()) for f in _feeds(name, 3, np.random.default_rng(0)))
+    assert all(s.count == tokens for s in stats.stats.values())
+    # Q, K and V read the same activation, so they share one entry.
+    attention = find_blocks(model).blocks[0].attention
+    assert stats[attention.q.input.name] is stats[attention.k.input.name]
+
+
+def test_graph_is_unchanged_and_second_run_replaces_stats(
+    zoo_model: Callable[[str], Path], rng: np.random.Generator
+) -> None:
+    model = tforge.load(zoo_model("llama"))
+    PassManager.parse("canonicalize", progress=lambda _: None).run(model)
+    model.meta[FEEDS_KEY] = _feeds("llama", 2, rng)
+    before = printer.print_ir(model)
+
+    first = Calibrate()(model)
+    again = Calibrate(samples=1)(model)
+
+    assert printer.print_ir(model) == before
+    assert not first.changed and not again.changed
+    assert first.stats["samples"] == 2 and again.stats["samples"] == 1
+    assert attached_stats(model).samples == 1
+
+
+def test_npz_has_priority_over_api_feeds(
+    encoder: ir.Model, tmp_path: Path, rng: np.random.Generator
+) -> None:
+    ids = rng.integers(0, VOCAB, size=(5, 6))
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, input_ids=ids, attention_mask=np.ones_like(ids))
+    encoder.meta[FEEDS_KEY] = [{"input_ids": ids[:1], "attention_mask": np.ones_like(ids[:1])}]
+
+    result = Calibrate(npz=str(npz), samples=4)(encoder)
+
+    assert result.stats == {"activations": 2, "samples": 4}
+    assert attached_stats(encoder)["h"].count == 4 * 6
+
+
+def test_text_and_tokenizer(encoder: ir.Model) -> None:
+    if not WIKITEXT.is_file():
+        pytest.fail(
+            f"{WIKITEXT} is missing; it is the shared calibration text (see ../shared/data/README.md)"
+        )
+    result = Calibrate(
+        text=str(WIKITEXT), tokenizer=str(hf_models.minilm_dir()), samples=5, seq_len=32
+    )(encoder)
+    assert result.stats == {"activations": 2, "samples": 5}
+    stats = attached_stats(encoder)
+    assert stats["r"].min.min() >= 0.0  # a ReLU output: the value names are the right ones
+
+
+def test_no_data_says_which_flags_to_add(encoder: ir.Model) -> None:
+    with pytest.raises(
+        PreconditionError, match=r"--calib-text FILE --tokenizer PATH .* --calib-npz FILE"
+    ):
+        Calibrate()(encoder)
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(PassConfigError, match="calibrate: samples must be at least 1, got 0"):
+        parse_pass("calibrate{samples=0}")
+    with pytest.raises(PassConfigError, match="seq-len must be at least 2"):
+        parse_pass("calibrate{seq-len=1}")
+    with pytest.raises(ValueError, match="text= is given without tokenizer="):
+        Calibrate(text="a.txt")
+    with pytest.raises(ValueError, match="tokenizer= is given without text="):
+        Calibrate(tokenizer="tok")
+    assert parse_pass("calibrate{npz=a.npz samples=8}").spec() == "calibrate{npz=a.npz samples=8}"
+
+
+def test_requires_canonical() -> None:
+    with pytest.raises(
+        PreconditionError, match="'calibrate' .* requires 'canonical'.*add 'canonicalize'"
+    ):
+        PassManager.parse("calibrate").run(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def encoder_file(encoder: ir.Model, tmp_path: Path) -> Path:
+    return save_model(encoder, tmp_path / "encoder.onnx")
+
+
+def test_cli_fills_calibrate_from_npz(
+    encoder_file: Path, tmp_path: Path, rng: np.random.Generator
+) -> None:
+    npz = tmp_path / "calib.npz"
+    ids = rng.integers(0, VOCAB, size=(6, 5))
+    np.savez(npz, input_ids=ids, attention_mask=np.ones_like(ids))
+    report = tmp_path / "report.json"
+    code = main([
+        "-q", "compile", str(encoder_file), "--passes", "canonicalize,calibrate",
+        "--calib-npz", str(npz), "--calib-samples", "3", "--report", str(report),
+    ])  # fmt: skip
+    assert code == 0
+    record = json.loads(report.read_text())["passes"][1]
+    assert record["spec"] == f"calibrate{{npz={npz} samples=3}}"
+    assert record["stats"] == {"activations": 2, "samples": 3}
+
+
+def test_cli_text_calibration(encoder_file: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    code = main([
+        "-q", "compile", str(encoder_file), "--passes", "canonicalize,calibrate",
+        "--calib-text", str(WIKITEXT), "--tokenizer", str(hf_models.minilm_dir()),
+        "--calib-samples", "4", "--report", str(report),
+    ])  # fmt: skip
+    assert code == 0
+    assert json.loads(report.read_text())["passes"][1]["stats"] == {"activations": 2, "samples": 4}
+
+
+@pytest.mark.parametrize(
+    ("extra", "passes", "message"),
+    [
+        (
+            [],
+            "canonicalize,calibrate",
+            "no calibration data; add --calib-text FILE --tokenizer PATH",
+        ),
+        (
+            ["--calib-npz", "x.npz"],
+            "canonicalize",
+            "read by 'calibrate', which is not in the pipeline",
+        ),
+        (["--calib-text", "a.txt"], "canonicalize,calibrate", "text= is given without tokenizer="),
+        (["--calib-samples", "0"], "canonicalize,calibrate", "samples must be at least 1"),
+        (["--calib-npz", "nothere.npz"], "canonicalize,calibrate", "'nothere.npz' does not exist"),
+    ],
+)
+def test_cli_errors(
+    encoder_file: Path,
+    extra: list[str],
+    passes: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["-q", "compile", str(encoder_file), "--passes", passes, *extra])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert message in err and err.count("\n") == 1, err
