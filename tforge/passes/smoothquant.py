@@ -1,0 +1,352 @@
+"""smoothquant: move activation outliers into weights with per-channel scales (SmoothQuant).
+
+For an activation ``X`` read by linears ``W_1..W_n`` and a positive ``s`` per input channel,
+``X @ W == (X / s) @ (s[:, None] * W)``. The division must be folded into whatever produces
+``X``; three producers allow it exactly:
+
+- a norm (LayerNorm or RMSNorm): gamma and beta divided by ``s``; readers of the norm output
+  that are not linears (post-norm residual adds) get ``s`` back, folded into a ``Mul`` by a
+  constant when there is one, else through one new ``Mul``;
+- attention V -> O: the output projection reads the merged context, which is linear in V per
+  channel (softmax weights do not depend on V), so V's output columns (and bias) are divided by
+  ``s`` and O's rows multiplied. Under grouped-query attention a V channel feeds every query
+  head of its group, so the heads of a group share ``s``;
+- FFN up -> down: ``act(gate(x)) * up(x)`` is linear in ``up``, so up's columns are divided; a
+  non-gated FFN allows it only for a positively homogeneous activation (ReLU): GELU and SiLU
+  are not (``gelu(x / s) != gelu(x) / s``) and are skipped.
+
+``s_j = max|X_j|^alpha / max_i |W_ji|^(1 - alpha)`` from the attached calibration statistics
+(``alpha=auto`` picks per site the grid value with the least int8 error proxy, see
+:func:`tforge.passes.math.smoothing.quantization_error_proxy`). The statistics of each smoothed
+activation are rescaled by ``1 / s`` so that the model stays calibrated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from tforge.compiler.calibration import CalibrationStats, ChannelStats, attached_stats
+from tforge.compiler.pass_infra import Pass, PassResult, Property
+from tforge.compiler.registry import register_pass
+from tforge.compiler.structure import FFN, Attention, Linear, const_array, find_blocks
+from tforge.errors import PassConfigError, PreconditionError
+from tforge.passes.ln_migrate import (
+    ConstantRewriter,
+    current_weight,
+    norm_skip_reason,
+    scale_norm_output,
+    scale_stats,
+)
+from tforge.passes.math import smoothing
+
+logger = logging.getLogger(__name__)
+
+# Scales this close to 1 everywhere are not applied: a second run on a smoothed model computes
+# s = 1 up to rounding, and rewriting the weights for that would only add rounding.
+_UNIT_TOLERANCE = 1e-3
+# Ops between the V projection and the attention's probs @ V that only move data.
+_VALUE_PATH_OPS = frozenset(
+    {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Tile", "Flatten", "Identity"}
+)
+_DEFAULT_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.3 .. 0.8
+
+
+@dataclasses.dataclass
+class _Site:
+    """One place to smooth: the activation (calibration key) and the weights of its readers."""
+
+    kind: Literal["norm", "v->o", "up->down"]
+    name: str
+    activation: str  # ONNX value name of the linears' input (the calibration key)
+    weights: list[np.ndarray]  # [C, out] of each reading linear
+    groups: np.ndarray | None = None  # channels tied to one scale (GQA)
+
+
+@register_pass("smoothquant")
+@dataclasses.dataclass(frozen=True)
+class SmoothQuant(Pass):
+    """Balance activation and weight ranges per channel; fold the scales into norms and linears.
+
+    Sites: every norm read by linears, attention V -> O (``vo``), FFN up -> down (``up-down``).
+    ``alpha`` is a number in [0, 1] or ``auto`` (per site, the value of ``alpha-grid`` with the
+    smallest int8 error proxy on the calibration statistics).
+    """
+
+    alpha: float | Literal["auto"] = 0.5
+    alpha_grid: tuple[float, ...] = _DEFAULT_GRID
+    min_scale: float = 1e-5
+    max_scale: float = 1e5
+    vo: bool = True
+    up_down: bool = True
+
+    requires: ClassVar = frozenset({Property.CANONICAL, Property.CALIBRATED})
+    invalidates: ClassVar = frozenset()  # the attached stats are rescaled with the activations
+
+    def __post_init__(self) -> None:
+        if self.alpha != "auto" and (
+            isinstance(self.alpha, str) or not 0.0 <= float(self.alpha) <= 1.0
+        ):
+            raise PassConfigError(f"smoothquant: alpha must be in [0, 1] or auto, got {self.alpha}")
+        if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise PassConfigError(
+                f"smoothquant: alpha-grid must be non-empty values in [0, 1], got {self.alpha_grid}"
+            )
+        if not (0.0 < self.min_scale <= 1.0 <= self.max_scale < np.inf):
+            raise PassConfigError(
+                "smoothquant: need 0 < min-scale <= 1 <= max-scale (finite), got "
+                f"min-scale={self.min_scale} max-scale={self.max_scale}"
+            )
+
+    def check(self, model: ir.Model) -> None:
+        if attached_stats(model) is None:
+            raise PreconditionError(
+                "smoothquant: no calibration statistics are attached to the model; "
+                "run 'calibrate' right before 'smoothquant'"
+            )
+
+    def run(self, model: ir.Model) -> PassResult:
+        calib = attached_stats(model)
+        if calib is None:  # check() ran first; kept for direct run() calls
+            raise PreconditionError("smoothquant: no calibration statistics are attached")
+        stats: Counter[str] = Counter()
+        rows: list[dict[str, Any]] = []
+        rewriter = ConstantRewriter(model, self.name)
+        block_map = find_blocks(model)
+
+        # Column-scaling sites first: V's and up's columns are then final when a norm's scales
+        # are computed from the weights reading it, so a second run finds every scale ~1.
+        for block in block_map.blocks:
+            if self.vo and block.attention is not None:
+                self._smooth_vo(block.attention, calib, rewriter, stats, rows)
+            if self.up_down and block.ffn is not None:
+                self._smooth_up_down(block.ffn, calib, rewriter, stats, rows)
+
+        for norm in block_map.norms:
+            reason = norm_skip_reason(norm)
+            if reason is not None:
+                self._skip(stats, "norm", norm.name, reason)
+                continue
+            site = _Site("norm", norm.name, norm.output.name or "", _weights(norm.linears))
+            scale = self._scales(site, calib, stats, rows)
+            if scale is None:
+                continue
+            done = scale_norm_output(rewriter, norm, scale)
+            scale_stats(model, site.activation, 1.0 / scale)
+            stats["smoothed: norm"] += 1
+            if done.folded:
+                stats["scale folded into a Mul reader"] += done.folded
+            if done.reapplied:
+                stats["scale re-applied for non-linear readers"] += 1
+
+        changed = any(k.startswith("smoothed:") for k in stats)
+        return PassResult(model, changed=changed, stats=stats, details={"sites": rows})
+
+    # ------------------------------------------------------------------ sites
+
+    def _smooth_vo(
+        self,
+        attn: Attention,
+        calib: CalibrationStats,
+        rewriter: ConstantRewriter,
+        stats: Counter[str],
+        rows: list[dict[str, Any]],
+    ) -> None:
+        name = attn.o.name
+        found = _value_columns(attn)
+        if isinstance(found, str):
+            self._skip(stats, "v->o", name, found)
+            return
+        start, width = found
+        kv_width = attn.num_kv_heads * attn.head_dim
+        if width != kv_width or attn.o.in_features != attn.num_heads * attn.head_dim:
+            self._skip(stats, "v->o", name, "skipped: v->o: head layout does not match the widths")
+            return
+        groups = smoothing.kv_channel_groups(attn.num_heads, attn.num_kv_heads, attn.head_dim)
+        site = _Site("v->o", name, attn.o.input.name or "", _weights([attn.o]), groups)
+        scale = self._scales(site, calib, stats, rows)
+        if scale is None:
+            return
+        v_scale = np.empty(kv_width, np.float64)
+        v_scale[groups] = scale  # one value per group: all members carry the same scale
+        rewriter.scale_columns(attn.v, v_scale, start)
+        rewriter.scale_rows([attn.o], scale)
+        scale_stats(rewriter.model, site.activation, 1.0 / scale)
+        stats["smoothed: v->o"] += 1
+
+    def _smooth_up_down(
+        self,
+        ffn: FFN,
+        calib: CalibrationStats,
+        rewriter: ConstantRewriter,
+        stats: Counter[str],
+        rows: list[dict[str, Any]],
+    ) -> None:
+        name = ffn.down.name
+        reason = _up_down_skip_reason(ffn)
+        if reason is not None:
+            self._skip(stats, "up->down", name, reason)
+            return
+        site = _Site("up->down", name, ffn.down.input.name or "", _weights([ffn.down]))
+        scale = self._scales(site, calib, stats, rows)
+        if scale is None:
+            return
+        rewriter.scale_columns(ffn.up, scale)
+        rewriter.scale_rows([ffn.down], scale)
+        scale_stats(rewriter.model, site.activation, 1.0 / scale)
+        stats["smoothed: up->down"] += 1
+
+    # ------------------------------------------------------------------ scales
+
+    def _scales(
+        self,
+        site: _Site,
+        calib: CalibrationStats,
+        stats: Counter[str],
+        rows: list[dict[str, Any]],
+    ) -> np.ndarray | None:
+        """The site's scales, or None (with the reason counted) when it is skipped."""
+        channels = site.weights[0].shape[0]
+        act: ChannelStats | None = calib.get(site.activation)
+        if act is None or act.count == 0:
+            self._skip(stats, site.kind, site.name, f"skipped: {site.kind}: no calibration stats")
+            return None
+        if act.channels != channels:
+            self._skip(
+                stats, site.kind, site.name,
+                f"skipped: {site.kind}: calibration stats are stale (channel count differs)",
+            )
+            return None
+        kwargs = {"min_scale": self.min_scale, "max_scale": self.max_scale, "groups": site.groups}
+        if self.alpha == "auto":
+            choice = smoothing.choose_alpha(
+                act.absmax, act.mean_sq, site.weights, self.alpha_grid, **kwargs
+            )
+            alpha, scale = choice.alpha, choice.scale
+        else:
+            alpha = float(self.alpha)
+            w_absmax = smoothing.weight_row_absmax(site.weights)
+            scale = smoothing.smoothing_scales(act.absmax, w_absmax, alpha, **kwargs)
+        if float(np.abs(scale - 1.0).max()) < _UNIT_TOLERANCE:
+            self._skip(stats, site.kind, site.name, f"skipped: {site.kind}: scales already ~1")
+            return None
+        unit = np.ones_like(scale)
+        rows.append(
+            {
+                "site": site.kind,
+                "name": site.name,
+                "activation": site.activation,
+                "alpha": alpha,
+                "max_scale": float(scale.max()),
+                "min_scale": float(scale.min()),
+                "act_absmax_before": float(act.absmax.max()),
+                "act_absmax_after": float((act.absmax / scale).max()),
+                "error_proxy_before": smoothing.quantization_error_proxy(
+                    act.absmax, act.mean_sq, site.weights, unit
+                ),
+                "error_proxy_after": smoothing.quantization_error_proxy(
+                    act.absmax, act.mean_sq, site.weights, scale
+                ),
+            }
+        )
+        logger.debug(
+            "%s %s: alpha %g, scales in [%g, %g], activation absmax %g -> %g",
+            site.kind, site.name, alpha, scale.min(), scale.max(),
+            act.absmax.max(), (act.absmax / scale).max(),
+        )
+        return scale
+
+    @staticmethod
+    def _skip(stats: Counter[str], kind: str, name: str, reason: str) -> None:
+        stats[reason] += 1
+        logger.debug("%s %s: %s", kind, name, reason)
+
+
+# ----------------------------------------------------------------------------- structure checks
+
+
+def _weights(linears: Sequence[Linear]) -> list[np.ndarray]:
+    out = []
+    for lin in linears:
+        w = const_array(current_weight(lin))
+        if w is None:  # the block map only lists linears with constant weights
+            raise ValueError(f"smoothquant: weight of '{lin.name}' is not a constant")
+        out.append(np.asarray(w, np.float64))
+    return out
+
+
+def _single_reader(value: ir.Value) -> bool:
+    return len(list(value.uses())) == 1 and not value.is_graph_output()
+
+
+def _value_columns(attn: Attention) -> tuple[int, int] | str:
+    """(first column, width) of V inside the value linear's output, or why V -> O is unsafe.
+
+    Walks from the probs @ V MatMul back to the value linear through data-movement ops only,
+    each value read by nothing else, so scaling V's channels reaches the context and nothing
+    else. With a fused QKV linear the walk ends at the Split, whose output index gives V's
+    columns.
+    """
+    v = attn.v
+    value = attn.context_matmul.inputs[1]
+    for _ in range(32):
+        if value is None:
+            break
+        if not _single_reader(value):
+            return "skipped: v->o: the value projection's output is also read elsewhere"
+        if value is v.output:
+            if attn.fused_qkv:
+                break
+            return 0, v.out_features
+        node = value.producer()
+        if node is None:
+            break
+        if node.op_type == "Split" and attn.fused_qkv and node.inputs[0] is v.output:
+            widths = _split_widths(node)
+            if widths is None or not _single_reader(v.output):
+                break
+            index = next(i for i, out in enumerate(node.outputs) if out is value)
+            return int(sum(widths[:index])), int(widths[index])
+        if node.op_type not in _VALUE_PATH_OPS:
+            return f"skipped: v->o: {node.op_type} between the value projection and probs @ V"
+        if node.op_type == "Tile" and attn.num_heads != attn.num_kv_heads:
+            return "skipped: v->o: KV heads repeated by Tile (query-head order unknown)"
+        value = node.inputs[0]
+    return "skipped: v->o: the path to the value projection was not followed"
+
+
+def _split_widths(node: ir.Node) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = const_array(node.inputs[1])
+        if arr is not None:
+            return [int(x) for x in arr.ravel()]
+    widths = []
+    for out in node.outputs:
+        if out.shape is None or out.shape.rank() == 0 or not isinstance(out.shape[-1], int):
+            return None
+        widths.append(int(out.shape[-1]))
+    return widths
+
+
+def _up_down_skip_reason(ffn: FFN) -> str | None:
+    """None when ``down``'s input is ``relu(up)`` or ``act(gate) * up`` with nothing else reading."""
+    if ffn.gate is None and ffn.activation != "relu":
+        return f"skipped: up->down: {ffn.activation} is not positively homogeneous"
+    down_in = ffn.down.input
+    up_out = ffn.up.output
+    node = down_in.producer()
+    if not _single_reader(down_in) or not _single_reader(up_out) or node is None:
+        return "skipped: up->down: an intermediate activation is also read elsewhere"
+    if ffn.gate is None:
+        if node.op_type != "Relu" or node.inputs[0] is not up_out:
+            return "skipped: up->down: down's input is not relu(up)"
+        return None
+    if node.op_type != "Mul" or sum(1 for i in node.inputs if i is up_out) != 1:
+        return "skipped: up->down: down's input is not act(gate) * up"
+    return None
