@@ -261,7 +261,10 @@ def test_smollm2_keeps_its_outputs(smollm2_onnx) -> None:
     model = tforge.load(smollm2_onnx)
     report = PassManager.parse("canonicalize,ln-migrate", progress=lambda _: None).run(model)
     stats = report.passes[1].stats
-    # trained RMSNorm gammas hold entries below 1e-3 in about half the norms
-    assert stats["migrated"] > 0 and stats["skipped: |gamma| below min-abs-gamma"] > 0
+    # About half of the trained RMSNorm gammas hold entries below 1e-3, but without a beta
+    # nothing divides by gamma, so all 60 block norms migrate. The final norm feeds no
+    # recognised linear (the tied lm_head is a runtime Transpose), so it is skipped.
+    assert stats["migrated"] == 60, stats
+    assert "skipped: |gamma| below min-abs-gamma" not in stats
     feeds = verify.make_inputs(original, dims={"batch": 1, "sequence": 24}, rng=np.random.default_rng(0))
     _assert_same_function(original, model, feeds)

@@ -287,7 +287,8 @@ class LnMigrate(Pass):
     """Fold each norm's gamma into the linears reading it (gamma -> 1, beta -> beta/gamma).
 
     ``gamma * n(x) + beta`` read by ``@ W`` equals ``(n(x) + beta / gamma) @ (gamma[:, None] * W)``;
-    valid when no ``|gamma|`` is tiny (``min-abs-gamma``). Attached calibration statistics of
+    valid when no ``|gamma|`` is tiny (``min-abs-gamma``, checked only where there is a beta to
+    divide: for RMSNorm any nonzero gamma migrates exactly). Attached calibration statistics of
     the norm outputs are rescaled by ``1 / gamma`` so a calibrated model stays calibrated.
     """
 
@@ -314,7 +315,10 @@ class LnMigrate(Pass):
                 gamma = gamma.astype(np.float64)
                 if np.all(gamma == 1.0):
                     reason = "skipped: gamma already 1"
-                elif np.abs(gamma).min() < self.min_abs_gamma:
+                elif np.any(gamma == 0.0):
+                    reason = "skipped: gamma has zero entries"
+                elif norm.beta is not None and np.abs(gamma).min() < self.min_abs_gamma:
+                    # only beta / gamma divides; without a beta (RMSNorm) any nonzero gamma is exact
                     reason = "skipped: |gamma| below min-abs-gamma"
             if reason is not None or gamma is None:
                 reason = reason or "skipped: gamma is not a 1-D float constant"
