@@ -116,13 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
         return int(e.code or 0)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO),
-        format="%(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("onnxscript", "onnx_ir", "torch", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose < 2 else logging.DEBUG)
+    _configure_logging(args.verbose, args.quiet)
     try:
         return _COMMANDS[args.command](args)
     except TforgeError as e:
@@ -140,6 +134,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tforge: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         _write_crash_report(args, e)
         return EXIT_INTERNAL
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (main() may run many times
+    in one process, e.g. under test capture, and a handler bound to an old stream would fail)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Progress and logs of tforge on stderr; third-party libraries only from -vv on."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("onnxscript", "onnx_ir", "torch", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
 
 
 def _write_crash_report(args: argparse.Namespace, error: BaseException) -> None:

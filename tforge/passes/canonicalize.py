@@ -53,6 +53,9 @@ class Canonicalize(Pass):
 
     input_shapes: dict[str, str] = dataclasses.field(default_factory=dict)
     fold_size_limit: int = 1 << 22  # elements; larger constant subgraphs stay as ops
+    # A tied LM head reads the embedding through a runtime Transpose; materialising it makes the
+    # head an ordinary linear that passes can see (costs one more copy of the embedding).
+    untie_weights: bool = True
 
     establishes: ClassVar = frozenset({Property.CANONICAL})
     invalidates: ClassVar = frozenset({Property.CALIBRATED})
@@ -70,6 +73,8 @@ class Canonicalize(Pass):
             stats["inputs made static"] = self._apply_static_shapes(model)
         stats["gemm -> matmul+add"] = _gemm_to_matmul(model)
         stats["flatten around linear removed"] = _drop_flatten_around_linears(model)
+        if self.untie_weights:
+            stats["tied weights untied"] = _untie_transposed_weights(model)
         onnxscript.optimizer.optimize(
             model,
             input_size_limit=self.fold_size_limit,
@@ -183,6 +188,47 @@ def _gemm_to_matmul(model: ir.Model) -> int:
             mark_provenance(n, "canonicalize")
         model.graph.insert_after(node, new_nodes)
         _replace_value(out, result)
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def _untie_transposed_weights(model: ir.Model) -> int:
+    """``MatMul(x, Transpose(W))`` with a 2-D initializer W -> ``MatMul(x, W_t)`` with W_t constant.
+
+    The constant folder leaves these alone when W is large (a tied embedding of 49152 x 576);
+    folding them explicitly, whatever their size, makes every linear a MatMul by a constant.
+    """
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Transpose" or node.inputs[0] is None:
+            continue
+        weight = node.inputs[0]
+        perm = node.attributes.get("perm")
+        if (
+            not weight.is_initializer()
+            or weight.const_value is None
+            or weight.shape is None
+            or len(weight.shape) != 2
+            or (perm is not None and list(perm.value) != [1, 0])
+        ):
+            continue
+        readers = list(node.outputs[0].uses())
+        if not readers or any(u.node.op_type != "MatMul" or u.idx != 1 for u in readers):
+            continue
+        array = np.ascontiguousarray(weight.const_value.numpy().T)
+        name = f"{weight.name}_t"
+        if name in model.graph.initializers:
+            continue
+        folded = ir.Value(
+            name=name,
+            shape=ir.Shape(array.shape),
+            type=weight.type,
+            const_value=ir.tensor(array, name=name),
+        )
+        mark_provenance(folded, "canonicalize")
+        model.graph.register_initializer(folded)
+        node.outputs[0].replace_all_uses_with(folded)
         model.graph.remove(node, safe=True)
         count += 1
     return count
