@@ -538,3 +538,29 @@ def test_smollm2_on_wikitext_windows(smollm2_onnx: Path, wikitext: Path) -> None
     stats = calibrate_model(model, feeds)
     assert stats.samples == 4
     assert all(s.count == 4 * 128 for s in stats.stats.values())
+
+
+def test_sums_and_gram_match_numpy(rng: np.random.Generator) -> None:
+    x = rng.normal(size=(3, 7, 5))
+    stats = ChannelStats.empty(5, gram=True)
+    for part in np.split(x, [1, 2], axis=0):
+        stats.update(part)
+    rows = x.reshape(-1, 5)
+    np.testing.assert_allclose(stats.mean, rows.mean(axis=0))
+    np.testing.assert_allclose(stats.second_moment, rows.T @ rows / rows.shape[0])
+    scale = rng.uniform(-2, 2, 5)
+    scaled = stats.scaled(scale)
+    np.testing.assert_allclose(scaled.second_moment, (rows * scale).T @ (rows * scale) / rows.shape[0])
+    np.testing.assert_allclose(scaled.mean, (rows * scale).mean(axis=0))
+    with pytest.raises(ValueError, match="calibrate with gram=true"):
+        ChannelStats.empty(5).second_moment  # noqa: B018
+
+
+def test_calibrate_pass_accumulates_gram_on_request(zoo_model) -> None:
+    model = tforge.load(zoo_model("llama"))
+    feeds = [zoo.ZOO["llama"].inputs(1, 6, np.random.default_rng(i)) for i in range(3)]
+    tforge.compile(model, "canonicalize,calibrate{gram=true}", calibration=feeds)
+    stats = model.meta["tforge.calibration"]
+    first = next(iter(stats.stats.values()))
+    assert first.gram is not None and first.gram.shape == (first.channels, first.channels)
+    np.testing.assert_allclose(np.diag(first.gram), first.sum_sq)

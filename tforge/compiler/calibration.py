@@ -17,7 +17,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +59,10 @@ class ChannelStats:
     count: int  # rows (tokens) reduced
     tensor_hist: np.ndarray  # [bins] int64 histogram of |x|, bins uniform on [0, hist_range]
     hist_range: float
+    sum: np.ndarray | None = None  # [C] float64, sum of x (means for bias compensation)
+    # [C, C] float64 sum of x x^T, only where asked for (pruning refits, activation-aware SVD):
+    # C^2 memory per activation, independent of the number of samples.
+    gram: np.ndarray | None = None
 
     @property
     def channels(self) -> int:
@@ -71,8 +75,24 @@ class ChannelStats:
             return np.zeros_like(self.sum_sq)
         return self.sum_sq / self.count
 
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-channel mean of x."""
+        if self.sum is None:
+            raise ValueError("ChannelStats.mean: these statistics were reduced without sums")
+        return self.sum / max(self.count, 1)
+
+    @property
+    def second_moment(self) -> np.ndarray:
+        """E[x x^T] of shape [C, C]; needs statistics calibrated with ``gram``."""
+        if self.gram is None:
+            raise ValueError(
+                "ChannelStats.second_moment: no Gram matrix was accumulated; calibrate with gram=true"
+            )
+        return self.gram / max(self.count, 1)
+
     @classmethod
-    def empty(cls, channels: int, bins: int = _DEFAULT_BINS) -> ChannelStats:
+    def empty(cls, channels: int, bins: int = _DEFAULT_BINS, *, gram: bool = False) -> ChannelStats:
         if channels <= 0:
             raise ValueError(f"ChannelStats: channels must be positive, got {channels}")
         if bins <= 0 or bins % 2:
@@ -85,6 +105,8 @@ class ChannelStats:
             count=0,
             tensor_hist=np.zeros(bins, np.int64),
             hist_range=0.0,
+            sum=np.zeros(channels, np.float64),
+            gram=np.zeros((channels, channels), np.float64) if gram else None,
         )
 
     def update(self, x: np.ndarray) -> None:
@@ -112,6 +134,10 @@ class ChannelStats:
         np.maximum(self.max, hi, out=self.max)
         np.maximum(self.absmax, np.maximum(np.abs(lo), np.abs(hi)), out=self.absmax)
         self.sum_sq += np.einsum("ij,ij->j", rows64, rows64)
+        if self.sum is not None:
+            self.sum += rows64.sum(axis=0)
+        if self.gram is not None:
+            self.gram += rows64.T @ rows64
         self.count += rows.shape[0]
         self._update_hist(np.abs(rows64))
 
@@ -192,6 +218,8 @@ class ChannelStats:
             count=self.count,
             tensor_hist=self.tensor_hist.copy(),
             hist_range=self.hist_range * top if top > 0 else self.hist_range,
+            sum=self.sum * scale if self.sum is not None else None,
+            gram=self.gram * np.outer(scale, scale) if self.gram is not None else None,
         )
 
     def merge(self, other: ChannelStats) -> None:
@@ -207,6 +235,8 @@ class ChannelStats:
         np.maximum(self.max, other.max, out=self.max)
         np.maximum(self.absmax, other.absmax, out=self.absmax)
         self.sum_sq += other.sum_sq
+        self.sum = self.sum + other.sum if self.sum is not None and other.sum is not None else None
+        self.gram = self.gram + other.gram if self.gram is not None and other.gram is not None else None
         self.count += other.count
         hist, rng = other.tensor_hist.copy(), other.hist_range
         if rng > 0.0:
@@ -291,6 +321,7 @@ def calibrate_model(
     progress_every: int = _PROGRESS_EVERY,
     optimize: bool = True,
     bins: int = _DEFAULT_BINS,
+    gram: bool | Collection[str] = False,
 ) -> CalibrationStats:
     """Run ``model`` on every feed and reduce the named activations to :class:`ChannelStats`.
 
@@ -301,7 +332,8 @@ def calibrate_model(
     one at a time, so memory is bounded by one sample's activations whatever the number of
     samples. Where a feed has an ``attention_mask`` of shape [batch, seq], the rows of a
     [batch, seq, C] (or flattened [batch*seq, C]) activation where the mask is 0 are padding
-    and are left out.
+    and are left out. ``gram`` (True for all, or a set of value names) also accumulates the
+    [C, C] matrix of sums of x x^T, which least-squares refits and activation-aware SVD need.
     """
     if progress_every <= 0:
         raise ValueError(f"calibrate_model: progress_every must be positive, got {progress_every}")
@@ -337,6 +369,7 @@ def calibrate_model(
         session = create_session(clone, optimize=optimize)
         logger.debug("calibration: session exposes %d activations", len(computed))
 
+    with_gram = set(names) if gram is True else set(gram or ())
     stats: dict[str, ChannelStats] = {}
     unmasked: set[str] = set()
     samples = tokens = 0
@@ -352,11 +385,11 @@ def calibrate_model(
                         f"calibration: sample {samples} has no input {name!r}; "
                         f"it has {', '.join(feed)}"
                     )
-                _reduce(stats, name, np.asarray(feed[name]), mask, unmasked, bins)
+                _reduce(stats, name, np.asarray(feed[name]), mask, unmasked, bins, name in with_gram)
         if session is not None:
             outputs = _run(session, feed, computed, samples)
             for i, name in enumerate(computed):
-                _reduce(stats, name, outputs[i], mask, unmasked, bins)
+                _reduce(stats, name, outputs[i], mask, unmasked, bins, name in with_gram)
                 outputs[i] = None  # drop each activation as soon as it is reduced
             del outputs
         if samples % progress_every == 0:
@@ -436,6 +469,7 @@ def _reduce(
     mask: np.ndarray | None,
     unmasked: set[str],
     bins: int,
+    gram: bool,
 ) -> None:
     if x.ndim == 0:
         raise UnsupportedModelError(
@@ -449,7 +483,7 @@ def _reduce(
         else:
             unmasked.add(name)
     if name not in stats:
-        stats[name] = ChannelStats.empty(int(x.shape[-1]), bins)
+        stats[name] = ChannelStats.empty(int(x.shape[-1]), bins, gram=gram)
     try:
         stats[name].update(x)
     except ValueError as e:

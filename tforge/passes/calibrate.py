@@ -35,6 +35,9 @@ class Calibrate(Pass):
     tokenizer: str = ""  # folder with tokenizer.json, or a .gguf file
     npz: str = ""  # arrays named after the inputs, samples on axis 0
     samples: int = 64
+    # also accumulate E[x x^T] of every linear input (C^2 floats each): pruning refits and
+    # activation-aware SVD need it, int8 calibration does not
+    gram: bool = False
     seq_len: int = 128
 
     requires: ClassVar = frozenset({Property.CANONICAL})
@@ -76,7 +79,7 @@ class Calibrate(Pass):
     def run(self, model: ir.Model) -> PassResult:
         source, feeds = self._feeds(model)
         logger.info("calibrate: reading %s", source)
-        stats = calibrate_model(model, feeds)
+        stats = calibrate_model(model, feeds, gram=self.gram)
         model.meta[STATS_KEY] = stats
         return PassResult(
             model,
