@@ -200,7 +200,8 @@ def bench(
                 f"bench: {name} has inputs {sorted(v.name for v in m.graph.inputs)}, the first model "
                 f"{first_inputs}; side-by-side timing needs the same inputs"
             )
-    sessions = [ort.create_session(m, optimize=True, threads=threads) for m in loaded]
+    # spinning off: interleaved sessions would otherwise steal each other's cores
+    sessions = [ort.create_session(m, optimize=True, threads=threads, spin=False) for m in loaded]
     timings = ort.time_side_by_side(sessions, feeds, warmup=warmup, runs=runs)
     base = timings[0].median_ms
     return [

@@ -25,12 +25,14 @@ from tforge.errors import (
     TforgeError,
     UnsupportedModelError,
 )
+from tforge.presets import PRESETS
 
 logger = logging.getLogger("tforge")
 
 _EPILOG = """examples:
   tforge compile model.onnx --passes canonicalize -o model.canon.onnx --report report.json
   tforge compile model.onnx --passes canonicalize --input-shape input_ids=8x128 --dump-dir build/ir
+  tforge compile model.onnx --preset w8a8 --calib-text text.txt --tokenizer TOKENIZER_DIR -o model.int8.onnx
   tforge inspect model.onnx --json
   tforge bench model.onnx model.canon.onnx --input-shape input_ids=1x128
   tforge passes
@@ -70,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="run a pass pipeline on a model and save the result")
     c.add_argument("input", help="an .onnx file (with its external data beside it) or a .pt2 ExportedProgram")
-    c.add_argument("--passes", required=True, metavar="SPEC", help="e.g. 'canonicalize,smoothquant{alpha=0.5}'")
+    pipeline = c.add_mutually_exclusive_group(required=True)
+    pipeline.add_argument("--passes", metavar="SPEC", help="e.g. 'canonicalize,smoothquant{alpha=0.5}'")
+    pipeline.add_argument("--preset", choices=sorted(PRESETS), help="a recommended pipeline (see tforge/presets.py), "
+                          "e.g. w8a8: int8 weights and activations (needs --calib-text and --tokenizer)")
     c.add_argument("-o", "--output", help="where to write the compiled .onnx (atomically); omit for a dry run")
     c.add_argument("--report", metavar="FILE", help="write the pass report as JSON")
     c.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=DIMS",
@@ -207,6 +212,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         numerics = NumericsCheck(
             atol=args.check_numerics.get("atol"), min_cosine=args.check_numerics.get("min-cosine")
         )
+    if args.preset is not None:
+        args.passes = PRESETS[args.preset]
+        logger.info("preset %s: %s", args.preset, args.passes)
     # Parse the pipeline and check the output before loading: a typo should not cost a model load.
     tforge.PassManager.parse(args.passes)
     if args.output is not None and Path(args.output).resolve() == Path(args.input).resolve():
