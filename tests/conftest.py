@@ -4,7 +4,7 @@
 - ``zoo_model(name) -> Path``: the zoo model ``name`` exported to ONNX (once per session).
 - ``zoo_module(name) -> torch.nn.Module``: the very module that was exported, for references.
 - ``zoo_entries``: ``{name: ZooEntry}``; ``entry.truth`` is the ground truth to assert.
-- a test with a ``zoo_name`` argument runs once per zoo model.
+- a test with a ``zoo_name`` argument runs once per zoo model, unless it parametrizes it itself.
 - ``minilm_onnx`` / ``smollm2_onnx``: real pretrained exports in ``.cache/models`` (reused when
   current); tests using them must be marked ``@pytest.mark.slow``.
 """
@@ -35,8 +35,19 @@ def rng() -> np.random.Generator:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize every test that takes ``zoo_name`` over the whole zoo."""
-    if "zoo_name" in metafunc.fixturenames:
+    if "zoo_name" in metafunc.fixturenames and not _parametrizes(metafunc, "zoo_name"):
         metafunc.parametrize("zoo_name", zoo.NAMES)
+
+
+def _parametrizes(metafunc: pytest.Metafunc, name: str) -> bool:
+    """Whether the test chose its own values for ``name`` with @pytest.mark.parametrize."""
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0]
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if name in names:
+            return True
+    return False
 
 
 @pytest.fixture(scope="session")

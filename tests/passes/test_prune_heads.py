@@ -1,0 +1,277 @@
+"""prune-heads: whole heads leave the weights and every head-count constant; GQA stays valid."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import onnx.shape_inference
+import onnx_ir as ir
+import pytest
+
+import tforge
+from tforge import testing
+from tforge.compiler import verify
+from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, calibrate_model
+from tforge.compiler.pipeline import PassManager
+from tforge.compiler.structure import const_array, find_blocks, reshape_target
+from tforge.errors import PassConfigError, PreconditionError
+from tforge.passes.prune_heads import PruneHeads
+
+# 4 heads of dim 2; the head split is Concat(Shape(x)[:2], [4, 2]); a per-head score bias
+# [4, 1, 1] (as ALiBi adds) must lose the removed heads' rows.
+MHA = """
+<ir_version: 10, opset_import: ["" : 18]>
+block (float[B, S, 8] x) => (float[B, S, 8] y)
+<float[8, 8] wq, float[8] bq, float[8, 8] wk, float[8, 8] wv, float[8] bv, float[8, 8] wo,
+ float[8] bo, int64[2] split, int64[3] merged, float scale, float[4, 1, 1] hb>
+{
+    q0 = MatMul (x, wq)
+    q = Add (q0, bq)
+    k = MatMul (x, wk)
+    v0 = MatMul (x, wv)
+    v = Add (v0, bv)
+    bs = Shape <end = 2> (x)
+    heads = Concat <axis = 0> (bs, split)
+    q4 = Reshape (q, heads)
+    qt = Transpose <perm = [0, 2, 1, 3]> (q4)
+    k4 = Reshape (k, heads)
+    kt = Transpose <perm = [0, 2, 3, 1]> (k4)
+    v4 = Reshape (v, heads)
+    vt = Transpose <perm = [0, 2, 1, 3]> (v4)
+    s0 = MatMul (qt, kt)
+    s1 = Mul (s0, scale)
+    s = Add (s1, hb)
+    p = Softmax <axis = -1> (s)
+    c = MatMul (p, vt)
+    ct = Transpose <perm = [0, 2, 1, 3]> (c)
+    cm = Reshape (ct, merged)
+    o0 = MatMul (cm, wo)
+    o = Add (o0, bo)
+    y = Add (x, o)
+}
+"""
+
+
+def _mha(rng: np.random.Generator, zero_heads: Sequence[int] = ()) -> ir.Model:
+    wo = rng.normal(size=(8, 8))
+    for h in zero_heads:
+        wo[2 * h : 2 * h + 2] = 0.0
+    return testing.model_from_onnx_text(
+        MHA,
+        wq=rng.normal(size=(8, 8)), bq=rng.normal(size=8) * 0.1, wk=rng.normal(size=(8, 8)),
+        wv=rng.normal(size=(8, 8)), bv=rng.normal(size=8) * 0.1, wo=wo, bo=rng.normal(size=8) * 0.1,
+        split=np.array([4, 2], np.int64), merged=np.array([0, 0, 8], np.int64),
+        scale=np.array(0.7, np.float32), hb=np.array([0.5, -1.0, 2.0, 0.0]).reshape(4, 1, 1),
+    )  # fmt: skip
+
+
+def _feeds(rng: np.random.Generator, batch: int, seq: int) -> dict[str, np.ndarray]:
+    return {"x": rng.normal(size=(batch, seq, 8)).astype(np.float32)}
+
+
+def _calibrate(model: ir.Model, rng: np.random.Generator) -> None:
+    model.meta[STATS_KEY] = calibrate_model(model, [_feeds(rng, 2, 6) for _ in range(8)], gram=True)
+
+
+@pytest.mark.parametrize("importance", ["activation", "obs"])
+def test_heads_with_zero_output_rows_go_exactly(importance: str, rng: np.random.Generator) -> None:
+    model = _mha(rng, zero_heads=(1, 2))
+    original = model.clone()
+    _calibrate(model, rng)
+
+    result = PruneHeads(keep=2, importance=importance)(model)
+
+    assert result.changed and result.stats == {"pruned": 1, "compensation: refit": 1}, result.stats
+    [row] = result.details["layers"]
+    assert row["kept"] == [0, 3] and (row["heads_before"], row["heads_after"]) == (4, 2)
+    attn = find_blocks(model).blocks[0].attention
+    assert attn is not None and (attn.num_heads, attn.head_dim) == (2, 2)
+    assert [attn.q.out_features, attn.k.out_features, attn.v.out_features, attn.o.in_features] == [4] * 4
+    hb = next(n for n in model.graph if n.outputs[0].name == "s").inputs[1]
+    np.testing.assert_array_equal(const_array(hb).ravel(), [0.5, 0.0])  # heads 0 and 3
+    for batch, seq in [(1, 3), (3, 9)]:
+        testing.assert_ort_allclose(original, model, _feeds(rng, batch, seq), atol=1e-5, rtol=0.0)
+    testing.assert_ir_golden(model, "prune_heads/mha_keep2.ir")
+
+
+def test_second_run_with_keep_changes_nothing(rng: np.random.Generator) -> None:
+    model = _mha(rng)
+    first = PruneHeads(keep=3, importance="magnitude")(model)
+    second = PruneHeads(keep=3, importance="magnitude")(model)
+    assert first.changed and not second.changed
+    assert second.stats == {"skipped: nothing to remove": 1}
+
+
+def test_attention_read_elsewhere_is_skipped(rng: np.random.Generator) -> None:
+    text = MHA.replace("=> (float[B, S, 8] y)", "=> (float[B, S, 8] y, float[B, S, 8] cm)")
+    model = testing.model_from_onnx_text(text, **{v.name: v.const_value.numpy() for v in _mha(rng).graph.initializers.values()})
+    result = PruneHeads(keep=2, importance="magnitude")(model)
+    assert not result.changed
+    assert result.stats == {"skipped: attention value 'cm' is a graph output": 1}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("prune-heads", "exactly one of ratio=, keep=, per-layer="),
+        ("prune-heads{ratio=0.5 per-layer=0:2}", "exactly one of"),
+        ("prune-heads{per-layer=0:-1}", "kept heads >= 0"),
+        ("prune-heads{ratio=0.5 max-layer-ratio=0}", r"max-layer-ratio must be in \(0, 1\]"),
+        ("prune-heads{ratio=0.5 importance=taylor}", "expected one of magnitude, activation, obs"),
+    ],
+)
+def test_bad_options(spec: str, message: str) -> None:
+    with pytest.raises(PassConfigError, match=message):
+        PassManager.parse(spec)
+
+
+def test_activation_importance_needs_statistics(rng: np.random.Generator) -> None:
+    with pytest.raises(PreconditionError, match="add 'calibrate' right before 'prune-heads'"):
+        PruneHeads(keep=2)(_mha(rng))
+
+
+# ----------------------------------------------------------------------------- zoo models
+
+
+def _canonical(path) -> ir.Model:
+    model = tforge.load(path)
+    PassManager.parse("canonicalize", progress=lambda _: None).run(model)
+    return model
+
+
+def _zero_output_rows(model: ir.Model, heads: Sequence[int], layers: Sequence[int] | None = None) -> None:
+    for block in find_blocks(model).blocks:
+        if layers is not None and block.index not in layers:
+            continue
+        attn = block.attention
+        assert attn is not None
+        w = const_array(attn.o.weight).copy()
+        for h in heads:
+            w[h * attn.head_dim : (h + 1) * attn.head_dim] = 0.0
+        attn.o.weight.const_value = ir.tensor(w, name=attn.o.weight.name)
+
+
+def _prune(model: ir.Model, entry, spec: str) -> dict:
+    model.meta[FEEDS_KEY] = [entry.inputs(2, 9, np.random.default_rng(i)) for i in range(4)]
+    report = PassManager.parse(spec, verify_each=True, progress=lambda _: None).run(model)
+    return dataclasses.asdict(report.passes[-1])
+
+
+def _assert_consistent(model: ir.Model) -> None:
+    """ONNX's strict shape inference agrees with every annotation and shape constant, and every
+    Reshape on an attention path whose target has a head count has the block map's count."""
+    onnx.shape_inference.infer_shapes(ir.to_proto(model), check_type=True, strict_mode=True, data_prop=True)
+    for block in find_blocks(model).blocks:
+        attn = block.attention
+        if attn is None:
+            continue
+        q_cols = attn.q.out_features if not attn.fused_qkv else attn.qkv_split[0]  # type: ignore[index]
+        assert q_cols == attn.num_heads * attn.head_dim and attn.o.in_features == q_cols
+        kv_cols = attn.k.out_features if not attn.fused_qkv else attn.qkv_split[1]  # type: ignore[index]
+        assert kv_cols == attn.num_kv_heads * attn.head_dim
+        for node in attn.shape_nodes:
+            if node.op_type != "Reshape":
+                continue
+            target = reshape_target(node) or []
+            out = node.outputs[0].shape
+            assert out is None or len(target) == out.rank()
+            for i, elem in enumerate(target):
+                if elem is not None and elem > 0 and out is not None and isinstance(out[i], int):
+                    assert elem == out[i], (node.name, target, out)
+
+
+ZOO_SHAPES = [(1, 5), (3, 12)]
+
+
+@pytest.mark.parametrize(
+    ("name", "zero", "keep", "kv_after"),
+    [
+        ("bert", [1, 2], 2, 2),  # biases on Q, K, V and O; post-norm
+        ("gpt2", [0, 3], 2, 2),  # fused c_attn split three ways
+        ("vit", [2], 3, 3),  # constant [-1, 17, 4, 16] head split
+        ("llama", [1, 3], 2, 2),  # GQA: one query head from each KV group; rotary; RMSNorm
+        ("llama", [2, 3], 2, 1),  # GQA: a whole KV group
+        ("qwen2", [0, 2], 2, 2),  # GQA with Q/K/V biases, eager attention
+    ],
+)
+def test_zoo_heads_with_zero_output_rows_go_exactly(
+    name: str, zero: list[int], keep: int, kv_after: int, zoo_model, zoo_entries
+) -> None:
+    entry = zoo_entries[name]
+    model = _canonical(zoo_model(name))
+    _zero_output_rows(model, zero)
+    original = model.clone()
+
+    record = _prune(model, entry, f"calibrate{{gram=true}},prune-heads{{keep={keep}}}")
+
+    assert record["stats"]["pruned"] == entry.truth.num_layers, record["stats"]
+    kept = [h for h in range(entry.truth.num_heads) if h not in zero]
+    assert [row["kept"] for row in record["details"]["layers"]] == [kept] * entry.truth.num_layers
+    for block in find_blocks(model).blocks:
+        assert block.attention is not None
+        assert (block.attention.num_heads, block.attention.num_kv_heads) == (keep, kv_after)
+    _assert_consistent(model)
+    for batch, seq in ZOO_SHAPES:
+        feeds = entry.inputs(batch, seq, np.random.default_rng(3))
+        testing.assert_ort_allclose(original, model, feeds, atol=1e-5, rtol=0.0)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_layer_losing_every_head_becomes_its_output_bias(name: str, zoo_model, zoo_entries) -> None:
+    entry = zoo_entries[name]
+    model = _canonical(zoo_model(name))
+    _zero_output_rows(model, range(entry.truth.num_heads), layers=[0])
+    original = model.clone()
+
+    record = _prune(model, entry, "calibrate,prune-heads{per-layer=0:0}")
+
+    assert record["stats"]["attention removed"] == 1, record["stats"]
+    blocks = find_blocks(model).blocks
+    assert blocks[0].attention is None and blocks[1].attention is not None
+    assert blocks[1].attention.num_heads == entry.truth.num_heads
+    names = set(model.graph.initializers)
+    assert not any("layer.0.attention.self" in n or "layers.0.self_attn.q_proj" in n for n in names)
+    for batch, seq in ZOO_SHAPES:
+        feeds = entry.inputs(batch, seq, np.random.default_rng(3))
+        testing.assert_ort_allclose(original, model, feeds, atol=1e-5, rtol=0.0)
+
+
+def test_layers_with_different_counts_get_their_own_shape_constants(zoo_model, zoo_entries) -> None:
+    """LLaMA's exporter builds every layer's repeat-KV shapes with shared Concats and one
+    shared ``[2]``, which is also an Unsqueeze axis: each layer must get its own copy."""
+    entry = zoo_entries["llama"]
+    model = _canonical(zoo_model("llama"))
+    original = model.clone()
+
+    record = _prune(model, entry, "prune-heads{per-layer=0:1,1:2 importance=magnitude}")
+
+    counts = [(r["heads_after"], r["kv_heads_after"]) for r in record["details"]["layers"]]
+    assert counts[0] == (1, 1) and counts[1][0] == 2, counts
+    expands = [n for n in model.graph if n.op_type == "Expand" and n.inputs[0].dtype == ir.DataType.FLOAT]
+    assert len({id(n.inputs[1]) for n in expands}) == 2  # one repeat-KV shape per layer
+    _assert_consistent(model)
+    for batch, seq in ZOO_SHAPES:
+        [cmp] = verify.compare_outputs(original, model, entry.inputs(batch, seq, np.random.default_rng(3)))
+        assert np.isfinite(cmp.max_abs), cmp
+
+
+def test_zoo_models_run_after_heads_and_ffn_pruning(zoo_name: str, zoo_model, zoo_entries) -> None:
+    entry = zoo_entries[zoo_name]
+    model = _canonical(zoo_model(zoo_name))
+    original = model.clone()
+
+    record = _prune(
+        model, entry, "prune-heads{ratio=0.5 importance=magnitude},prune-ffn{ratio=0.5 multiple=8 importance=magnitude}"
+    )
+
+    assert record["stats"]["pruned"] == entry.truth.num_layers
+    for block in find_blocks(model).blocks:
+        assert block.attention is not None and block.ffn is not None
+        assert block.attention.num_heads == entry.truth.num_heads // 2
+        assert block.ffn.intermediate_size == entry.truth.intermediate_size // 2
+    _assert_consistent(model)
+    for batch, seq in ZOO_SHAPES:
+        [cmp] = verify.compare_outputs(original, model, entry.inputs(batch, seq, np.random.default_rng(3)))
+        assert np.isfinite(cmp.max_abs) and cmp.cosine > 0.5, cmp

@@ -1,0 +1,286 @@
+"""Pruning section of tools/bench.py (``--section prune``): accuracy and latency of pruned models.
+
+For each real model, in one run: ``canonicalize`` and ``calibrate{gram=true}`` once (statistics
+shared by every variant), then ``prune-heads`` and ``prune-ffn`` at 10%, 25% and 50% with four
+ways of choosing and repairing:
+
+- ``magnitude``: weight norms, no compensation (the usual baseline);
+- ``activation``: expected output energy from the calibration statistics, no compensation;
+- ``activation + comp``: the same, then the mean of the removed channels folded into the next
+  bias and the next projection refitted by least squares on the Gram matrix;
+- ``obs + comp``: greedy Optimal-Brain-Surgeon selection on the Gram matrix (the loss after the
+  refit), then the same compensation.
+
+Accuracy uses the int8 section's protocol and helpers (bench.py, tforge.evaluate): MiniLM, cosine
+of mean-pooled embeddings against fp32 on WikiText-2 sentences of the second half; SmolLM2,
+WikiText-2 perplexity on 512-token windows of the second half. Calibration reads the first half
+(more samples than the int8 section: the Gram matrices of 1536-wide FFN inputs need more tokens).
+Latency: the exported fp32 model and one pruned model per (kind, ratio), plus the combined and the
+quantized rows, timed interleaved in one process (bench.timing_session, bench's shapes).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import bench
+import numpy as np
+import onnx_ir as ir
+
+import tforge
+from tforge import evaluate
+from tforge.backends import ort
+from tforge.compiler import verify
+from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, text_feeds
+from tforge.compiler.pipeline import PassManager, parse_pipeline
+from tforge.compiler.structure import find_blocks
+from tforge.frontends import hf_models
+
+RATIOS = (0.1, 0.25, 0.5)
+METHODS = {
+    "magnitude": "importance=magnitude compensate=false",
+    "activation": "importance=activation compensate=false",
+    "activation + comp": "importance=activation",
+    "obs + comp": "importance=obs",
+}
+DEFAULT_METHOD = "activation + comp"  # the passes' defaults
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneProtocol:
+    calib_sentences: int  # MiniLM, first half
+    calib_windows: int  # SmolLM2, first half
+    calib_seq: int
+    eval_sentences: int
+    eval_windows: int
+    context: int
+    runs: int
+    ratios: tuple[float, ...] = RATIOS
+    methods: tuple[str, ...] = tuple(METHODS)
+
+    @classmethod
+    def full(cls, runs: int) -> PruneProtocol:
+        return cls(
+            calib_sentences=768, calib_windows=128, calib_seq=128, eval_sentences=256, eval_windows=32,
+            context=512, runs=runs,
+        )
+
+    @classmethod
+    def quick(cls) -> PruneProtocol:
+        return cls(
+            calib_sentences=64, calib_windows=16, calib_seq=128, eval_sentences=64, eval_windows=4, context=512, runs=5,
+            ratios=(0.25,), methods=("magnitude", DEFAULT_METHOD),
+        )
+
+
+@dataclasses.dataclass
+class Row:
+    label: str
+    spec: str
+    path: Path
+    kept: str = ""
+    params: int = 0
+    seconds: float = 0.0
+    accuracy: float | tuple[float, float] | None = None
+    latency: Any = None  # ort.Timing of the variant timed for this shape (same kind and ratio)
+
+
+def _log(message: str) -> None:
+    bench._log(message)
+
+
+def _kept(model) -> str:
+    blocks = find_blocks(model).blocks
+    heads = [b.attention.num_heads for b in blocks if b.attention is not None]
+    kv = [b.attention.num_kv_heads for b in blocks if b.attention is not None]
+    ffn = [b.ffn.intermediate_size for b in blocks if b.ffn is not None]
+
+    def summary(values: list[int]) -> str:
+        return str(values[0]) if len(set(values)) == 1 else f"{min(values)}-{max(values)}"
+
+    heads_text = summary(heads) + (f" ({summary(kv)} KV)" if kv != heads else "")
+    return f"{heads_text} heads, {summary(ffn)} FFN"
+
+
+def _params(model) -> int:
+    return sum(
+        int(v.const_value.size)
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and v.dtype == ir.DataType.FLOAT and list(v.uses())
+    )
+
+
+def _variants(protocol: PruneProtocol) -> list[tuple[str, str]]:
+    out = []
+    for kind, pass_name in (("heads", "prune-heads"), ("FFN", "prune-ffn")):
+        for ratio in protocol.ratios:
+            for method in protocol.methods:
+                out.append((f"{kind} {ratio:.0%} {method}", f"{pass_name}{{ratio={ratio} {METHODS[method]}}}"))
+    return out
+
+
+def _build(name: str, src: Path, work: Path, protocol: PruneProtocol) -> tuple[Any, list[Row]]:
+    tokenizer = hf_models.minilm_dir() if name == "minilm" else hf_models.smollm2_gguf_path()
+    base = tforge.load(src)
+    samples = protocol.calib_sentences if name == "minilm" else protocol.calib_windows
+    calibration = list(text_feeds(base, bench.WIKITEXT, tokenizer, samples=samples, seq_len=protocol.calib_seq))
+    base.meta[FEEDS_KEY] = calibration
+    t0 = time.perf_counter()
+    calibrate = f"calibrate{{gram=true samples={len(calibration)}}}"
+    PassManager.parse(f"canonicalize,{calibrate}", progress=lambda _: None).run(base)
+    stats = base.meta[STATS_KEY]
+    _log(f"{name}: canonicalize,{calibrate} in {time.perf_counter() - t0:.1f}s")
+    rows: list[Row] = []
+    for label, spec in _variants(protocol):
+        model = base.clone()
+        model.meta[STATS_KEY] = copy.deepcopy(stats)
+        rows.append(_run(name, label, spec, model, work, len(rows)))
+    # composed: heads then FFN (re-calibrated in between: the statistics describe the graph they
+    # were taken on), then int8
+    method = METHODS[DEFAULT_METHOD]
+    combined = f"prune-heads{{ratio=0.25 {method}}},{calibrate},prune-ffn{{ratio=0.25 {method}}}"
+    for label, spec in (
+        ("heads 25% + FFN 25% " + DEFAULT_METHOD, combined),
+        ("heads 25% + FFN 25% " + DEFAULT_METHOD + " + int8", combined + ",quantize"),
+    ):
+        model = base.clone()
+        model.meta[STATS_KEY] = copy.deepcopy(stats)
+        model.meta[FEEDS_KEY] = calibration
+        rows.append(_run(name, label, spec, model, work, len(rows)))
+    return base, rows
+
+
+def _run(name: str, label: str, spec: str, model, work: Path, index: int) -> Row:
+    t0 = time.perf_counter()
+    kept, params = "", 0
+    for p in parse_pipeline(spec):
+        if p.name == "quantize":  # the block map and the float count describe the pruned model
+            kept, params = _kept(model), _params(model)
+        p(model)
+    seconds = time.perf_counter() - t0
+    if not kept:
+        kept, params = _kept(model), _params(model)
+    path = ort.save_model(model, work / f"{name}.prune-{index}.onnx")
+    row = Row(label, spec, path, kept, params, seconds)
+    _log(f"{name}: {label}: {row.kept} in {seconds:.1f}s")
+    return row
+
+
+def _timed_rows(rows: list[Row]) -> list[Row]:
+    """One row per shape: the default method of every (kind, ratio), and the composed rows."""
+    return [r for r in rows if r.label.endswith(DEFAULT_METHOD) or "+ int8" in r.label or "heads 25% + FFN" in r.label]
+
+
+def _latency(src: Path, rows: list[Row], feeds: dict, protocol: PruneProtocol, threads: int | None) -> Any:
+    timed = _timed_rows(rows)
+    sessions = [bench.timing_session(src, threads)] + [bench.timing_session(r.path, threads) for r in timed]
+    timings = ort.time_side_by_side(sessions, feeds, warmup=3, runs=protocol.runs)
+    by_shape = {_shape_key(r.label): t for r, t in zip(timed, timings[1:], strict=True)}
+    for r in rows:
+        r.latency = by_shape.get(_shape_key(r.label))
+    return timings[0]
+
+
+def _shape_key(label: str) -> str:
+    for method in METHODS:
+        if label.endswith(" " + method):
+            return label[: -len(method) - 1]
+    return label
+
+
+def _table(rows: list[Row], base_timing, base_params: int, accuracy_header: str, fmt) -> list[str]:
+    out = [
+        f"| variant | kept per layer | params (M) | latency ratio | {accuracy_header} | prune time (s) | pipeline |",
+        "|---|---|---|---|---|---|---|",
+        f"| fp32 (exported) | - | {base_params / 1e6:.2f} | 1.000 ({base_timing.median_ms:.0f} ms) | {fmt(None)} | - | - |",
+    ]
+    for r in rows:
+        ratio = f"{r.latency.median_ms / base_timing.median_ms:.3f}" if r.latency is not None else "-"
+        out.append(
+            f"| {r.label} | {r.kept} | {r.params / 1e6:.2f} | {ratio} | {fmt(r.accuracy)} | {r.seconds:.1f} | `{r.spec}` |"
+        )
+    return out
+
+
+def _minilm(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | None) -> list[str]:
+    src = bench._exported(out_dir, "minilm")
+    base, rows = _build("minilm", src, work, protocol)
+    tokenizer = hf_models.minilm_tokenizer()
+    sentences = evaluate.sentences(evaluate.text_half(evaluate.read_text(bench.WIKITEXT), "second"), protocol.eval_sentences)
+    reference_session = bench.timing_session(src, threads)
+    reference = evaluate.sentence_embeddings(lambda f: reference_session.run(None, f)[0], tokenizer, sentences)
+    for r in rows:
+        session = bench.timing_session(r.path, threads)
+        a = evaluate.agreement(reference, evaluate.sentence_embeddings(lambda f, s=session: s.run(None, f)[0], tokenizer, sentences))
+        r.accuracy = (a.mean, a.min)
+        _log(f"minilm: {r.label}: cosine mean {a.mean:.4f} min {a.min:.4f}")
+    feeds = verify.make_inputs(base, dims={"batch": 8, "sequence": 128}, rng=np.random.default_rng(0))
+    feeds["attention_mask"][:] = 1
+    base_timing = _latency(src, rows, feeds, protocol, threads)
+
+    def fmt(acc) -> str:
+        return "1.0000 / 1.0000" if acc is None else f"{acc[0]:.4f} / {acc[1]:.4f}"
+
+    head = [
+        f"MiniLM (all-MiniLM-L6-v2, 12 heads, FFN 1536): latency batch 8 x 128 tokens, median of {protocol.runs} "
+        f"interleaved runs (one model per shape; the other methods of a row group have the same shape); cosine of "
+        f"mean-pooled embeddings vs fp32 on {len(sentences)} WikiText-2 sentences (second half); calibration "
+        f"{protocol.calib_sentences} sentences (first half).",
+        "",
+    ]
+    return head + _table(rows, base_timing, _params(base), "cosine mean / min", fmt)
+
+
+def _smollm2(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | None) -> list[str]:
+    src = bench._exported(out_dir, "smollm2")
+    base, rows = _build("smollm2", src, work, protocol)
+    tokenizer = hf_models.smollm2_tokenizer()
+    text = evaluate.text_half(evaluate.read_text(bench.WIKITEXT), "second")
+    ids = evaluate.tokenize_lines(
+        lambda line: tokenizer(line, add_special_tokens=False)["input_ids"], text, protocol.context * protocol.eval_windows
+    )
+    windows = evaluate.token_windows(ids, protocol.context, protocol.eval_windows)
+    reference = bench.timing_session(src, threads)
+    base_ppl = evaluate.window_perplexity(lambda f, s=reference: s.run(None, f)[0], windows)
+    del reference
+    _log(f"smollm2: fp32 perplexity {base_ppl:.3f}")
+    for r in rows:
+        session = bench.timing_session(r.path, threads)
+        t0 = time.perf_counter()
+        r.accuracy = evaluate.window_perplexity(lambda f, s=session: s.run(None, f)[0], windows)
+        _log(f"smollm2: {r.label}: perplexity {r.accuracy:.3f} ({time.perf_counter() - t0:.0f}s)")
+        del session
+        gc.collect()
+    base_timing = _latency(src, rows, {"input_ids": windows[:1]}, protocol, threads)
+
+    def fmt(acc) -> str:
+        value = base_ppl if acc is None else acc
+        return f"{value:.2f} ({100 * (value / base_ppl - 1):+.1f}%)"
+
+    head = [
+        f"SmolLM2-135M (9 heads on 3 KV heads, FFN 1536): latency of one {protocol.context}-token forward, median of "
+        f"{protocol.runs} interleaved runs (one model per shape); WikiText-2 perplexity, context {protocol.context}, "
+        f"first {len(windows)} windows of the second half; calibration {protocol.calib_windows} windows of "
+        f"{protocol.calib_seq} tokens (first half). Head ratios round to valid grouped-query sizes "
+        "(0, 1, 2, 3, 4, 6 or 9 heads), so 10% keeps all 9, 25% keeps 6 and 50% keeps 4.",
+        "",
+    ]
+    return head + _table(rows, base_timing, _params(base), "perplexity (vs fp32)", fmt)
+
+
+def prune(names: list[str], out_dir: Path, protocol: PruneProtocol, threads: int | None) -> list[str]:
+    if not bench.WIKITEXT.is_file():
+        raise SystemExit(f"bench: {bench.WIKITEXT} is missing; it is the shared evaluation text (see ../shared/data/README.md)")
+    rows: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="tforge-bench-prune-", dir=out_dir) as folder:
+        for name in names:
+            section = {"minilm": _minilm, "smollm2": _smollm2}[name]
+            rows += section(out_dir, Path(folder), protocol, threads) + [""]
+            gc.collect()
+    return rows
