@@ -15,8 +15,10 @@ Accuracy uses the int8 section's protocol and helpers (bench.py, tforge.evaluate
 of mean-pooled embeddings against fp32 on WikiText-2 sentences of the second half; SmolLM2,
 WikiText-2 perplexity on 512-token windows of the second half. Calibration reads the first half
 (more samples than the int8 section: the Gram matrices of 1536-wide FFN inputs need more tokens).
-Latency: the exported fp32 model and one pruned model per (kind, ratio), plus the combined and the
-quantized rows, timed interleaved in one process (bench.timing_session, bench's shapes).
+Latency: one pruned model per (kind, ratio), plus the combined and the quantized rows, each timed
+against the exported fp32 model in its own interleaved pair (bench.timing_session, bench's shapes);
+the table gives the ratio of medians and, in parentheses, of 10th percentiles, which a loaded
+machine disturbs less.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -88,7 +91,8 @@ class Row:
     params: int = 0
     seconds: float = 0.0
     accuracy: float | tuple[float, float] | None = None
-    latency: Any = None  # ort.Timing of the variant timed for this shape (same kind and ratio)
+    unchanged: bool = False  # the ratio rounds to nothing to remove: the fp32 model itself
+    latency: tuple[float, float] | None = None  # (median, p10) ratio to fp32 of this shape's timed pair
 
 
 def _log(message: str) -> None:
@@ -158,16 +162,16 @@ def _build(name: str, src: Path, work: Path, protocol: PruneProtocol) -> tuple[A
 
 def _run(name: str, label: str, spec: str, model, work: Path, index: int) -> Row:
     t0 = time.perf_counter()
-    kept, params = "", 0
+    kept, params, changed = "", 0, False
     for p in parse_pipeline(spec):
         if p.name == "quantize":  # the block map and the float count describe the pruned model
             kept, params = _kept(model), _params(model)
-        p(model)
+        changed |= p(model).changed and p.name.startswith("prune-")
     seconds = time.perf_counter() - t0
     if not kept:
         kept, params = _kept(model), _params(model)
     path = ort.save_model(model, work / f"{name}.prune-{index}.onnx")
-    row = Row(label, spec, path, kept, params, seconds)
+    row = Row(label, spec, path, kept + ("" if changed else " (nothing pruned)"), params, seconds, unchanged=not changed)
     _log(f"{name}: {label}: {row.kept} in {seconds:.1f}s")
     return row
 
@@ -178,13 +182,30 @@ def _timed_rows(rows: list[Row]) -> list[Row]:
 
 
 def _latency(src: Path, rows: list[Row], feeds: dict, protocol: PruneProtocol, threads: int | None) -> Any:
-    timed = _timed_rows(rows)
-    sessions = [bench.timing_session(src, threads)] + [bench.timing_session(r.path, threads) for r in timed]
-    timings = ort.time_side_by_side(sessions, feeds, warmup=3, runs=protocol.runs)
-    by_shape = {_shape_key(r.label): t for r, t in zip(timed, timings[1:], strict=True)}
-    for r in rows:
-        r.latency = by_shape.get(_shape_key(r.label))
-    return timings[0]
+    """Each timed variant against the exported model, in pairs (interleaved, ``runs`` each).
+
+    On a shared 2-core machine, timing eight models round robin spreads the other jobs' load
+    unevenly over them; a pair sees the same load on both sides. Returns the base timing of the
+    first pair; every row gets its pair's ratio of medians (and of 10th percentiles).
+    """
+    base_session = bench.timing_session(src, threads)
+    first = None
+    for r in _timed_rows(rows):
+        ratio = (1.0, 1.0)  # nothing pruned: the fp32 model itself
+        if not r.unchanged:
+            session = bench.timing_session(r.path, threads)
+            load = os.getloadavg()[0]
+            base, variant = ort.time_side_by_side([base_session, session], feeds, warmup=2, runs=protocol.runs)
+            first = first or base
+            ratio = (variant.median_ms / base.median_ms, variant.p10_ms / base.p10_ms)
+            _log(f"latency {r.label}: {variant.median_ms:.0f} / {base.median_ms:.0f} ms = {ratio[0]:.3f} "
+                 f"(p10 {ratio[1]:.3f}, load {load:.1f})")
+            del session
+            gc.collect()
+        for other in rows:
+            if _shape_key(other.label) == _shape_key(r.label):
+                other.latency = ratio
+    return first
 
 
 def _shape_key(label: str) -> str:
@@ -196,12 +217,12 @@ def _shape_key(label: str) -> str:
 
 def _table(rows: list[Row], base_timing, base_params: int, accuracy_header: str, fmt) -> list[str]:
     out = [
-        f"| variant | kept per layer | params (M) | latency ratio | {accuracy_header} | prune time (s) | pipeline |",
+        f"| variant | kept per layer | params (M) | latency ratio median (p10) | {accuracy_header} | prune time (s) | pipeline |",
         "|---|---|---|---|---|---|---|",
-        f"| fp32 (exported) | - | {base_params / 1e6:.2f} | 1.000 ({base_timing.median_ms:.0f} ms) | {fmt(None)} | - | - |",
+        f"| fp32 (exported) | - | {base_params / 1e6:.2f} | 1 ({base_timing.median_ms:.0f} ms, p10 {base_timing.p10_ms:.0f}) | {fmt(None)} | - | - |",
     ]
     for r in rows:
-        ratio = f"{r.latency.median_ms / base_timing.median_ms:.3f}" if r.latency is not None else "-"
+        ratio = f"{r.latency[0]:.3f} ({r.latency[1]:.3f})" if r.latency is not None else "-"
         out.append(
             f"| {r.label} | {r.kept} | {r.params / 1e6:.2f} | {ratio} | {fmt(r.accuracy)} | {r.seconds:.1f} | `{r.spec}` |"
         )
@@ -216,6 +237,9 @@ def _minilm(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | N
     reference_session = bench.timing_session(src, threads)
     reference = evaluate.sentence_embeddings(lambda f: reference_session.run(None, f)[0], tokenizer, sentences)
     for r in rows:
+        if r.unchanged:
+            r.accuracy = (1.0, 1.0)
+            continue
         session = bench.timing_session(r.path, threads)
         a = evaluate.agreement(reference, evaluate.sentence_embeddings(lambda f, s=session: s.run(None, f)[0], tokenizer, sentences))
         r.accuracy = (a.mean, a.min)
@@ -228,8 +252,8 @@ def _minilm(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | N
         return "1.0000 / 1.0000" if acc is None else f"{acc[0]:.4f} / {acc[1]:.4f}"
 
     head = [
-        f"MiniLM (all-MiniLM-L6-v2, 12 heads, FFN 1536): latency batch 8 x 128 tokens, median of {protocol.runs} "
-        f"interleaved runs (one model per shape; the other methods of a row group have the same shape); cosine of "
+        f"MiniLM (all-MiniLM-L6-v2, 12 heads, FFN 1536): latency batch 8 x 128 tokens, {protocol.runs} "
+        f"runs interleaved with the fp32 model, one pair per shape (the other methods of a row group have the same shape); cosine of "
         f"mean-pooled embeddings vs fp32 on {len(sentences)} WikiText-2 sentences (second half); calibration "
         f"{protocol.calib_sentences} sentences (first half).",
         "",
@@ -251,6 +275,9 @@ def _smollm2(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | 
     del reference
     _log(f"smollm2: fp32 perplexity {base_ppl:.3f}")
     for r in rows:
+        if r.unchanged:
+            r.accuracy = base_ppl
+            continue
         session = bench.timing_session(r.path, threads)
         t0 = time.perf_counter()
         r.accuracy = evaluate.window_perplexity(lambda f, s=session: s.run(None, f)[0], windows)
@@ -264,8 +291,8 @@ def _smollm2(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | 
         return f"{value:.2f} ({100 * (value / base_ppl - 1):+.1f}%)"
 
     head = [
-        f"SmolLM2-135M (9 heads on 3 KV heads, FFN 1536): latency of one {protocol.context}-token forward, median of "
-        f"{protocol.runs} interleaved runs (one model per shape); WikiText-2 perplexity, context {protocol.context}, "
+        f"SmolLM2-135M (9 heads on 3 KV heads, FFN 1536): latency of one {protocol.context}-token forward, "
+        f"{protocol.runs} runs interleaved with the fp32 model, one pair per shape; WikiText-2 perplexity, context {protocol.context}, "
         f"first {len(windows)} windows of the second half; calibration {protocol.calib_windows} windows of "
         f"{protocol.calib_seq} tokens (first half). Head ratios round to valid grouped-query sizes "
         "(0, 1, 2, 3, 4, 6 or 9 heads), so 10% keeps all 9, 25% keeps 6 and 50% keeps 4.",
