@@ -268,9 +268,10 @@ def budget_cost(relative_error: float) -> float:
     """The cost a global budget adds up over layers: the squared relative output error.
 
     Squaring makes one layer driven to a large error cost more than several layers with small
-    errors summing to the same. Measured on SmolLM2 with activation-aware SVD, 25% of the
-    linear parameters removed (WikiText-2 perplexity, fp32 27.8): the sum of relative errors
-    gave 206, of squared relative errors 165, of cubed ones 163, the same ratio in every layer 187.
+    errors summing to the same. In a one-off comparison on SmolLM2 (activation-aware SVD, 25% of
+    the block linears' parameters removed, 32 calibration windows, WikiText-2 perplexity on 8
+    windows of 512 tokens, fp32 27.8), summing relative errors gave 206, squared ones 165, cubed
+    ones 163, and the same ratio in every layer 187; on MiniLM, squared ones were no worse.
     """
     return relative_error * relative_error
 
