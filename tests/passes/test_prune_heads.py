@@ -71,8 +71,8 @@ def _feeds(rng: np.random.Generator, batch: int, seq: int) -> dict[str, np.ndarr
     return {"x": rng.normal(size=(batch, seq, 8)).astype(np.float32)}
 
 
-def _calibrate(model: ir.Model, rng: np.random.Generator) -> None:
-    model.meta[STATS_KEY] = calibrate_model(model, [_feeds(rng, 2, 6) for _ in range(8)], gram=True)
+def _calibrate(model: ir.Model, rng: np.random.Generator, shape: tuple[int, int] = (2, 6)) -> None:
+    model.meta[STATS_KEY] = calibrate_model(model, [_feeds(rng, *shape) for _ in range(8)], gram=True)
 
 
 @pytest.mark.parametrize("importance", ["activation", "obs"])
@@ -275,3 +275,63 @@ def test_zoo_models_run_after_heads_and_ffn_pruning(zoo_name: str, zoo_model, zo
     for batch, seq in ZOO_SHAPES:
         [cmp] = verify.compare_outputs(original, model, entry.inputs(batch, seq, np.random.default_rng(3)))
         assert np.isfinite(cmp.max_abs) and cmp.cosine > 0.5, cmp
+
+
+# Fused QKV of unequal parts (Split sizes [8, 4, 4]) with grouped-query attention: 4 query heads
+# on 2 KV heads of dim 2; repeat-KV by Unsqueeze -> Expand -> Reshape with constant shapes.
+FUSED_GQA = """
+<ir_version: 10, opset_import: ["" : 18]>
+block (float[B, S, 8] x) => (float[B, S, 8] y)
+<float[8, 16] wqkv, float[8, 8] wo, int64[3] sizes,
+ int64[4] qshape, int64[4] kvshape, int64[1] two, int64[5] rep, int64[4] merged_kv, int64[3] merged>
+{
+    qkv = MatMul (x, wqkv)
+    q, k, v = Split <axis = -1> (qkv, sizes)
+    q4 = Reshape (q, qshape)
+    qt = Transpose <perm = [0, 2, 1, 3]> (q4)
+    k4 = Reshape (k, kvshape)
+    kt0 = Transpose <perm = [0, 2, 1, 3]> (k4)
+    ku = Unsqueeze (kt0, two)
+    ke = Expand (ku, rep)
+    kr = Reshape (ke, merged_kv)
+    kt = Transpose <perm = [0, 1, 3, 2]> (kr)
+    v4 = Reshape (v, kvshape)
+    vt0 = Transpose <perm = [0, 2, 1, 3]> (v4)
+    vu = Unsqueeze (vt0, two)
+    ve = Expand (vu, rep)
+    vt = Reshape (ve, merged_kv)
+    s = MatMul (qt, kt)
+    p = Softmax <axis = -1> (s)
+    c = MatMul (p, vt)
+    ct = Transpose <perm = [0, 2, 1, 3]> (c)
+    cm = Reshape (ct, merged)
+    o = MatMul (cm, wo)
+    y = Add (x, o)
+}
+"""
+
+
+@pytest.mark.parametrize(("zero", "kept", "kv_after"), [([1, 3], [0, 2], 2), ([0, 1], [2, 3], 1)])
+def test_fused_qkv_with_gqa_gets_new_split_sizes(zero: list[int], kept: list[int], kv_after: int, rng: np.random.Generator) -> None:
+    wo = rng.normal(size=(8, 8))
+    for h in zero:
+        wo[2 * h : 2 * h + 2] = 0.0
+    model = testing.model_from_onnx_text(
+        FUSED_GQA,
+        wqkv=rng.normal(size=(8, 16)), wo=wo, sizes=np.array([8, 4, 4]),
+        qshape=np.array([2, 3, 4, 2]), kvshape=np.array([2, 3, 2, 2]),
+        two=np.array([2]), rep=np.array([2, 2, 2, 3, 2]), merged_kv=np.array([2, 4, 3, 2]),
+        merged=np.array([2, 3, 8]),
+    )  # fmt: skip
+    original = model.clone()
+    _calibrate(model, rng, shape=(2, 3))
+
+    result = PruneHeads(keep=2)(model)
+
+    assert result.stats == {"pruned": 1, "compensation: refit": 1}, result.stats
+    assert result.details["layers"][0]["kept"] == kept
+    attn = find_blocks(model).blocks[0].attention
+    assert attn is not None and attn.fused_qkv
+    assert (attn.num_heads, attn.num_kv_heads) == (2, kv_after)
+    assert attn.q.out_features == 4 + 2 * 2 * kv_after and attn.qkv_split == (4, 2 * kv_after, 2 * kv_after)
+    testing.assert_ort_allclose(original, model, _feeds(rng, 2, 3), atol=1e-5, rtol=0.0)

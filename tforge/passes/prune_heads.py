@@ -1006,13 +1006,13 @@ def _apply(rewriter: ConstantRewriter, edits: _Edits) -> None:
     for node, index, arr in edits.constants:
         rewriter.set_constant(_input(node, index), [(node, index)], arr)
     for node, sizes in edits.split_sizes:
-        sizes_value = rewriter.add_initializer(f"{node.name or 'split'}.sizes", np.asarray(sizes, np.int64))
+        array = np.asarray(sizes, np.int64)
         if len(node.inputs) > 1 and node.inputs[1] is not None:
-            node.replace_input_with(1, sizes_value)
-        else:
+            rewriter.set_constant(node.inputs[1], [(node, 1)], array)
+        else:  # equal parts given by num_outputs: now unequal, so explicit sizes
             node.attributes.pop("num_outputs", None)
             node.resize_inputs(2)
-            node.replace_input_with(1, sizes_value)
+            node.replace_input_with(1, rewriter.add_initializer(f"{node.name or 'split'}.sizes", array))
         mark_provenance(node, rewriter.pass_name)
     for value, shape in edits.shapes:
         value.shape = shape
