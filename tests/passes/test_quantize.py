@@ -13,8 +13,8 @@ import tforge
 from tforge import evaluate, testing
 from tforge.backends import ort as ort_backend
 from tforge.compiler import verify
-from tforge.compiler.calibration import STATS_KEY, ChannelStats, calibrate_model
-from tforge.compiler.pipeline import PassManager, parse_pass
+from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, ChannelStats, calibrate_model
+from tforge.compiler.pipeline import PassManager, parse_pass, parse_pipeline
 from tforge.compiler.printer import print_ir
 from tforge.compiler.structure import find_blocks
 from tforge.errors import PassConfigError, PreconditionError
@@ -228,18 +228,43 @@ def test_weight_only_keeps_float_activations(rng: np.random.Generator) -> None:
     assert sum(n for (op, _), n in ran.items() if op == "MatMulNBits") == 2, ran
 
 
-def test_auto_picks_static_where_the_predicted_noise_is_low(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("fallback", ["dynamic-per-token", "dynamic"])
+def test_auto_picks_static_where_the_predicted_noise_is_low(fallback: str, rng: np.random.Generator) -> None:
     model = _model(rng)
     _calibrate(model, rng)
+    reference = model.clone()
+    probe_model = model.clone()
+    probe_model.meta[STATS_KEY] = model.meta[STATS_KEY]
+    probe = Quantize(activations="auto")(probe_model)
+    predicted = sorted({d["input_sqnr_db"] for d in probe.details.values()})
+    threshold = (predicted[0] + predicted[-1]) / 2  # one activation on each side
 
-    result = Quantize(activations="auto", min_sqnr=30.0)(model)
+    result = Quantize(activations="auto", min_sqnr=threshold, fallback=fallback)(model)
 
     sqnr = {name: d["input_sqnr_db"] for name, d in result.details.items()}
     modes = {name: d["activations"] for name, d in result.details.items()}
     assert sqnr["w1"] == sqnr["w2"]  # one activation
     for name in modes:
-        assert modes[name] == ("static" if sqnr[name] >= 30.0 else "dynamic-per-token"), (sqnr, modes)
+        assert modes[name] == ("static" if sqnr[name] >= threshold else fallback), (sqnr, modes)
+    assert set(modes.values()) == {"static", fallback}
     assert result.stats["quantized"] == 3
+    assert _int8_kernels(model, _feeds(rng)).total() >= 3
+    assert _min_cosine(reference, model, _feeds(rng)) > 0.99
+
+
+def test_statistics_made_stale_by_a_rewrite_are_not_used(rng: np.random.Generator) -> None:
+    """calibrate, then a pass that changes activations: quantize must not read the old ranges."""
+    model = _model(rng)
+    _calibrate(model, rng)
+    [prune] = parse_pipeline("prune-ffn{ratio=0.5 multiple=2 importance=magnitude}")
+    assert prune(model).changed
+
+    with pytest.raises(PreconditionError, match="dropped because 'prune-ffn' changed the graph"):
+        Quantize(activations="static")(model)
+    model.meta[FEEDS_KEY] = [_feeds(rng) for _ in range(2)]  # what tforge.compile(calibration=...) attaches
+    for p in parse_pipeline("calibrate,quantize{activations=static}"):
+        result = p(model)
+    assert result.stats["activations static"] == 3
 
 
 def test_excluded_linear_stays_float(rng: np.random.Generator) -> None:

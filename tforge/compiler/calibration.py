@@ -36,10 +36,13 @@ __all__ = [
     "attached_stats",
     "calibrate_model",
     "default_values",
+    "missing_stats_reason",
     "npz_feeds",
     "text_feeds",
 ]
 
+#: Set by a pass that invalidated the statistics (see pass_infra), cleared by calibrate.
+STALE_STATISTICS_KEY = "tforge.calibration_stale_after"
 #: ``model.meta[STATS_KEY]`` holds the :class:`CalibrationStats` of the current graph.
 STATS_KEY = "tforge.calibration"
 #: ``model.meta[FEEDS_KEY]`` holds the list of input feed dicts given through the API.
@@ -288,6 +291,17 @@ def attached_stats(model: ir.Model) -> CalibrationStats | None:
     """The CalibrationStats attached to ``model`` by the calibrate pass, or None."""
     stats = model.meta.get(STATS_KEY)
     return stats if isinstance(stats, CalibrationStats) else None
+
+
+def missing_stats_reason(model: ir.Model) -> str:
+    """Why no statistics are attached, for a pass's error message: never taken, or made stale."""
+    stale_after = model.meta.get(STALE_STATISTICS_KEY)
+    if stale_after:
+        return (
+            f"the statistics 'calibrate' took were dropped because {stale_after!r} changed the graph "
+            "after it (run 'calibrate' again after that pass)"
+        )
+    return "none are attached to this model"
 
 
 # ----------------------------------------------------------------------------- running the model

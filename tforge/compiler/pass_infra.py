@@ -12,11 +12,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import logging
 from typing import Any, ClassVar
 
 import onnx_ir as ir
 import onnx_ir.passes
 
+from tforge.compiler.calibration import STALE_STATISTICS_KEY, STATS_KEY
 from tforge.errors import (
     PassConfigError,
     PassError,
@@ -24,6 +26,8 @@ from tforge.errors import (
     UnsupportedModelError,
     VerificationError,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Pass",
@@ -111,12 +115,15 @@ class Pass(onnx_ir.passes.InPlacePass):
             else model_or_result
         )
         self.check(model)
+        had_statistics = model.meta.get(STATS_KEY) is not None
         result = self.run(model)
         if not isinstance(result, PassResult) or result.model is not model:
             raise PassError(
                 f"{self.name}: run() must return PassResult of the model it was given; "
                 "this is a bug in the pass"
             )
+        if had_statistics and result.changed and Property.CALIBRATED in self.invalidates:
+            _drop_stale_statistics(model, self.name)
         return result
 
     def spec(self) -> str:
@@ -140,6 +147,19 @@ def format_option(value: Any) -> str:
     if isinstance(value, dict):
         return ",".join(f"{k}:{v}" for k, v in value.items())
     return str(value)
+
+
+def _drop_stale_statistics(model: ir.Model, pass_name: str) -> None:
+    """Detach calibration statistics a graph rewrite has made stale.
+
+    Statistics describe the activations of the graph they were taken on; after a pass that changes
+    those activations (and says so by invalidating CALIBRATED), a later pass reading them would
+    quantize or prune with wrong ranges and no error. Passes whose rewrite is an exact rescaling
+    (ln-migrate, smoothquant) rescale the statistics instead and do not invalidate them.
+    """
+    model.meta.pop(STATS_KEY, None)
+    model.meta[STALE_STATISTICS_KEY] = pass_name
+    logger.info("%s: calibration statistics dropped (re-run 'calibrate' if a later pass needs them)", pass_name)
 
 
 def mark_provenance(obj: ir.Node | ir.Value, pass_name: str) -> None:

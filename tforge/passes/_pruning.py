@@ -16,7 +16,10 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.calibration import STATS_KEY, ChannelStats, attached_stats
+from tforge.compiler.calibration import ChannelStats, attached_stats
+from tforge.compiler.calibration import (
+    missing_stats_reason as missing_stats_reason,  # re-exported for the passes
+)
 from tforge.compiler.pass_infra import mark_provenance
 from tforge.compiler.structure import BlockMap, Linear, const_array
 from tforge.passes.ln_migrate import ConstantRewriter, current_weight
@@ -201,12 +204,6 @@ def compensate_rows(
 def input_stats(model: ir.Model, value: ir.Value) -> ChannelStats | None:
     stats = attached_stats(model)
     return stats.get(value.name or "") if stats is not None else None
-
-
-def drop_stats(model: ir.Model) -> None:
-    """Pruning changes every activation after the first pruned layer: the statistics are stale."""
-    if model.meta.pop(STATS_KEY, None) is not None:
-        logger.info("pruning: calibration statistics dropped (re-run 'calibrate' if a later pass needs them)")
 
 
 # ----------------------------------------------------------------------------- budgets

@@ -18,7 +18,14 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, calibrate_model, npz_feeds, text_feeds
+from tforge.compiler.calibration import (
+    FEEDS_KEY,
+    STALE_STATISTICS_KEY,
+    STATS_KEY,
+    calibrate_model,
+    npz_feeds,
+    text_feeds,
+)
 from tforge.compiler.pass_infra import Pass, PassResult, Property
 from tforge.compiler.registry import register_pass
 from tforge.errors import PreconditionError
@@ -81,6 +88,7 @@ class Calibrate(Pass):
         logger.info("calibrate: reading %s", source)
         stats = calibrate_model(model, feeds, gram=self.gram)
         model.meta[STATS_KEY] = stats
+        model.meta.pop(STALE_STATISTICS_KEY, None)
         return PassResult(
             model,
             changed=False,

@@ -96,7 +96,8 @@ class PruneFfn(Pass):
     def check(self, model: ir.Model) -> None:
         if self.importance != "magnitude" and pruning.attached_stats(model) is None:
             raise PreconditionError(
-                f"prune-ffn: importance={self.importance} needs calibration statistics, but none are attached; "
+                f"prune-ffn: importance={self.importance} needs calibration statistics, but "
+                f"{pruning.missing_stats_reason(model)}; "
                 "add 'calibrate' right before 'prune-ffn' or use importance=magnitude"
             )
 
@@ -165,9 +166,7 @@ class PruneFfn(Pass):
                 "prune-ffn: block %d: %d -> %d channels (%s importance), compensation %s",
                 site.index, size, keep, self.importance, done.kind,
             )
-        changed = stats["pruned"] > 0
-        if changed:
-            pruning.drop_stats(model)
+        changed = stats["pruned"] > 0  # Pass.__call__ then drops the now stale statistics
         after = pruning.size_figures(model, find_blocks(model)) if changed else before
         details = {"layers": rows, "size": pruning.compare_sizes(before, after)}
         return PassResult(model, changed=changed, stats=stats, details=details)

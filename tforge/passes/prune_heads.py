@@ -175,8 +175,8 @@ class PruneHeads(Pass):
     def check(self, model: ir.Model) -> None:
         if self.importance != "magnitude" and pruning.attached_stats(model) is None:
             raise PreconditionError(
-                f"prune-heads: importance={self.importance} needs calibration statistics, but none are "
-                "attached; add 'calibrate' right before 'prune-heads' or use importance=magnitude"
+                f"prune-heads: importance={self.importance} needs calibration statistics, but "
+                f"{pruning.missing_stats_reason(model)}; add 'calibrate' right before 'prune-heads' or use importance=magnitude"
             )
 
     def run(self, model: ir.Model) -> PassResult:
@@ -253,10 +253,8 @@ class PruneHeads(Pass):
                 selection.num_kv_heads, 100 * share, self.importance,
             )
         changed = stats["pruned"] + stats["attention removed"] > 0
-        if changed:
-            if removed_layers:
-                common_passes.RemoveUnusedNodesPass()(model)
-            pruning.drop_stats(model)
+        if changed and removed_layers:
+            common_passes.RemoveUnusedNodesPass()(model)
         after = pruning.size_figures(model, find_blocks(model)) if changed else before
         details = {"layers": rows, "size": pruning.compare_sizes(before, after)}
         return PassResult(model, changed=changed, stats=stats, details=details)

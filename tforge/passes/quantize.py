@@ -11,7 +11,8 @@ Weights are int8, symmetric, one scale per output channel (``W ~ q * s[None, :]`
   (``calib-method=absmax`` uses the observed min and max, ``percentile`` clips both ends at the
   given percentile of ``|x|``); uint8, asymmetric. Needs ``calibrate`` earlier in the pipeline.
 - ``auto``: per activation, ``static`` when the calibration statistics predict a per-tensor
-  signal-to-quantization-noise ratio of at least ``min-sqnr`` dB, else ``dynamic-per-token``.
+  signal-to-quantization-noise ratio of at least ``min-sqnr`` dB, else ``fallback``
+  (``dynamic-per-token`` by default, or ``dynamic``).
   Static is the cheaper at run time; per-token the more accurate on outlier-heavy activations.
 - ``dynamic``: one scale and zero point per tensor, computed at run time
   (``DynamicQuantizeLinear``); uint8, asymmetric. What ``onnxruntime.quantization.quantize_dynamic``
@@ -55,7 +56,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.calibration import CalibrationStats, ChannelStats, attached_stats
+from tforge.compiler.calibration import (
+    CalibrationStats,
+    ChannelStats,
+    attached_stats,
+    missing_stats_reason,
+)
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
 from tforge.compiler.structure import Linear, const_array, find_blocks
@@ -177,7 +183,9 @@ class Quantize(Pass):
     activations: Activations = "dynamic-per-token"
     calib_method: Literal["absmax", "percentile"] = "absmax"
     percentile: float = 99.99
-    min_sqnr: float = 33.0  # auto: static per tensor at or above this predicted SQNR (dB), else per token
+    min_sqnr: float = 33.0  # auto: static per tensor at or above this predicted SQNR (dB), else `fallback`
+    # auto, below min-sqnr: per token (accurate on outlier rows) or per tensor at run time (one fused kernel)
+    fallback: Literal["dynamic-per-token", "dynamic"] = "dynamic-per-token"
     exclude: tuple[str, ...] = ()  # weight names, or substrings of them, to keep in float
     format: Literal["qdq", "integer"] = "integer"
 
@@ -199,6 +207,8 @@ class Quantize(Pass):
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if not 0.0 < self.min_sqnr < 100.0:
             raise ValueError(f"min-sqnr must be in (0, 100) dB, got {self.min_sqnr}")
+        if self.fallback not in ("dynamic-per-token", "dynamic"):
+            raise ValueError(f"fallback must be dynamic-per-token or dynamic, got {self.fallback!r}")
         if self.format not in ("qdq", "integer"):
             raise ValueError(f"format must be qdq or integer, got {self.format!r}")
         if any(not pattern for pattern in self.exclude):
@@ -207,8 +217,8 @@ class Quantize(Pass):
     def check(self, model: ir.Model) -> None:
         if self.activations in ("static", "auto") and attached_stats(model) is None:
             raise PreconditionError(
-                f"quantize: activations={self.activations} needs calibration statistics, but none are "
-                "attached to this model; add 'calibrate' before 'quantize' (with --calib-text FILE "
+                f"quantize: activations={self.activations} needs calibration statistics, but "
+                f"{missing_stats_reason(model)}; add 'calibrate' before 'quantize' (with --calib-text FILE "
                 "--tokenizer PATH) or use activations=dynamic-per-token"
             )
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -282,12 +292,12 @@ class Quantize(Pass):
         if self.activations not in ("static", "auto"):
             return _Plan(self.activations)  # type: ignore[arg-type]
         channel_stats = calibration.get(x.name or "") if calibration is not None else None
-        if channel_stats is None:  # auto without statistics for this input: per token needs none
-            return _Plan("dynamic-per-token")
+        if channel_stats is None:  # auto without statistics for this input: the fallback needs none
+            return _Plan(self.fallback)
         lo, hi = activation_range(channel_stats, self.calib_method, self.percentile)
         sqnr = predicted_sqnr_db(channel_stats, lo, hi)
         if self.activations == "auto" and sqnr < self.min_sqnr:
-            return _Plan("dynamic-per-token", sqnr_db=sqnr)
+            return _Plan(self.fallback, sqnr_db=sqnr)
         return _Plan("static", lo=lo, hi=hi, sqnr_db=sqnr)
 
     # ------------------------------------------------------------------ input side

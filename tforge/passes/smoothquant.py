@@ -32,7 +32,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.calibration import CalibrationStats, ChannelStats, attached_stats
+from tforge.compiler.calibration import (
+    CalibrationStats,
+    ChannelStats,
+    attached_stats,
+    missing_stats_reason,
+)
 from tforge.compiler.pass_infra import Pass, PassResult, Property
 from tforge.compiler.registry import register_pass
 from tforge.compiler.structure import FFN, Attention, Linear, const_array, find_blocks
@@ -107,7 +112,7 @@ class SmoothQuant(Pass):
     def check(self, model: ir.Model) -> None:
         if attached_stats(model) is None:
             raise PreconditionError(
-                "smoothquant: no calibration statistics are attached to the model; "
+                f"smoothquant: needs calibration statistics, but {missing_stats_reason(model)}; "
                 "run 'calibrate' right before 'smoothquant'"
             )
 
