@@ -164,7 +164,7 @@ class SmoothQuant(Pass):
         rows: list[dict[str, Any]],
     ) -> None:
         name = attn.o.name
-        found = _value_columns(attn)
+        found = value_columns(attn)
         if isinstance(found, str):
             self._skip(stats, "v->o", name, found)
             return
@@ -290,7 +290,7 @@ def _single_reader(value: ir.Value) -> bool:
     return len(list(value.uses())) == 1 and not value.is_graph_output()
 
 
-def _value_columns(attn: Attention) -> tuple[int, int] | str:
+def value_columns(attn: Attention) -> tuple[int, int] | str:
     """(first column, width) of V inside the value linear's output, or why V -> O is unsafe.
 
     Walks from the probs @ V MatMul back to the value linear through data-movement ops only,

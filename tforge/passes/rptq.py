@@ -1,0 +1,666 @@
+"""rptq: reorder activation channels into clusters of similar range, quantize each cluster on its own (RPTQ).
+
+RPTQ (Yuan et al., 2023): the channels of an activation have very different ranges, so one
+scale per tensor wastes the grid on the narrow ones. The channels of each linear input are
+clustered by their calibrated ``(min, max)`` (k-means, :mod:`tforge.passes.math.clustering`),
+reordered so that each cluster is contiguous, and each cluster gets its own asymmetric scale and
+zero point.
+
+Reordering (exact in float). For an activation ``x`` read by linears ``W``,
+``x @ W == x[..., p] @ W[p, :]`` for any permutation ``p``. Where ``x[..., p]`` can be produced
+for free, it is:
+
+- FFN up -> down: the intermediate is elementwise in up's (and gate's) output columns, so
+  permuting those columns (and biases) permutes the intermediate; down's rows follow. Free.
+- attention V -> O: O reads the merged context, which is per channel a mix of V's channels of
+  the same head (softmax weights do not depend on V), so V's output columns may be permuted
+  *inside each head*; O's rows of every query head follow the permutation of the KV head it
+  reads (grouped-query attention: the query heads of a group share one permutation). Free, but
+  head boundaries stay, so a cluster spanning several heads is not contiguous: the lowering
+  then gathers its channels (``runtime gathers`` in the stats).
+- every other linear input, in particular norm outputs (the residual-stream width): a
+  permutation there cannot be folded into the norm alone, because the norm's input is the
+  residual stream, which every block reads and writes. Folding it would mean permuting the whole
+  stream (embeddings, every residual writer and reader, final norm, LM head) with one
+  permutation shared by all norms. This pass instead inserts one ``Gather`` on the linears'
+  input (after the norm, so post-norm residual readers are untouched), with one permutation per
+  activation, and permutes the readers' rows; it is counted as ``runtime gather: ...`` in the
+  stats. Where the clusters are already contiguous no Gather is inserted.
+
+Q and K are not permuted: this pass quantizes linear inputs only, not the Q @ K^T product, so a
+Q/K permutation would buy nothing.
+
+Lowering (``lowering=``):
+
+- ``integer`` (W8A8): ONNX Runtime has no kernel with one activation scale per variable-size
+  channel group, so each linear becomes a sum over clusters of ``MatMulIntegerToFloat``: the
+  input is split by cluster (``Slice`` for a contiguous cluster, else ``Gather``), each part
+  quantized to uint8 with its cluster's static scale and zero point (shared by the linears
+  reading the same input), times the matching rows of the int8 weight (symmetric, one scale per
+  output column), and the partial products summed (``Sum``). With ``clusters=1`` this is the
+  per-tensor static int8 lowering.
+- ``emulate``: fake quantization in float (``Div, Round, Add, Clip, Sub, Mul`` with a per-channel
+  scale vector holding each channel's cluster scale), weights replaced by their dequantized
+  values; any ``bits`` (activation) and ``weight-bits`` 8 or 4 (4: block-wise uint4, 32 rows per
+  block, the layout of ORT's ``MatMulNBits``). For accuracy studies (A4, W4A4).
+- ``none``: only the reordering (exact; used to prove it).
+
+W4A8 on integer kernels is not offered: ORT's 4-bit kernel (``MatMulNBits``) quantizes its float
+input itself (dynamically, per block, with ``accuracy_level=4``), so it cannot take RPTQ's static
+per-cluster activation scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from tforge.compiler.calibration import CalibrationStats, ChannelStats, attached_stats
+from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
+from tforge.compiler.registry import register_pass
+from tforge.compiler.structure import FFN, Attention, Linear, const_array, find_blocks, static_dims
+from tforge.errors import PassConfigError, PreconditionError
+from tforge.passes.ln_migrate import ConstantRewriter, current_weight
+from tforge.passes.math import clustering
+from tforge.passes.quantize import quantize_weight
+from tforge.passes.smoothquant import value_columns
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Rptq", "permuted_stats"]
+
+_MS = "com.microsoft"
+_ELEMENTWISE = frozenset(
+    {
+        "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",
+        "Elu", "LeakyRelu", "HardSigmoid", "HardSwish", "Softplus", "Exp", "Cast", "Identity",
+        "Clip", "Abs", "Reciprocal", "Silu", "Mish", "QuickGelu", "FastGelu", "BiasGelu",
+    }
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class _Site:
+    """One activation read by linears: its cluster label per channel, in the graph's current order."""
+
+    kind: str  # "up->down", "v->o" or "input"
+    value: ir.Value
+    labels: np.ndarray
+    count: int
+    gather: bool = False  # a runtime Gather was inserted to reorder it
+    perm: np.ndarray | None = None  # the permutation applied (new channel i = old channel perm[i])
+
+
+@register_pass("rptq")
+@dataclasses.dataclass(frozen=True)
+class Rptq(Pass):
+    """Cluster each linear input's channels by range, reorder them, quantize per cluster (RPTQ)."""
+
+    clusters: int = 4
+    bits: int = 8  # activations
+    weight_bits: int = 8
+    lowering: Literal["integer", "emulate", "none"] = "integer"
+    seed: int = 0
+    block: int = 32  # rows per block of 4-bit weights
+    layout: Literal["split", "codes"] = "split"  # integer lowering: see _integer
+    # weight names, or substrings of them, to keep in float (their inputs are still reordered)
+    exclude: tuple[str, ...] = ()
+
+    requires: ClassVar = frozenset({Property.CANONICAL, Property.CALIBRATED})
+    # Declared per class, so also with lowering=none, which only reorders.
+    establishes: ClassVar = frozenset({Property.QUANTIZED})
+
+    @property  # type: ignore[override]
+    def invalidates(self) -> frozenset[Property]:  # type: ignore[override]
+        """Reordering permutes the attached statistics with the channels; quantizing makes them stale."""
+        return frozenset() if self.lowering == "none" else frozenset({Property.CALIBRATED})
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.clusters <= 64:
+            raise PassConfigError(f"rptq: clusters must be in 1..64, got {self.clusters}")
+        if self.lowering not in ("integer", "emulate", "none"):
+            raise PassConfigError(
+                f"rptq: lowering must be integer, emulate or none, got {self.lowering!r}"
+            )
+        if not 2 <= self.bits <= 8:
+            raise PassConfigError(f"rptq: bits (activations) must be in 2..8, got {self.bits}")
+        if self.weight_bits not in (4, 8):
+            raise PassConfigError(f"rptq: weight-bits must be 8 or 4, got {self.weight_bits}")
+        if self.layout not in ("split", "codes"):
+            raise PassConfigError(f"rptq: layout must be split or codes, got {self.layout!r}")
+        if any(not pattern for pattern in self.exclude):
+            raise PassConfigError(
+                "rptq: exclude holds an empty name, which would match every linear"
+            )
+        if self.block < 1:
+            raise PassConfigError(f"rptq: block must be >= 1, got {self.block}")
+        if self.lowering == "integer" and (self.bits != 8 or self.weight_bits != 8):
+            raise PassConfigError(
+                "rptq: lowering=integer runs ORT's u8 x s8 kernels, so it needs bits=8 weight-bits=8; "
+                "ORT's 4-bit MatMulNBits quantizes its input itself and cannot take per-cluster "
+                "activation scales: use lowering=emulate for A4 / W4"
+            )
+
+    def check(self, model: ir.Model) -> None:
+        if attached_stats(model) is None:
+            raise PreconditionError(
+                "rptq: no calibration statistics are attached to the model; run 'calibrate' right before 'rptq'"
+            )
+
+    def run(self, model: ir.Model) -> PassResult:
+        calib = attached_stats(model)
+        if calib is None:
+            raise PreconditionError("rptq: no calibration statistics are attached")
+        stats: Counter[str] = Counter()
+        rewriter = ConstantRewriter(model, self.name)
+        block_map = find_blocks(model)
+        sites: dict[int, _Site] = {}
+
+        for block in block_map.blocks:
+            if block.ffn is not None:
+                self._reorder_up_down(block.ffn, calib, rewriter, stats, sites)
+            if block.attention is not None:
+                self._reorder_v_o(block.attention, calib, rewriter, stats, sites)
+        # Every other linear input: one Gather (when the clusters are not contiguous already).
+        readers: dict[int, list[Linear]] = {}
+        for lin in block_map.linears:
+            readers.setdefault(id(lin.input), []).append(lin)
+        for linears in readers.values():
+            x = linears[0].input
+            if id(x) in sites:
+                continue
+            self._reorder_input(x, linears, calib, rewriter, stats, sites)
+
+        details: dict[str, Any] = {"sites": []}
+        for site in sites.values():
+            segs = clustering.segments(site.labels)
+            details["sites"].append(
+                {
+                    "kind": site.kind,
+                    "activation": site.value.name,
+                    "channels": int(site.labels.shape[0]),
+                    "clusters": site.count,
+                    "segments": len(segs),
+                    "gather": site.gather,
+                    "labels": site.labels.tolist(),
+                    "permutation": site.perm.tolist() if site.perm is not None else None,
+                }
+            )
+        if self.lowering != "none":
+            self._lower(model, rewriter, calib, sites, stats)
+        changed = any(k.startswith(("reordered", "quantized")) for k in stats)
+        return PassResult(model, changed=changed, stats=stats, details=details)
+
+    # ------------------------------------------------------------------ clustering
+
+    def _cluster(self, st: ChannelStats) -> clustering.ChannelClusters:
+        return clustering.cluster_channels(st.min, st.max, self.clusters, seed=self.seed)
+
+    @staticmethod
+    def _stats_for(calib: CalibrationStats, value: ir.Value, channels: int) -> ChannelStats | str:
+        st = calib.get(value.name or "")
+        if st is None or st.count == 0:
+            return "no calibration stats"
+        if st.channels != channels:
+            return "calibration stats are stale (channel count differs)"
+        return st
+
+    # ------------------------------------------------------------------ reordering
+
+    def _reorder_up_down(
+        self,
+        ffn: FFN,
+        calib: CalibrationStats,
+        rewriter: ConstantRewriter,
+        stats: Counter[str],
+        sites: dict[int, _Site],
+    ) -> None:
+        x = ffn.down.input
+        reason = _up_down_reason(ffn)
+        st = self._stats_for(calib, x, ffn.down.in_features) if reason is None else reason
+        if isinstance(st, str):
+            stats[f"skipped: up->down: {st}"] += 1
+            return
+        found = self._cluster(st)
+        perm = clustering.contiguous_permutation(found.labels)
+        if not np.array_equal(perm, np.arange(perm.shape[0])):
+            for lin in (ffn.up, ffn.gate):
+                if lin is not None:
+                    _permute_columns(rewriter, lin, perm)
+            _permute_rows(rewriter, [ffn.down], perm)
+            calib.stats[x.name or ""] = permuted_stats(st, perm)
+            stats["reordered: up->down (free)"] += 1
+        else:
+            stats["already contiguous: up->down"] += 1
+        sites[id(x)] = _Site("up->down", x, found.labels[perm], found.count, perm=perm)
+
+    def _reorder_v_o(
+        self,
+        attn: Attention,
+        calib: CalibrationStats,
+        rewriter: ConstantRewriter,
+        stats: Counter[str],
+        sites: dict[int, _Site],
+    ) -> None:
+        x = attn.o.input
+        found_cols = value_columns(attn)
+        hd, heads, kv_heads = attn.head_dim, attn.num_heads, attn.num_kv_heads
+        reason = found_cols if isinstance(found_cols, str) else None
+        if reason is None and (
+            found_cols[1] != kv_heads * hd or attn.o.in_features != heads * hd  # type: ignore[index]
+        ):
+            reason = "skipped: v->o: head layout does not match the widths"
+        if reason is not None:
+            stats[str(reason)] += 1
+            return
+        start, _width = found_cols  # type: ignore[misc]
+        if any(id(lin.input) == id(x) for lin in [attn.q, attn.k, attn.v]):
+            stats["skipped: v->o: the output projection reads a projection input"] += 1
+            return
+        st = self._stats_for(calib, x, attn.o.in_features)
+        if isinstance(st, str):
+            stats[f"skipped: v->o: {st}"] += 1
+            return
+        found = self._cluster(st)
+        # One permutation per KV head, shared by its query heads: each channel's key is the
+        # cluster of its range merged over the group's query heads (the nearest centre).
+        group = heads // kv_heads
+        lo = st.min.reshape(kv_heads, group, hd).min(axis=1).reshape(-1)
+        hi = st.max.reshape(kv_heads, group, hd).max(axis=1).reshape(-1)
+        keys = _nearest_centre(lo, hi, found.centres)
+        v_perm = clustering.within_blocks_permutation(keys, hd)  # over V's kv_heads * hd columns
+        local = v_perm.reshape(kv_heads, hd) - (np.arange(kv_heads) * hd)[:, None]
+        o_perm = np.concatenate([h * hd + local[h // group] for h in range(heads)]).astype(np.int64)
+        if not np.array_equal(v_perm, np.arange(v_perm.shape[0])):
+            _permute_columns(rewriter, attn.v, v_perm, start)
+            _permute_rows(rewriter, [attn.o], o_perm)
+            calib.stats[x.name or ""] = permuted_stats(st, o_perm)
+            stats["reordered: v->o (free, inside heads)"] += 1
+        else:
+            stats["already contiguous: v->o"] += 1
+        sites[id(x)] = _Site("v->o", x, found.labels[o_perm], found.count, perm=o_perm)
+
+    def _reorder_input(
+        self,
+        x: ir.Value,
+        linears: list[Linear],
+        calib: CalibrationStats,
+        rewriter: ConstantRewriter,
+        stats: Counter[str],
+        sites: dict[int, _Site],
+    ) -> None:
+        channels = linears[0].in_features
+        st = self._stats_for(calib, x, channels)
+        if isinstance(st, str):
+            stats[f"skipped: input: {st}"] += 1
+            return
+        found = self._cluster(st)
+        perm = clustering.contiguous_permutation(found.labels)
+        if np.array_equal(perm, np.arange(channels)) or self.clusters == 1:
+            sites[id(x)] = _Site("input", x, found.labels, found.count)
+            stats["already contiguous: input"] += 1
+            return
+        base = x.name or "x"
+        indices = rewriter.add_initializer(f"{base}.rptq_perm", perm)
+        gather = ir.node(
+            "Gather",
+            [x, indices],
+            attributes={"axis": -1},
+            name=rewriter.unique_name(f"{base}.rptq_reorder"),
+        )
+        out = gather.outputs[0]
+        out.name = rewriter.unique_name(f"{base}.rptq")
+        out.shape, out.type = x.shape, x.type
+        mark_provenance(gather, self.name)
+        producer = x.producer()
+        if producer is not None:
+            rewriter.graph.insert_after(producer, gather)
+        else:
+            rewriter.graph.insert_before(next(iter(rewriter.graph)), gather)
+        for lin in linears:
+            lin.matmul.replace_input_with(0, out)
+        _permute_rows(rewriter, linears, perm)
+        calib.stats[out.name] = permuted_stats(st, perm)
+        sites[id(out)] = _Site(
+            "input", out, found.labels[perm], found.count, gather=True, perm=perm
+        )
+        stats["reordered: input (runtime gather)"] += 1
+
+    # ------------------------------------------------------------------ lowering
+
+    def _lower(
+        self,
+        model: ir.Model,
+        rewriter: ConstantRewriter,
+        calib: CalibrationStats,
+        sites: dict[int, _Site],
+        stats: Counter[str],
+    ) -> None:
+        order = {id(n): i for i, n in enumerate(model.graph)}
+        readers: dict[int, list[Linear]] = {}
+        for lin in find_blocks(model).linears:
+            if any(pattern in lin.name for pattern in self.exclude):
+                stats["skipped: excluded"] += 1
+            elif id(lin.input) in sites:
+                readers.setdefault(id(lin.input), []).append(lin)
+            else:
+                stats["skipped: linear input has no calibration stats"] += 1
+        for key, linears in readers.items():
+            site = sites[key]
+            st = calib.stats[site.value.name or ""]
+            lo, hi = clustering.cluster_ranges(st.min, st.max, site.labels, site.count)
+            scale, zero = clustering.uint_qparams(lo, hi, self.bits)
+            first = min(linears, key=lambda lin: order.get(id(lin.matmul), 0))
+            if self.lowering == "emulate":
+                _emulate(rewriter, site, scale, zero, self.bits, linears, first.matmul)
+                for lin in linears:
+                    w = const_array(current_weight(lin))
+                    rewriter.set_constant(
+                        current_weight(lin),
+                        [(lin.matmul, 1)],
+                        clustering.fake_quantize_weight(w, self.weight_bits, self.block),  # type: ignore[arg-type]
+                    )
+                stats["quantized (emulated)"] += len(linears)
+            else:
+                gathers = _integer(rewriter, site, scale, zero, linears, first.matmul, self.layout)
+                stats["quantized (int8 kernels)"] += len(linears)
+                if gathers:
+                    stats[
+                        "runtime gather: cluster spans heads (v->o)"
+                        if site.kind == "v->o"
+                        else "runtime gather: non-contiguous cluster"
+                    ] += gathers
+        for value in list(model.graph.initializers.values()):
+            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                del model.graph.initializers[value.name]  # float weights the lowering replaced
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+def permuted_stats(st: ChannelStats, perm: np.ndarray) -> ChannelStats:
+    """The statistics of ``x[..., perm]`` (exact: the histogram of ``|x|`` does not change)."""
+    return ChannelStats(
+        absmax=st.absmax[perm],
+        min=st.min[perm],
+        max=st.max[perm],
+        sum_sq=st.sum_sq[perm],
+        count=st.count,
+        tensor_hist=st.tensor_hist.copy(),
+        hist_range=st.hist_range,
+        sum=st.sum[perm] if st.sum is not None else None,
+        gram=st.gram[np.ix_(perm, perm)] if st.gram is not None else None,
+    )
+
+
+def _nearest_centre(lo: np.ndarray, hi: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    pts = np.stack([np.where(np.isfinite(lo), lo, 0.0), np.where(np.isfinite(hi), hi, 0.0)], axis=1)
+    return np.argmin(((pts[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
+
+
+def _weight(lin: Linear) -> np.ndarray:
+    w = const_array(current_weight(lin))
+    if w is None:  # the block map lists constant weights only
+        raise ValueError(f"rptq: weight of '{lin.name}' is not a constant")
+    return np.asarray(w)
+
+
+def _permute_rows(rewriter: ConstantRewriter, linears: Sequence[Linear], perm: np.ndarray) -> None:
+    by_weight: dict[int, tuple[ir.Value, list[tuple[ir.Node, int]]]] = {}
+    for lin in linears:
+        weight = current_weight(lin)
+        by_weight.setdefault(id(weight), (weight, []))[1].append((lin.matmul, 1))
+    for weight, readers in by_weight.values():
+        rewriter.set_constant(weight, readers, np.asarray(const_array(weight))[perm])
+
+
+def _permute_columns(
+    rewriter: ConstantRewriter, lin: Linear, perm: np.ndarray, start: int = 0
+) -> None:
+    stop = start + perm.shape[0]
+    w = _weight(lin).copy()
+    w[:, start:stop] = w[:, start:stop][:, perm]
+    rewriter.set_constant(current_weight(lin), [(lin.matmul, 1)], w)
+    if lin.bias_add is not None:
+        idx = 1 if lin.bias_add.inputs[0] is lin.matmul.outputs[0] else 0
+        bias = lin.bias_add.inputs[idx]
+        b = np.array(const_array(bias))
+        b[start:stop] = b[start:stop][perm]
+        rewriter.set_constant(bias, [(lin.bias_add, idx)], b)  # type: ignore[arg-type]
+
+
+def _up_down_reason(ffn: FFN) -> str | None:
+    """None when down's input is elementwise in up's (and gate's) output channels and read by nothing else."""
+    ends = {id(ffn.up.output)} | ({id(ffn.gate.output)} if ffn.gate else set())
+    path: list[ir.Value] = []
+    queue, seen = [ffn.down.input], set()
+    while queue:
+        value = queue.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        path.append(value)
+        if id(value) in ends:
+            continue
+        node = value.producer()
+        if node is None:
+            return "the intermediate does not come from up"
+        if node.op_type == "Reshape":
+            # GPT-2's Conv1D flattens around each linear; fine while the last axis stays.
+            before, after = static_dims(node.inputs[0]), static_dims(node.outputs[0])
+            if not before or not after or before[-1] is None or before[-1] != after[-1]:
+                return "a Reshape on the intermediate changes its last axis"
+            queue.append(node.inputs[0])  # type: ignore[arg-type]
+            continue
+        if node.op_type not in _ELEMENTWISE or node.domain not in ("", "ai.onnx", _MS):
+            return f"{node.op_type} on the intermediate is not elementwise"
+        for inp in node.inputs[:2] if node.op_type == "Clip" else node.inputs:
+            if inp is None:
+                continue
+            c = const_array(inp)
+            if c is not None:
+                if c.size != 1:
+                    return f"{node.op_type} on the intermediate reads a per-channel constant"
+                continue
+            queue.append(inp)
+    inside = {id(v.producer()) for v in path if v.producer() is not None}
+    inside.add(id(ffn.down.matmul))
+    for value in path:
+        if value.is_graph_output():
+            return "the intermediate is a graph output"
+        if any(id(use.node) not in inside for use in value.uses()):
+            return "the intermediate is also read elsewhere"
+    return None
+
+
+def _add_node(
+    rewriter: ConstantRewriter,
+    op: str,
+    inputs: list[ir.Value | None],
+    name: str,
+    before: ir.Node,
+    *,
+    like: ir.Value | None = None,
+    dtype: ir.DataType | None = None,
+    attributes: dict[str, Any] | None = None,
+    domain: str = "",
+) -> ir.Value:
+    if domain and domain not in rewriter.model.opset_imports:
+        rewriter.model.opset_imports[domain] = 1
+    node = ir.node(
+        op, inputs, attributes=attributes, domain=domain, name=rewriter.unique_name(name)
+    )
+    out = node.outputs[0]
+    out.name = rewriter.unique_name(name)
+    if like is not None:
+        out.shape = like.shape
+    out.type = ir.TensorType(dtype if dtype is not None else ir.DataType.FLOAT)
+    mark_provenance(node, Rptq.name)
+    rewriter.graph.insert_before(before, node)
+    return out
+
+
+def _emulate(
+    rewriter: ConstantRewriter,
+    site: _Site,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    bits: int,
+    linears: list[Linear],
+    before: ir.Node,
+) -> None:
+    """``x' = (clip(round(x / s) + z, 0, 2^b - 1) - z) * s`` with each channel's cluster ``s, z``."""
+    x = site.value
+    base = x.name or "x"
+    s = rewriter.add_initializer(f"{base}.rptq_scale", scale[site.labels].astype(np.float32))
+    z = rewriter.add_initializer(f"{base}.rptq_zero", zero[site.labels].astype(np.float32))
+    lo = rewriter.add_initializer(f"{base}.rptq_qmin", np.array(0.0, np.float32))
+    hi = rewriter.add_initializer(f"{base}.rptq_qmax", np.array(2**bits - 1, np.float32))
+    v = _add_node(rewriter, "Div", [x, s], f"{base}.rptq_div", before, like=x)
+    v = _add_node(rewriter, "Round", [v], f"{base}.rptq_round", before, like=x)
+    v = _add_node(rewriter, "Add", [v, z], f"{base}.rptq_shift", before, like=x)
+    v = _add_node(rewriter, "Clip", [v, lo, hi], f"{base}.rptq_clip", before, like=x)
+    v = _add_node(rewriter, "Sub", [v, z], f"{base}.rptq_unshift", before, like=x)
+    v = _add_node(rewriter, "Mul", [v, s], f"{base}.rptq_fq", before, like=x)
+    for lin in linears:
+        lin.matmul.replace_input_with(0, v)
+
+
+def _integer(
+    rewriter: ConstantRewriter,
+    site: _Site,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    linears: list[Linear],
+    before: ir.Node,
+    layout: str = "split",
+) -> int:
+    """Sum over clusters of MatMulIntegerToFloat; returns the number of Gathers it needed.
+
+    ``layout="split"``: the float input split by cluster, one per-tensor ``QuantizeLinear`` per
+    part. ``"codes"``: one per-channel ``QuantizeLinear`` (each channel with its cluster's scale
+    and zero point) over the whole input, then the uint8 codes split by cluster; it writes less
+    data but measured 3x slower on MiniLM (ORT 1.31's per-axis QuantizeLinear over the last axis
+    is slow: with one cluster it alone made the model 4.9x slower than per-tensor). A third
+    layout was measured and dropped: the parts' codes concatenated into one matmul per linear
+    whose weight rows carry the cluster scales (``s[:, None] * W``, then int8 per column) and
+    whose bias the zero points. No per-cluster matmuls and no Sum, yet on MiniLM it was only 1.2x
+    faster than ``split`` (1.74x per-tensor's latency, the Slices/Gathers remain) and less
+    accurate than per-tensor (relative output error 0.159 vs 0.128; ``split``: 0.043), because
+    one int8 grid per weight column then covers rows of very different scale.
+    """
+    x = site.value
+    base = x.name or "x"
+    parts: list[tuple[np.ndarray, ir.Value, ir.Value, ir.Value]] = []
+    gathers = 0
+    codes = None
+    if layout == "codes":
+        s_all = rewriter.add_initializer(
+            f"{base}.rptq_scale", scale[site.labels].astype(np.float32)
+        )
+        z_all = rewriter.add_initializer(f"{base}.rptq_zero", zero[site.labels].astype(np.uint8))
+        codes = _add_node(
+            rewriter,
+            "QuantizeLinear",
+            [x, s_all, z_all],
+            f"{base}.rptq_q",
+            before,
+            like=x,
+            dtype=ir.DataType.UINT8,
+            attributes={"axis": -1},
+        )
+    for c in range(site.count):
+        idx = np.flatnonzero(site.labels == c).astype(np.int64)
+        if idx.size == 0:
+            continue
+        source = codes if codes is not None else x
+        dtype = ir.DataType.UINT8 if codes is not None else ir.DataType.FLOAT
+        if idx.size == site.labels.shape[0]:
+            chunk = source
+        elif idx[-1] - idx[0] + 1 == idx.size:
+            chunk = _add_node(
+                rewriter,
+                "Slice",
+                [
+                    source,
+                    rewriter.add_initializer(
+                        f"{base}.rptq_c{c}_start", np.array([idx[0]], np.int64)
+                    ),
+                    rewriter.add_initializer(
+                        f"{base}.rptq_c{c}_stop", np.array([idx[-1] + 1], np.int64)
+                    ),
+                    rewriter.add_initializer(f"{base}.rptq_axis", np.array([-1], np.int64)),
+                ],
+                f"{base}.rptq_c{c}",
+                before,
+                dtype=dtype,
+            )
+        else:
+            chunk = _add_node(
+                rewriter,
+                "Gather",
+                [source, rewriter.add_initializer(f"{base}.rptq_c{c}_idx", idx)],
+                f"{base}.rptq_c{c}",
+                before,
+                attributes={"axis": -1},
+                dtype=dtype,
+            )
+            gathers += 1
+        s = rewriter.add_initializer(f"{base}.rptq_c{c}_scale", np.array(scale[c], np.float32))
+        z = rewriter.add_initializer(f"{base}.rptq_c{c}_zero", np.array(zero[c], np.uint8))
+        q = (
+            chunk
+            if codes is not None
+            else _add_node(
+                rewriter,
+                "QuantizeLinear",
+                [chunk, s, z],
+                f"{base}.rptq_c{c}_q",
+                before,
+                dtype=ir.DataType.UINT8,
+            )
+        )
+        parts.append((idx, q, s, z))
+    for lin in linears:
+        name = lin.name
+        bias = [lin.bias] if lin.bias is not None else []
+        wq, ws = quantize_weight(_weight(lin))
+        w_scale = rewriter.add_initializer(f"{name}.rptq_scale", ws)
+        w_zero = rewriter.add_initializer(f"{name}.rptq_zero", np.zeros(ws.shape, np.int8))
+        outs = []
+        for i, (idx, q, s, z) in enumerate(parts):
+            w = rewriter.add_initializer(f"{name}.rptq_int8_c{i}", np.ascontiguousarray(wq[idx]))
+            outs.append(
+                _add_node(
+                    rewriter,
+                    "MatMulIntegerToFloat",
+                    [q, w, s, w_scale, z, w_zero, *(bias if i == 0 else [])],
+                    f"{name}.rptq_mm{i}",
+                    lin.matmul,
+                    domain=_MS,
+                )
+            )
+        result = (
+            outs[0]
+            if len(outs) == 1
+            else _add_node(rewriter, "Sum", outs, f"{name}.rptq_sum", lin.matmul)
+        )
+        end = lin.bias_add if (lin.bias_add is not None and bias) else lin.matmul
+        old = end.outputs[0]
+        result.shape = old.shape
+        is_output = old.is_graph_output()
+        old.replace_all_uses_with(result, replace_graph_outputs=True)
+        if is_output:
+            old_name = old.name
+            old.name = f"{old_name}.replaced"
+            result.name = old_name
+        if lin.bias_add is not None and bias:
+            rewriter.graph.remove(lin.bias_add, safe=True)
+        rewriter.graph.remove(lin.matmul, safe=True)
+    return gathers
