@@ -28,6 +28,7 @@ from onnxscript.rewriter.rules.fusion import _layer_norm
 
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
+from tforge.compiler.rewrite import replace_value
 from tforge.errors import PassConfigError
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def _gemm_to_matmul(model: ir.Model) -> int:
         for n in new_nodes:
             mark_provenance(n, "canonicalize")
         model.graph.insert_after(node, new_nodes)
-        _replace_value(out, result)
+        replace_value(out, result)
         model.graph.remove(node, safe=True)
         count += 1
     return count
@@ -271,7 +272,7 @@ def _drop_flatten_around_linears(model: ir.Model) -> int:
         matmul.replace_input_with(0, source)
         for node in (matmul, end.producer()):
             node.outputs[0].shape = ir.Shape([*src_shape[:-1], out_shape[-1]])
-        _replace_value(unflatten.outputs[0], end)
+        replace_value(unflatten.outputs[0], end)
         model.graph.remove(unflatten, safe=True)
         if not list(flatten.outputs[0].uses()):
             model.graph.remove(flatten, safe=True)
@@ -279,15 +280,6 @@ def _drop_flatten_around_linears(model: ir.Model) -> int:
         count += 1
     return count
 
-
-def _replace_value(old: ir.Value, new: ir.Value) -> None:
-    """Make every reader of ``old`` read ``new``; a graph output keeps its name."""
-    is_output = old.is_graph_output()
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if is_output:
-        name = old.name
-        old.name = f"{name}.replaced"
-        new.name = name
 
 
 def _fold_layernorm_bias(model: ir.Model) -> int:
@@ -311,7 +303,7 @@ def _fold_layernorm_bias(model: ir.Model) -> int:
         if len(node.inputs) < 3:
             node.resize_inputs(3)
         node.replace_input_with(2, other)
-        _replace_value(add.outputs[0], out)
+        replace_value(add.outputs[0], out)
         mark_provenance(node, "canonicalize")
         count += 1
     return count

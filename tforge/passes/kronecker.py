@@ -47,6 +47,7 @@ import onnx_ir as ir
 from tforge.compiler.calibration import attached_stats
 from tforge.compiler.pass_infra import Pass, PassResult, Property
 from tforge.compiler.registry import register_pass
+from tforge.compiler.rewrite import replace_value
 from tforge.errors import PassConfigError
 from tforge.passes.ln_migrate import ConstantRewriter
 from tforge.passes.math import factorization as fz
@@ -332,7 +333,7 @@ def lower_kronecker(
         if i == 0 and first is not None:
             first.metadata_props[PARAMS_BEFORE_KEY] = str(k * n)
             first.metadata_props[PARAMS_AFTER_KEY] = str(a.size + b.size)
-        _take_over(lin.matmul.outputs[0], out)
+        replace_value(lin.matmul.outputs[0], out)
         rewriter.graph.remove(lin.matmul, safe=True)
     drop_if_unused(rewriter.model, group.weight)
 
@@ -370,11 +371,3 @@ class _Chain:
         return self.op(step, "Reshape", [x, const], lead + tail)
 
 
-def _take_over(old: ir.Value, new: ir.Value) -> None:
-    """Make every reader of ``old`` read ``new``; a graph output keeps its name."""
-    is_output = old.is_graph_output()
-    name = old.name
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if is_output:
-        old.name = f"{name}.replaced"
-        new.name = name

@@ -64,6 +64,7 @@ from tforge.compiler.calibration import (
 )
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
+from tforge.compiler.rewrite import replace_value
 from tforge.compiler.structure import Linear, const_array, find_blocks
 from tforge.errors import PassError, PreconditionError, UnsupportedModelError
 
@@ -421,7 +422,7 @@ class Quantize(Pass):
         else:
             end = lin.bias_add or lin.matmul
             _annotate(result, ir.DataType.FLOAT, end.outputs[0].shape)
-            _replace_value(end.outputs[0], result)
+            replace_value(end.outputs[0], result)
             if lin.bias_add is not None:
                 build.remove(lin.bias_add)
         build.remove(lin.matmul)
@@ -597,12 +598,3 @@ def _row_shape(shape: ir.Shape | None) -> ir.Shape | None:
         return None
     return ir.Shape([*list(shape)[:-1], 1])
 
-
-def _replace_value(old: ir.Value, new: ir.Value) -> None:
-    """Make every reader of ``old`` read ``new``; a graph output keeps its name."""
-    is_output = old.is_graph_output()
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if is_output:
-        name = old.name
-        old.name = f"{name}.replaced"
-        new.name = name

@@ -64,6 +64,7 @@ import onnx_ir as ir
 from tforge.compiler.calibration import CalibrationStats, ChannelStats, attached_stats
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
+from tforge.compiler.rewrite import replace_value
 from tforge.compiler.structure import FFN, Attention, Linear, const_array, find_blocks, static_dims
 from tforge.errors import PassConfigError, PreconditionError
 from tforge.passes.ln_migrate import ConstantRewriter, current_weight
@@ -654,12 +655,7 @@ def _integer(
         end = lin.bias_add if (lin.bias_add is not None and bias) else lin.matmul
         old = end.outputs[0]
         result.shape = old.shape
-        is_output = old.is_graph_output()
-        old.replace_all_uses_with(result, replace_graph_outputs=True)
-        if is_output:
-            old_name = old.name
-            old.name = f"{old_name}.replaced"
-            result.name = old_name
+        replace_value(old, result)
         if lin.bias_add is not None and bias:
             rewriter.graph.remove(lin.bias_add, safe=True)
         rewriter.graph.remove(lin.matmul, safe=True)
