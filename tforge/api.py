@@ -82,11 +82,13 @@ def compile(  # noqa: A001 - mirrors the `tforge compile` command
     check_numerics: NumericsCheck | bool | None = None,
     external_data: bool | None = None,
     progress: Any = None,
+    strict: bool = False,
 ) -> CompileResult:
     """Run a pipeline on a model (mutated in place) and optionally save the result atomically.
 
     ``calibration`` is a list of input feeds (or one feed) for passes that calibrate;
     ``input_shapes`` (``{"input_ids": "8x128"}``) is forwarded to ``canonicalize``.
+    ``strict`` makes a model without recognised transformer blocks a ``PreconditionError``.
     """
     if not isinstance(model, ir.Model):
         model = load(model)
@@ -96,6 +98,7 @@ def compile(  # noqa: A001 - mirrors the `tforge compile` command
         dump_dir=dump_dir,
         check_numerics=NumericsCheck() if check_numerics is True else (check_numerics or None),
         progress=progress,
+        strict=strict,
     )
     if input_shapes:
         pm.passes = _with_input_shapes(pm.passes, dict(input_shapes))

@@ -11,8 +11,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
     c.add_argument("--dump-dir", metavar="DIR", help="write DIR/NNN-<pass>.ir after every pass")
     c.add_argument("--pass-statistics", action="store_true", help="print each pass's statistics to stdout")
+    c.add_argument("--strict", action="store_true",
+                   help="fail when no transformer blocks (or an unrecognised part) are found, instead of skipping")
     c.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                    help="store weights in OUTPUT.data (auto: only above 2 GB)")
 
@@ -122,8 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
         return int(e.code or 0)
     _configure_logging(args.verbose, args.quiet)
+    previous = _handle_sigterm()
     try:
         return _COMMANDS[args.command](args)
+    except _Terminated:
+        # raised inside the compile, so every `finally` (staging folders of save_model) ran
+        print("tforge: terminated (SIGTERM); no output was written", file=sys.stderr)
+        return 143
     except TforgeError as e:
         if args.verbose:
             traceback.print_exc()
@@ -139,6 +148,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tforge: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         _write_crash_report(args, e)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so that cleanup runs as for Ctrl-C (KeyboardInterrupt)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _handle_sigterm() -> Any:
+    """Route SIGTERM through ``_Terminated``; returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -234,6 +261,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print_ir_after_change=args.print_ir_after_change,
         print_ir_after_all=args.print_ir_after_all,
         check_numerics=numerics,
+        strict=args.strict,
     )
     if args.input_shape:
         from tforge.api import _with_input_shapes

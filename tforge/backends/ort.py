@@ -21,12 +21,14 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from tforge.errors import UnsupportedModelError
+from tforge.errors import PreconditionError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +115,9 @@ def save_model(
     data_name = f"{path.name}.data"
     weight_bytes = initializer_bytes(model)
     if external_data is None:
-        external_data = weight_bytes > PROTO_WEIGHT_LIMIT
+        # a model whose rewritten weights were spilled (compiler/spill.py) is too large to
+        # inline: the single-file path would read every weight into memory at once
+        external_data = weight_bytes > PROTO_WEIGHT_LIMIT or bool(model.meta.get("tforge.spill"))
     elif not external_data and weight_bytes > PROTO_WEIGHT_LIMIT:
         raise UnsupportedModelError(
             f"save: {weight_bytes / 2**30:.1f} GiB of weights do not fit in one ONNX file "
@@ -232,12 +236,223 @@ def create_session(
     if not isinstance(model, ir.Model):
         return _open(str(model), options, str(model))
     label = f"model '{model.graph.name or 'main'}'"
+    from tforge.compiler import spill
+
+    if model.meta.get(spill.SPILL_KEY):  # set by PassManager.run for models of >= 1 GiB
+        # a model larger than memory: prepacking would copy every MatMul weight into the
+        # process (the size of the model), and one session would map all of its weights
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        return PiecewiseSession(model, options, label, budget=max(spill.threshold() // 4, 1))  # type: ignore[return-value]
     if not external_data_files(model) and initializer_bytes(model) <= PROTO_WEIGHT_LIMIT:
         return _open(ir.to_proto(model).SerializeToString(), options, label)
     with tempfile.TemporaryDirectory(prefix="tforge-ort-") as folder:
         saved = save_model(model, Path(folder) / "model.onnx", external_data=True)
         # ORT reads the initializers during construction; the folder can go afterwards.
         return _open(str(saved), options, label)
+
+
+class _Arg:
+    """What ``InferenceSession.get_inputs()/get_outputs()`` return: a name, a type, a shape."""
+
+    def __init__(self, value: ir.Value) -> None:
+        self.name = value.name
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        self.type = next(
+            (k for k, v in _ORT_NUMPY_TYPES.items() if np.dtype(v) == dtype), "tensor(float)"
+        )
+        self.shape = [d if isinstance(d, int) else str(d) for d in (value.shape or [])]
+
+
+@dataclasses.dataclass
+class _Piece:
+    path: Path
+    inputs: list[str]
+    outputs: list[str]
+
+
+class PiecewiseSession:
+    """Runs a model larger than memory as consecutive pieces, one ORT session at a time.
+
+    ORT maps a model's external data private and writable and keeps it for the session's
+    life: one session over an 8 GiB model holds 8 GiB of the process's address space (and of
+    RLIMIT_DATA) even though the pages are file-backed. Here the topologically ordered nodes
+    are cut into pieces of at most ``budget`` weight bytes; each piece is an ONNX file with its
+    own copy of its weights (written once, streamed: ORT reads no external data outside a
+    model's folder, links included). ``run``
+    opens the pieces one after the other, passing the values that cross a cut, so at most one
+    piece's weights are mapped at a time. Same ``run``/``get_inputs``/``get_outputs`` as an
+    ``InferenceSession``; a session is opened per piece and per run (cheap next to the run of
+    a model this size).
+    """
+
+    def __init__(
+        self, model: ir.Model, options: ort.SessionOptions, label: str, budget: int
+    ) -> None:
+        self.options = options
+        self.label = label
+        self._inputs = [
+            _Arg(v) for v in model.graph.inputs if v.name not in model.graph.initializers
+        ]
+        self._outputs = [_Arg(v) for v in model.graph.outputs]
+        self._folder = tempfile.TemporaryDirectory(prefix="tforge-pieces-")
+        self.pieces = self._split(model, budget)
+        logger.info(
+            "%s: %d pieces of at most %.2f GiB of weights, run one at a time",
+            label,
+            len(self.pieces),
+            budget / 2**30,
+        )
+
+    def get_inputs(self) -> list[_Arg]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[_Arg]:
+        return list(self._outputs)
+
+    def run(self, names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        wanted = [o.name for o in self._outputs] if names is None else list(names)
+        values: dict[str, np.ndarray] = dict(feeds)
+        for piece in self.pieces:
+            session = _open(str(piece.path), self.options, self.label)
+            outs = session.run(piece.outputs, {n: values[n] for n in piece.inputs})
+            del session  # unmaps this piece's weights before the next is mapped
+            values.update(zip(piece.outputs, outs, strict=True))
+            later = {n for p in self.pieces[self.pieces.index(piece) + 1 :] for n in p.inputs}
+            for name in [n for n in values if n not in later and n not in wanted]:
+                del values[name]  # activations no later piece reads
+        missing = [n for n in wanted if n not in values]
+        if missing:
+            raise UnsupportedModelError(f"run: {self.label} has no value(s) {missing}")
+        return [values[n] for n in wanted]
+
+    def _split(self, model: ir.Model, budget: int) -> list[_Piece]:
+        graph = model.graph
+        nodes = list(graph)
+        position = {id(n): i for i, n in enumerate(nodes)}
+        for i, node in enumerate(nodes):
+            for value in node.inputs:
+                producer = value.producer() if value is not None else None
+                if producer is not None and position.get(id(producer), -1) >= i:
+                    raise PreconditionError(
+                        f"{self.label}: graph is not topologically sorted; canonicalize it first"
+                    )
+        initializers = graph.initializers
+        # cut points: a new piece when the weights read would pass the budget
+        ranges: list[tuple[int, int]] = []
+        start, size = 0, 0
+        for i, node in enumerate(nodes):
+            weight = sum(
+                v.const_value.nbytes
+                for v in node.inputs
+                if v is not None and v.name in initializers and v.const_value is not None
+            )
+            if i > start and size + weight > budget:
+                ranges.append((start, i))
+                start, size = i, 0
+            size += weight
+        ranges.append((start, len(nodes)))
+
+        proto = ir.to_proto(model)
+        by_name = {t.name: t for t in proto.graph.initializer}
+        infos = {
+            v.name: v for v in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]
+        }
+        try:  # types of values that cross a cut, if the model does not carry them (cheap: no weights)
+            inferred = onnx.shape_inference.infer_shapes(proto).graph.value_info
+            infos = {**{v.name: v for v in inferred}, **infos}
+        except Exception as error:  # noqa: BLE001 - only a fallback; the IR's own types are used first
+            logger.debug("%s: shape inference for the pieces failed: %s", self.label, error)
+        graph_outputs = [v.name for v in graph.outputs]
+        # for each value: the index of the last piece that reads it
+        last_use: dict[str, int] = {name: len(ranges) for name in graph_outputs}
+        for k, (a, b) in enumerate(ranges):
+            for node in nodes[a:b]:
+                for v in node.inputs:
+                    if v is not None and v.name not in initializers:
+                        last_use[v.name] = max(last_use.get(v.name, -1), k)
+        pieces = []
+        folder = Path(self._folder.name)
+        for k, (a, b) in enumerate(ranges):
+            piece_nodes = proto.graph.node[a:b]
+            produced = {o for n in piece_nodes for o in n.output if o}
+            read = list(dict.fromkeys(i for n in piece_nodes for i in n.input if i))
+            inputs = [n for n in read if n not in produced and n not in by_name]
+            outputs = [o for n in piece_nodes for o in n.output if o and last_use.get(o, -1) > k]
+            if not outputs:
+                continue  # nothing after it or in the outputs reads this piece: never run it
+            sub = onnx.GraphProto(name=f"piece{k}")
+            sub.node.extend(piece_nodes)
+            with open(folder / f"piece{k}.data", "wb") as data:
+                for name in read:
+                    if name in by_name:
+                        tensor = sub.initializer.add()
+                        tensor.CopyFrom(by_name[name])
+                        self._relink(tensor, graph, data, f"piece{k}.data")
+            for name in inputs:
+                sub.input.append(self._info(infos, graph, name))
+            for name in outputs:
+                sub.output.append(self._info(infos, graph, name))
+            piece = onnx.ModelProto()
+            piece.CopyFrom(proto)
+            piece.graph.CopyFrom(sub)
+            path = folder / f"piece{k}.onnx"
+            path.write_bytes(piece.SerializeToString())
+            pieces.append(_Piece(path, inputs, outputs))
+        return pieces
+
+    @staticmethod
+    def _relink(tensor: onnx.TensorProto, graph: ir.Graph, data: BinaryIO, name: str) -> None:
+        """Copy an external tensor's bytes into the piece's own data file (``data``, ``name``).
+
+        ORT only reads external data inside the model's folder, after resolving links, and
+        onnx_ir refuses hard-linked data: so each piece gets a copy of its weights, streamed
+        in chunks (made once per session, reused by every run).
+        """
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return
+        source = graph.initializers[tensor.name].const_value
+        if not isinstance(source, ir.ExternalTensor):
+            return
+        if source.nbytes < 1 << 20:
+            # small constants inline: ORT's shape inference cannot read external shape tensors
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = source.tobytes()
+            return
+        data.write(b"\0" * (-data.tell() % 65536))  # aligned, so that ORT can map it
+        offset = data.tell()
+        with open(source.path, "rb") as src:
+            src.seek(source.offset or 0)
+            left = source.nbytes
+            while left:
+                chunk = src.read(min(left, 64 << 20))
+                if not chunk:
+                    raise UnsupportedModelError(
+                        f"{source.path}: data of '{tensor.name}' is cut short"
+                    )
+                data.write(chunk)
+                left -= len(chunk)
+        del tensor.external_data[:]
+        for key, text in (
+            ("location", name),
+            ("offset", str(offset)),
+            ("length", str(source.nbytes)),
+        ):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, text
+
+    @staticmethod
+    def _info(
+        infos: Mapping[str, onnx.ValueInfoProto], graph: ir.Graph, name: str
+    ) -> onnx.ValueInfoProto:
+        value = next((v for n in graph for v in n.outputs if v.name == name), None)
+        if value is not None and value.type is not None:
+            return ir.serde.serialize_value(value)
+        if name in infos and infos[name].type.HasField("tensor_type"):
+            return infos[name]
+        raise PreconditionError(
+            f"value '{name}' has no type, so the model cannot be run in pieces; canonicalize it first"
+        )
 
 
 def _open(model: str | bytes, options: ort.SessionOptions, label: str) -> ort.InferenceSession:

@@ -359,6 +359,8 @@ def calibrate_model(
             "could be calibrated; name the activations to calibrate explicitly"
         )
     clone = model.clone()
+    if model.meta.get("tforge.spill"):  # a model larger than memory: run it in pieces (backends/ort.py)
+        clone.meta["tforge.spill"] = True
     graph_inputs = {v.name: v for v in clone.graph.inputs}
     by_name = _values_by_name(clone.graph)
     unknown = [n for n in names if n not in by_name]
@@ -458,7 +460,18 @@ def _run(session: Any, feed: Feed, names: list[str], index: int) -> list[Any]:
         prepared = prepare_feeds(session, feed)
     except UnsupportedModelError as e:
         raise PassConfigError(f"calibration: sample {index}: {e}") from None
-    return list(session.run(names, prepared))
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    try:
+        return list(session.run(names, prepared))
+    except InvalidArgument as e:
+        # ORT validates feed shapes against the model's fixed dimensions: a data problem of
+        # the user's (e.g. an .npz without the sample axis), not a bug; keep its first line.
+        first = " ".join(str(e).split("INVALID_ARGUMENT :")[-1].split())
+        raise PassConfigError(
+            f"calibration: sample {index} does not fit the model's inputs ({first[:300]}); "
+            "check the calibration arrays' shapes (samples on axis 0)"
+        ) from None
 
 
 def _mask_of(feed: Feed) -> np.ndarray | None:

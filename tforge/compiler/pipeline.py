@@ -270,8 +270,12 @@ class PassManager:
         ir_stream: TextIO | None = None,
         check_numerics: NumericsCheck | None = None,
         progress: Callable[[str], None] | None = None,
+        strict: bool = False,
     ) -> None:
         self.passes = list(passes)
+        # strict: a model whose transformer structure is not (fully) recognised is an error
+        # instead of a pipeline whose block passes silently skip every site.
+        self.strict = strict
         self.verify_each = verify_each
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.print_ir_after = set(print_ir_after)
@@ -301,6 +305,11 @@ class PassManager:
 
         properties = model_properties(model)
         check_properties(self.passes, properties)
+        from tforge.backends.ort import initializer_bytes
+        from tforge.compiler import spill
+
+        # large models: rewritten weights go to a scratch file instead of memory (spill.py)
+        spill.enable_if_large(model, initializer_bytes(model))
         report = Report(pipeline=self.spec)
         original = model.clone() if self.check_numerics is not None else None
         started = time.perf_counter()
@@ -308,7 +317,11 @@ class PassManager:
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             printer.write_dump(model, self.dump_dir, 0, "input", banner="IR before the pipeline")
+        structure_checked = False
         for index, p in enumerate(self.passes, start=1):
+            if self.strict and not structure_checked and Property.CANONICAL in p.requires:
+                _check_structure(model, before=p.name)
+                structure_checked = True
             self.progress(f"[{index}/{total}] {p.spec()} ...")
             nodes_before = _count_nodes(model)
             t0 = time.perf_counter()
@@ -352,6 +365,8 @@ class PassManager:
                 stream = self.ir_stream or sys.stdout
                 stream.write(printer.print_ir(model, banner=banner) + "\n")
             self.progress(f"[{index}/{total}] {p.name} done in {seconds:.2f}s {stats}".rstrip())
+        if self.strict and not structure_checked and Property.CANONICAL in properties:
+            _check_structure(model, before=None)
         set_model_properties(model, properties)
         report.properties = sorted(str(prop) for prop in properties)
         if original is not None and self.check_numerics is not None:
@@ -383,6 +398,27 @@ class PassManager:
                     f"check-numerics: output {c.name!r} cosine {c.cosine:.6f} < {check.min_cosine:g}"
                 )
         return rows
+
+
+def _check_structure(model: ir.Model, *, before: str | None) -> None:
+    """Under ``strict``, refuse a model without transformer blocks or with unrecognised parts."""
+    from tforge.compiler.structure import find_blocks
+
+    block_map = find_blocks(model)
+    when = f"before {before}" if before else "after the pipeline"
+    # a transformer block has attention; an FFN-shaped pair of linears alone (an MLP) is not one
+    if not any(block.attention is not None for block in block_map.blocks):
+        first = f"; first unrecognised: {block_map.unrecognized[0]}" if block_map.unrecognized else ""
+        raise PreconditionError(
+            f"strict: no transformer blocks recognised in the model ({when}; no attention found, "
+            f"{len(block_map.linears)} linears, {len(block_map.norms)} norms{first}); "
+            "block passes would skip every site, drop --strict to compile it anyway"
+        )
+    if block_map.unrecognized:
+        raise PreconditionError(
+            f"strict: {len(block_map.unrecognized)} part(s) of the model not recognised ({when}), "
+            f"first: {block_map.unrecognized[0]}; drop --strict to compile the recognised blocks only"
+        )
 
 
 def _count_nodes(model: ir.Model) -> int:

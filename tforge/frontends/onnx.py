@@ -26,12 +26,36 @@ from onnx_ir import serde as ir_serde
 
 from tforge.errors import UnsupportedModelError
 
-__all__ = ["SOURCE_PATH_KEY", "load_onnx"]
+__all__ = ["MAX_DECLARED_BYTES", "MIN_OPSET", "SOURCE_PATH_KEY", "load_onnx"]
 
 logger = logging.getLogger(__name__)
 
 #: ``model.meta`` key holding the resolved path of the file a model was loaded from.
 SOURCE_PATH_KEY = "tforge.source_path"
+
+#: Oldest default-domain opset accepted: ONNX Runtime runs nothing older, and tforge's passes
+#: are written against the operator semantics from opset 7 on.
+MIN_OPSET = 7
+#: A tensor whose declared shape needs more than this many bytes (1 TiB) is refused: no model
+#: of this decade needs one, and allocating it (a generated input, a folded constant) would
+#: take the machine down rather than fail.
+MAX_DECLARED_BYTES = 2**40
+
+# Operator domains that ONNX or ONNX Runtime implement; any other domain must be a function
+# defined in the model itself.
+_KNOWN_DOMAINS = frozenset(
+    {
+        "",
+        "ai.onnx",
+        "ai.onnx.ml",
+        "ai.onnx.preview.training",
+        "ai.onnx.training",
+        "com.microsoft",
+        "com.microsoft.nchwc",
+        "com.microsoft.experimental",
+        "com.ms.internal.nhwc",
+    }
+)
 
 # Top-level ModelProto fields and their protobuf wire types (0 = varint, 2 = length-delimited),
 # used only to explain why a file failed to parse.
@@ -93,7 +117,24 @@ def load_onnx(path: str | os.PathLike[str]) -> ir.Model:
     del data
 
     base_dir = os.path.dirname(os.path.abspath(where))
-    _check_external_data(proto, where, base_dir)
+    try:
+        _check_versions(proto, where)
+        _check_tensors(proto, where)
+        _check_graph(
+            proto.graph,
+            where,
+            outer=frozenset(),
+            opsets=_opsets(proto),
+            functions=_functions(proto),
+        )
+        _check_with_onnx_checker(proto, where)
+        _check_external_data(proto, where, base_dir)
+    except UnicodeDecodeError as err:
+        # ONNX is proto2: names are not UTF-8 checked on parse, only when Python reads them
+        raise UnsupportedModelError(
+            f"{where}: a name or string in the model is not valid UTF-8 ({err.reason} at byte "
+            f"{err.start} of {err.object[:40]!r}); re-export the model"
+        ) from None
 
     try:
         model = ir_serde.deserialize_model(proto)
@@ -158,6 +199,321 @@ def _read_varint(data: bytes, pos: int) -> tuple[int | None, int]:
     return None, pos
 
 
+def _opsets(proto: onnx.ModelProto) -> dict[str, int]:
+    return {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
+
+
+def _functions(proto: onnx.ModelProto) -> frozenset[tuple[str, str]]:
+    return frozenset((f.domain, f.name) for f in proto.functions)
+
+
+def _check_versions(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse IR versions and default-domain opsets outside what onnx and ORT here implement."""
+    if proto.ir_version > onnx.IR_VERSION:
+        raise UnsupportedModelError(
+            f"{where}: IR version {proto.ir_version} is newer than the {onnx.IR_VERSION} this onnx "
+            f"{onnx.__version__} reads; re-export with an older ir_version"
+        )
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain not in ("", "ai.onnx"):
+            continue
+        if opset.version > newest:
+            raise UnsupportedModelError(
+                f"{where}: opset {opset.version} of the default ONNX domain is newer than the "
+                f"{newest} onnx {onnx.__version__} knows; re-export with opset {newest} or lower"
+            )
+        if opset.version < MIN_OPSET:
+            raise UnsupportedModelError(
+                f"{where}: opset {opset.version} of the default ONNX domain is older than the "
+                f"{MIN_OPSET} tforge and ONNX Runtime support; convert it with "
+                "onnx.version_converter.convert_version(model, 17)"
+            )
+
+
+def _check_with_onnx_checker(proto: onnx.ModelProto, where: str) -> None:
+    """What is left to ONNX's own checker: operator arity, attribute types, tensor fields.
+
+    The checker runs on a skeleton whose large initializers are stubbed as external data (it
+    serialises its argument, and the weights would double the memory of loading), so its
+    cost does not grow with the weights.
+    """
+    skeleton = onnx.ModelProto()
+    graph = proto.graph
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, field, getattr(proto, field))
+    skeleton.opset_import.extend(proto.opset_import)
+    skeleton.functions.extend(proto.functions)
+    sg = skeleton.graph
+    sg.name = graph.name
+    sg.node.extend(graph.node)
+    sg.input.extend(graph.input)
+    sg.output.extend(graph.output)
+    sg.value_info.extend(graph.value_info)
+    sg.sparse_initializer.extend(graph.sparse_initializer)
+    for tensor in graph.initializer:
+        if _is_external(tensor) or len(tensor.raw_data) > 4096:
+            # same name, type and rank, zero elements: nothing for the checker to copy (without
+            # shape inference it does not compare initializer shapes with their uses)
+            stub = sg.initializer.add()
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.dims.extend([0, *tensor.dims[1:]])  # a scalar becomes [0]: rank is not checked
+        else:
+            sg.initializer.append(tensor)
+    try:
+        onnx.checker.check_model(skeleton)
+    except (onnx.checker.ValidationError, ValueError, TypeError, RuntimeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        first = lines[0] if lines else type(err).__name__
+        context = next((line for line in lines if line.startswith("==> Context")), "")
+        raise UnsupportedModelError(
+            f"{where}: ONNX checker: {first[:300]}{' (' + context[:200] + ')' if context else ''}; "
+            "re-export the model"
+        ) from None
+
+
+def _check_tensors(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse tensors whose dims are negative or absurd, or whose inline data has another size.
+
+    Declared shapes of graph inputs, outputs and value_info are checked too: a pass or a
+    numerics check may allocate them.
+    """
+    for tensor in _all_tensors(proto):
+        dims = list(tensor.dims)
+        what = f"tensor '{tensor.name}'"
+        _check_dtype(tensor, what, where)
+        _check_dims(dims, tensor.data_type, what, where)
+        if _is_external(tensor):
+            continue  # sizes checked against the data file in _check_external_data
+        count = math.prod(dims)
+        if tensor.HasField("raw_data") or tensor.raw_data:
+            expected = _nbytes(tensor)
+            held = len(tensor.raw_data)
+            if expected is not None and held != expected:
+                raise UnsupportedModelError(
+                    f"{where}: {what} holds {held} bytes of raw data but its dtype and shape "
+                    f"{dims} need {expected}; re-export the model"
+                )
+            continue
+        field, per_value = _typed_field(tensor.data_type)
+        if field is None:
+            continue
+        held = len(getattr(tensor, field))
+        needed = math.ceil(count / per_value)
+        if held != needed:
+            raise UnsupportedModelError(
+                f"{where}: {what} holds {held} values in {field} but its shape {dims} needs "
+                f"{needed}; re-export the model"
+            )
+    for graph in _all_graphs(proto.graph):
+        for info in [*graph.input, *graph.output, *graph.value_info]:
+            if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+                continue
+            dims = [d.dim_value for d in info.type.tensor_type.shape.dim if d.HasField("dim_value")]
+            _check_dims(dims, info.type.tensor_type.elem_type, f"value '{info.name}'", where)
+
+
+def _check_dtype(tensor: onnx.TensorProto, what: str, where: str) -> None:
+    """Refuse data types ONNX does not define, and strings stored as raw bytes."""
+    try:
+        dtype = ir.DataType(tensor.data_type)
+    except ValueError:
+        dtype = ir.DataType.UNDEFINED
+    if dtype == ir.DataType.UNDEFINED:
+        raise UnsupportedModelError(
+            f"{where}: {what} has data type {tensor.data_type}, which ONNX does not define; "
+            "re-export the model"
+        )
+    if dtype == ir.DataType.STRING and (tensor.raw_data or _is_external(tensor)):
+        raise UnsupportedModelError(
+            f"{where}: {what} is a string tensor stored as raw bytes; ONNX keeps strings in "
+            "string_data, re-export the model"
+        )
+
+
+def _check_dims(dims: list[int], data_type: int, what: str, where: str) -> None:
+    if any(d < 0 for d in dims):
+        raise UnsupportedModelError(
+            f"{where}: {what} has a negative dimension in its shape {dims}; re-export the model"
+        )
+    try:
+        bits = ir.DataType(data_type).bitwidth
+    except (ValueError, TypeError):
+        bits = 8  # strings and unknown types: count one byte an element, a lower bound
+    needed = math.prod(dims) * bits // 8
+    if needed > MAX_DECLARED_BYTES:
+        raise UnsupportedModelError(
+            f"{where}: {what} declares shape {dims}, which would need {needed / 2**40:.3g} TiB; "
+            "fix the shape or make its dimensions symbolic"
+        )
+
+
+def _typed_field(data_type: int) -> tuple[str | None, float]:
+    """The TensorProto field holding values of ``data_type`` and elements per stored value."""
+    try:
+        field = onnx.helper.tensor_dtype_to_field(data_type)
+    except (KeyError, ValueError, TypeError):
+        return None, 1
+    if data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+        return field, 0.5  # real and imaginary parts are two stored values
+    try:
+        bits = ir.DataType(data_type).bitwidth
+    except (ValueError, TypeError):
+        return field, 1
+    return field, (2 if bits == 4 else 1)  # 4-bit types pack two elements in one int32
+
+
+def _check_graph(
+    graph: onnx.GraphProto,
+    where: str,
+    *,
+    outer: frozenset[str],
+    opsets: dict[str, int],
+    functions: frozenset[tuple[str, str]],
+) -> None:
+    """Refuse duplicate definitions, reads of undefined values, cycles and unknown operators.
+
+    ``outer`` holds the names a subgraph may read from the graphs enclosing it.
+    """
+    label = f"graph '{graph.name}'" if graph.name else "the graph"
+    defined: dict[str, str] = {}
+
+    def define(name: str, what: str) -> None:
+        if not name:
+            return
+        if name in defined:
+            raise UnsupportedModelError(
+                f"{where}: value '{name}' is defined twice in {label} (as {defined[name]} and as "
+                f"{what}); every value must have exactly one definition, re-export the model"
+            )
+        defined[name] = what
+
+    for info in graph.input:
+        define(info.name, "a graph input")
+    inputs = set(defined)
+    for tensor in graph.initializer:
+        if tensor.name in inputs:
+            inputs.discard(
+                tensor.name
+            )  # an input's default value (IR < 4), not a second definition
+            continue
+        define(tensor.name, "an initializer")
+    for sparse in graph.sparse_initializer:
+        define(sparse.values.name, "a sparse initializer")
+    for index, node in enumerate(graph.node):
+        for name in node.output:
+            define(name, f"an output of {_node_label(node, index)}")
+
+    visible = outer | defined.keys()
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
+    for index, node in enumerate(graph.node):
+        _check_operator(node, index, where, opsets, functions)
+        for name in node.input:
+            if name and name not in visible:
+                raise UnsupportedModelError(
+                    f"{where}: {_node_label(node, index)} in {label} reads '{name}', which nothing "
+                    "defines (no input, initializer or node output has that name); re-export the model"
+                )
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _check_graph(sub, where, outer=visible, opsets=opsets, functions=functions)
+    for output in graph.output:
+        if output.name not in visible:
+            raise UnsupportedModelError(
+                f"{where}: output '{output.name}' of {label} is never computed; re-export the model"
+            )
+    _check_acyclic(graph, producer, where, label)
+
+
+def _check_acyclic(
+    graph: onnx.GraphProto, producer: dict[str, int], where: str, label: str
+) -> None:
+    """Kahn's algorithm over the node dependencies; what is left over lies on or after a cycle."""
+    nodes = graph.node
+    waiting = [0] * len(nodes)
+    readers: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for name in dict.fromkeys(n for n in node.input if n in producer):
+            waiting[i] += 1
+            readers[producer[name]].append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for reader in readers[i]:
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                ready.append(reader)
+    if done < len(nodes):
+        stuck = next(i for i, count in enumerate(waiting) if count > 0)
+        raise UnsupportedModelError(
+            f"{where}: {label} has a cycle: {_node_label(nodes[stuck], stuck)} depends on its own "
+            f"output ({len(nodes) - done} nodes on or after the cycle); re-export the model"
+        )
+
+
+def _check_operator(
+    node: onnx.NodeProto,
+    index: int,
+    where: str,
+    opsets: dict[str, int],
+    functions: frozenset[tuple[str, str]],
+) -> None:
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    if (node.domain, node.op_type) in functions:
+        return
+    if domain not in opsets:
+        raise UnsupportedModelError(
+            f"{where}: {_node_label(node, index)} uses domain '{domain or 'ai.onnx'}', which the "
+            "model does not import (no opset_import entry); re-export the model"
+        )
+    if domain not in _KNOWN_DOMAINS:
+        raise UnsupportedModelError(
+            f"{where}: {_node_label(node, index)} uses domain '{domain}', which neither ONNX nor "
+            "ONNX Runtime implements and the model defines no function for; "
+            "replace the custom operator before compiling"
+        )
+    if domain == "":
+        version = opsets[""]
+        if not _has_schema(node.op_type):
+            raise UnsupportedModelError(
+                f"{where}: {_node_label(node, index)} is an unknown operator '{node.op_type}' in "
+                "the default ONNX domain; check the exporter or register a custom domain"
+            )
+        try:
+            onnx.defs.get_schema(node.op_type, version, "")
+        except onnx.defs.SchemaError:
+            since = onnx.defs.get_schema(node.op_type, "").since_version
+            raise UnsupportedModelError(
+                f"{where}: {_node_label(node, index)}: '{node.op_type}' does not exist in opset "
+                f"{version} (it was added in opset {since}); re-export with opset {since} or later"
+            ) from None
+
+
+def _has_schema(op_type: str) -> bool:
+    try:
+        return onnx.defs.has(op_type, "")
+    except (TypeError, ValueError):  # names onnx's C++ side cannot take (e.g. lone surrogates)
+        return False
+
+
+def _node_label(node: onnx.NodeProto, index: int) -> str:
+    return (
+        f"node '{node.name}' ({node.op_type})" if node.name else f"node #{index} ({node.op_type})"
+    )
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _all_graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _all_graphs(sub)
+
+
 @dataclass(frozen=True)
 class _ExternalRef:
     tensor: onnx.TensorProto
@@ -182,6 +538,11 @@ def _check_external_data(proto: onnx.ModelProto, where: str, base_dir: str) -> N
         if not loc:
             raise UnsupportedModelError(
                 f"{where}: initializer '{name}' is external but names no data file; re-export the model"
+            )
+        if "\0" in loc:
+            raise UnsupportedModelError(
+                f"{where}: external data location {loc!r} of initializer '{name}' contains a NUL "
+                "byte, which no file name can; re-export the model"
             )
         if os.path.isabs(loc) or os.path.splitdrive(loc)[0]:
             raise UnsupportedModelError(
@@ -245,6 +606,13 @@ def _check_external_data(proto: onnx.ModelProto, where: str, base_dir: str) -> N
 
 def _external_ref(tensor: onnx.TensorProto, where: str) -> _ExternalRef:
     entries = {e.key: e.value for e in tensor.external_data}
+    if not all(isinstance(x, str) for kv in entries.items() for x in kv):
+        # ONNX is proto2, so string fields are not UTF-8 checked on parse; protobuf hands
+        # invalid UTF-8 back as bytes, which no path can be built from.
+        raise UnsupportedModelError(
+            f"{where}: initializer '{tensor.name!s}' has external data entries that are not valid "
+            "UTF-8; re-export the model"
+        )
     try:
         offset = int(entries.get("offset", "0") or 0)
         length = int(entries["length"]) if entries.get("length") else None

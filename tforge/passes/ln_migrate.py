@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from tforge.compiler import spill
 from tforge.compiler.calibration import attached_stats
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
@@ -94,7 +95,8 @@ class ConstantRewriter:
             and uses <= wanted
         )
         if exclusive:
-            value.const_value = ir.tensor(array, name=value.name)
+            # spilled to a scratch file when the model is large (compiler/spill.py)
+            value.const_value = spill.tensor(self.model, array, value.name)
             value.shape = ir.Shape(array.shape)
             mark_provenance(value, self.pass_name)
             return value
@@ -114,7 +116,7 @@ class ConstantRewriter:
             name=name,
             shape=ir.Shape(array.shape),
             type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.tensor(array, name=name),
+            const_value=spill.tensor(self.model, array, name),
         )
         self.graph.register_initializer(new)
         mark_provenance(new, self.pass_name)

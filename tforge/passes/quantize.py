@@ -56,6 +56,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from tforge.compiler import spill
 from tforge.compiler.calibration import (
     CalibrationStats,
     ChannelStats,
@@ -521,7 +522,7 @@ class _Builder:
             name=name,
             shape=ir.Shape(array.shape),
             type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.tensor(array, name=name),
+            const_value=spill.tensor(self.model, array, name),  # spilled when the model is large
         )
         self.graph.register_initializer(value)
         mark_provenance(value, Quantize.name)

@@ -1,0 +1,1 @@
+"""Fuzzing helpers: random transformer-shaped graphs and mutations of serialized models."""
