@@ -365,7 +365,7 @@ def int8(names: list[str], out_dir: Path, protocol: Int8Protocol, threads: int |
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=("foundation", "int8", "prune", "factor"), default="foundation")
+    parser.add_argument("--section", choices=("foundation", "int8", "prune", "factor", "rptq", "linattn"), default="foundation")
     parser.add_argument("--models", default="minilm,smollm2")
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "models")
     parser.add_argument("--runs", type=int, default=None, help="timed runs (default: 30 foundation, 20 int8)")
@@ -407,6 +407,22 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("\n".join(bench_factor.factor(names, args.out, factor_protocol, args.threads)))
         return 0
+    if args.section == "rptq":  # RPTQ clusters vs per-tensor, A8 / A4 (issue 6): tools/bench_rptq.py
+        import bench_rptq
+
+        return bench_rptq.main(
+            ["--models", *names, "--out", str(args.out), "--runs", str(args.runs or 10)]
+            + (["--windows", "2", "--sentences", "64", "--calib", "16"] if args.quick else [])
+            + (["--threads", str(args.threads)] if args.threads else [])
+        )
+    if args.section == "linattn":  # linear attention (issue 7): tools/bench_linattn.py
+        import bench_linattn
+
+        return bench_linattn.main(
+            ["--section", "all"]
+            + (["--quick"] if args.quick else [])
+            + (["--threads", str(args.threads)] if args.threads else [])
+        )
     protocol = Int8Protocol.quick() if args.quick else Int8Protocol.full(args.runs or 20)
     if args.runs:
         protocol = dataclasses.replace(protocol, runs=args.runs)
