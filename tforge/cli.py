@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when no transformer blocks (or an unrecognised part) are found, instead of skipping")
     c.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                    help="store weights in OUTPUT.data (auto: only above 2 GB)")
+    c.add_argument("--backend", choices=("ort", "tvm"), default="ort",
+                   help="ort: write an .onnx; tvm: build for this CPU with TVM and write an artifact folder "
+                        "(needs --input-shape for every input, or --buckets); compared with ORT on every build")
+    c.add_argument("--buckets", type=lambda t: [int(x) for x in t.split(",")], metavar="LENGTHS",
+                   help="tvm: sequence-length buckets, e.g. 64,128 (one executable each; other dynamic dims 1)")
+    c.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                   help="tvm: MetaSchedule trials (0: tforge's schedule rules only; a cached database is reused)")
+    c.add_argument("--tvm-cache", metavar="DIR", help="tvm: tuning database folder (default ~/.cache/tforge/tvm-tuning)")
 
     i = sub.add_parser("inspect", help="show a model's transformer blocks (the block map)")
     i.add_argument("input")
@@ -274,7 +282,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
         pm.passes = _with_calibration(pm.passes, **calibration)
     report = pm.run(model)
-    if args.output is not None:
+    if args.backend == "tvm":
+        _build_tvm(args, model)
+    elif args.output is not None:
         from tforge.backends.ort import save_model
 
         external = {"auto": None, "yes": True, "no": False}[args.external_data]
@@ -289,6 +299,23 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             for key, value in sorted(record.stats.items()):
                 print(f"  {value:>8}  {key}")
     return EXIT_OK
+
+
+def _build_tvm(args: argparse.Namespace, model: Any) -> None:
+    """``--backend tvm``: build (checking numerics against ORT) and write the artifact folder."""
+    from tforge.api import symbol_values
+    from tforge.backends import tvm as tvm_backend
+    from tforge.passes.canonicalize import parse_shape
+
+    shapes = {name: parse_shape(text) for name, text in args.input_shape} if not args.buckets else None
+    if args.buckets:
+        symbol_values(model, dict(args.input_shape))  # validates names; bucketed builds use defaults
+    artifact = tvm_backend.build(
+        model, shapes=shapes, buckets=args.buckets, tune_trials=args.tune_trials, cache_dir=args.tvm_cache,
+        progress=lambda message: logger.info("%s", message),
+    )
+    if args.output is not None:
+        artifact.save(args.output)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
