@@ -265,6 +265,9 @@ def test_signal_during_calibration_leaves_no_output(
         text=True,
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        # a job started in the background (nohup, `&`) inherits SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler: give the child the default disposition
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stderr is not None
     seen = []
