@@ -1,0 +1,33 @@
+"""The int8 section's protocol (tools/bench.py) for the w8a8 preset against lower ``min-sqnr`` thresholds.
+
+    python tools/bench_int8_thresholds.py minilm 80
+    python tools/bench_int8_thresholds.py smollm2 20
+
+Fewer activations quantized per token make the model faster and less accurate; this measures
+both sides of that trade against ORT's own quantizers in one run (BENCHMARKS.md, int8 re-run).
+"""
+
+import sys
+from pathlib import Path
+
+import bench
+
+from tforge.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def variants() -> dict[str, str]:
+    base = "canonicalize,calibrate,smoothquant,"
+    return {
+        "tforge w8a8 preset": PRESETS["w8a8"],
+        "tforge auto min-sqnr=30": base + "quantize{activations=auto min-sqnr=30}",
+        "tforge auto min-sqnr=28": base + "quantize{activations=auto min-sqnr=28}",
+    }
+
+
+if __name__ == "__main__":
+    bench.tforge_variants = variants
+    names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["minilm"]
+    runs = int(sys.argv[2]) if len(sys.argv) > 2 else 40
+    print("\n".join(bench.int8(names, ROOT / ".cache" / "models", bench.Int8Protocol.full(runs), None)))
