@@ -27,7 +27,6 @@ import onnx_ir as ir
 from tforge.compiler.pass_infra import Pass, PassResult, Property
 from tforge.compiler.registry import register_pass
 from tforge.compiler.structure import FFN, const_array, find_blocks
-from tforge.errors import PreconditionError
 from tforge.passes import _pruning as pruning
 from tforge.passes.ln_migrate import ConstantRewriter, current_weight
 from tforge.passes.math import compensation
@@ -94,12 +93,7 @@ class PruneFfn(Pass):
             raise ValueError("prune-ffn: keep must be at least 1; removing a whole FFN is not supported")
 
     def check(self, model: ir.Model) -> None:
-        if self.importance != "magnitude" and pruning.attached_stats(model) is None:
-            raise PreconditionError(
-                f"prune-ffn: importance={self.importance} needs calibration statistics, but "
-                f"{pruning.missing_stats_reason(model)}; "
-                "add 'calibrate' right before 'prune-ffn' or use importance=magnitude"
-            )
+        pruning.require_stats(model, self.name, self.importance)
 
     def run(self, model: ir.Model) -> PassResult:
         stats: Counter[str] = Counter()

@@ -46,7 +46,6 @@ import onnx_ir.passes.common as common_passes
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
 from tforge.compiler.structure import Attention, Block, const_array, find_blocks, static_dims
-from tforge.errors import PreconditionError
 from tforge.passes import _pruning as pruning
 from tforge.passes.ln_migrate import ConstantRewriter, current_weight
 from tforge.passes.math import compensation
@@ -173,11 +172,7 @@ class PruneHeads(Pass):
         return hash((type(self), self.spec()))
 
     def check(self, model: ir.Model) -> None:
-        if self.importance != "magnitude" and pruning.attached_stats(model) is None:
-            raise PreconditionError(
-                f"prune-heads: importance={self.importance} needs calibration statistics, but "
-                f"{pruning.missing_stats_reason(model)}; add 'calibrate' right before 'prune-heads' or use importance=magnitude"
-            )
+        pruning.require_stats(model, self.name, self.importance)
 
     def run(self, model: ir.Model) -> PassResult:
         stats: Counter[str] = Counter()
