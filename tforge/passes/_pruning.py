@@ -9,7 +9,6 @@ statistics, turning a pruning ratio into kept counts, and the size figures of th
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -22,8 +21,6 @@ from tforge.compiler.structure import BlockMap, Linear, const_array
 from tforge.errors import PreconditionError
 from tforge.passes.ln_migrate import ConstantRewriter, current_weight
 from tforge.passes.math import compensation, importance
-
-logger = logging.getLogger(__name__)
 
 _FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
