@@ -64,6 +64,7 @@ import onnx_ir.passes.common as common_passes
 from tforge.compiler.calibration import FEEDS_KEY, npz_feeds, text_feeds
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
+from tforge.compiler.rewrite import replace_value
 from tforge.compiler.structure import Attention, const_array, find_blocks
 from tforge.errors import PreconditionError
 from tforge.passes.ln_migrate import ConstantRewriter
@@ -640,7 +641,7 @@ class LinearAttention(Pass):
             )  # fmt: skip
             old = site.attn.context_matmul.outputs[0]
             out.shape, out.type = old.shape, old.type
-            old.replace_all_uses_with(out, replace_graph_outputs=True)
+            replace_value(old, out)
             stats["converted"] += 1
             stats[f"converted: {'causal ' + impl if site.attn.causal else 'non-causal'}"] += 1
         if impl == "ort-op" and chosen:

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from tforge.compiler.rewrite import replace_value
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["converters", "lower_int8_linears", "pack_weight", "schedule_packed_matmul"]
@@ -126,7 +128,7 @@ def lower_int8_linears(model: ir.Model) -> dict[str, int]:
         new.outputs[0].type = node.outputs[0].type
         new.outputs[0].shape = node.outputs[0].shape
         graph.insert_before(node, new)
-        _replace(node.outputs[0], new.outputs[0])
+        replace_value(node.outputs[0], new.outputs[0])
         graph.remove(node, safe=True)
         stats["int8 linears to VNNI"] += 1
     if stats:
@@ -153,7 +155,7 @@ def _to_standard_ops(graph: ir.Graph, node: ir.Node) -> None:
         graph.insert_before(node, n)
     new[-1].outputs[0].type = node.outputs[0].type
     new[-1].outputs[0].shape = node.outputs[0].shape
-    _replace(node.outputs[0], new[-1].outputs[0])
+    replace_value(node.outputs[0], new[-1].outputs[0])
     graph.remove(node, safe=True)
 
 
@@ -168,15 +170,6 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     )
     graph.register_initializer(value)
     return value
-
-
-def _replace(old: ir.Value, new: ir.Value) -> None:
-    is_output = old.is_graph_output()
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if is_output:
-        name = old.name
-        old.name = f"{name}.replaced"
-        new.name = name
 
 
 def _drop_unused_initializers(graph: ir.Graph) -> None:
