@@ -73,7 +73,7 @@ def foundation(names: list[str], out_dir: Path, runs: int, threads: int | None) 
         del report
         dims = symbol_values(exported, shapes)
         feeds = verify.make_inputs(exported, dims=dims, rng=np.random.default_rng(0))
-        sessions = [ort.createtiming_session(m, optimize=True, threads=threads) for m in (exported, canonical)]
+        sessions = [ort.create_session(m, optimize=True, threads=threads, spin=False) for m in (exported, canonical)]
         a, b = ort.time_side_by_side(sessions, feeds, warmup=3, runs=runs)
         shape = " ".join(f"{k}={v}" for k, v in shapes.items())
         rows.append(
