@@ -7,6 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from tforge import testing
+from tforge.backends import ort
 from tforge.compiler.pipeline import PassManager
 from tforge.errors import PassConfigError
 from tforge.passes.canonicalize import Canonicalize
@@ -85,3 +86,67 @@ def test_shape_for_unknown_input_is_rejected(model: ir.Model) -> None:
         Canonicalize(input_shapes={"input_ids": "1x8"})(model)
     with pytest.raises(PassConfigError, match="has rank 2"):
         Canonicalize(input_shapes={"x": "1x8x3"})(model)
+
+
+# torch's SDPA export of a masked attention core: a boolean mask made additive with a constant
+# (finfo.min there), scaled scores, Softmax, then a NaN guard before the context MatMul.
+GUARDED_ATTENTION = """
+<ir_version: 10, opset_import: ["" : 18]>
+core (float[B, 2, S, 4] q, float[B, 2, S, 4] k, float[B, 2, S, 4] v, bool[B, 1, S, S] keep) => (float[B, 2, S, 4] y)
+<float zero, float masked, float scale>
+{
+    bias = Where (keep, zero, masked)
+    kt = Transpose <perm = [0, 1, 3, 2]> (k)
+    raw = MatMul (q, kt)
+    scaled = Mul (raw, scale)
+    s = Add (scaled, bias)
+    p = Softmax <axis = -1> (s)
+    nan = IsNaN (p)
+    guarded = Where (nan, zero, p)
+    y = MatMul (guarded, v)
+}
+"""
+
+
+def guarded_attention(masked: float) -> ir.Model:
+    return testing.model_from_onnx_text(
+        GUARDED_ATTENTION,
+        zero=np.array(0.0, np.float32),
+        masked=np.array(masked, np.float32),
+        scale=np.array(0.5, np.float32),
+    )
+
+
+def attention_feeds(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    keep = np.ones((3, 1, 5, 5), bool)
+    keep[0] = False  # a fully masked sequence: every row masked
+    keep[1, :, :, 3:] = False  # padding
+    keep[2] = np.tril(np.ones((5, 5), bool))  # causal
+    return {**{n: rng.normal(size=(3, 2, 5, 4)).astype(np.float32) for n in "qkv"}, "keep": keep}
+
+
+def run(model: ir.Model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return ort.create_session(model, optimize=False).run(None, feeds)[0]
+
+
+def test_nan_guard_dropped_when_the_mask_is_finite(rng: np.random.Generator) -> None:
+    model = guarded_attention(float(np.finfo(np.float32).min))
+    original = model.clone()
+    result = Canonicalize()(model)
+    assert result.stats["softmax NaN guard dropped"] == 1
+    assert "IsNaN" not in [n.op_type for n in model.graph]
+    feeds = attention_feeds(rng)
+    expected = run(original, feeds)
+    assert np.isfinite(expected).all()
+    np.testing.assert_array_equal(run(model, feeds), expected)  # bit for bit
+
+
+@pytest.mark.parametrize("masked", [-np.inf, np.nan])
+def test_nan_guard_kept_when_the_mask_can_be_non_finite(masked: float, rng: np.random.Generator) -> None:
+    model = guarded_attention(masked)
+    result = Canonicalize()(model)
+    assert not result.stats["softmax NaN guard dropped"]
+    assert "IsNaN" in [n.op_type for n in model.graph]
+    if masked == -np.inf:  # the fully masked rows really are NaN before the guard
+        out = run(model, attention_feeds(rng))
+        assert np.isfinite(out).all() and not out[0].any()
