@@ -133,6 +133,7 @@ def test_predicted_noise_matches_rounding_and_clipping() -> None:
         ("quantize{percentile=20}", "percentile must be"),
         ("quantize{format=qoperator}", "expected one of"),
         ("quantize{min-sqnr=0}", "min-sqnr must be"),
+        ("quantize{min-sqnr=30 min-sqnr-dynamic=31}", "min-sqnr-dynamic must be"),
         ("quantize{exclude=,}", None),  # an empty list: nothing excluded, accepted
     ],
 )
@@ -249,6 +250,26 @@ def test_auto_picks_static_where_the_predicted_noise_is_low(fallback: str, rng: 
     assert set(modes.values()) == {"static", fallback}
     assert result.stats["quantized"] == 3
     assert _int8_kernels(model, _feeds(rng)).total() >= 3
+    assert _min_cosine(reference, model, _feeds(rng)) > 0.99
+
+
+def test_auto_three_tiers(rng: np.random.Generator) -> None:
+    """Above min-sqnr static, between the two thresholds dynamic per tensor, below them per token."""
+    model = _model(rng)
+    _calibrate(model, rng)
+    reference = model.clone()
+    probe_model = model.clone()
+    probe_model.meta[STATS_KEY] = model.meta[STATS_KEY]
+    predicted = sorted({d["input_sqnr_db"] for d in Quantize(activations="auto")(probe_model).details.values()})
+    assert len(predicted) == 2
+    low, high = predicted
+
+    result = Quantize(activations="auto", min_sqnr=high + 1, min_sqnr_dynamic=(low + high) / 2)(model)
+
+    modes = {d["input_sqnr_db"]: d["activations"] for d in result.details.values()}
+    assert modes == {high: "dynamic", low: "dynamic-per-token"}
+    assert {"DynamicQuantizeMatMul", "DynamicQuantizeLinear"} & {n.op_type for n in model.graph}
+    assert _int8_kernels(model, _feeds(rng)).total() == 3
     assert _min_cosine(reference, model, _feeds(rng)) > 0.99
 
 

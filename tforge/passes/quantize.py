@@ -11,9 +11,12 @@ Weights are int8, symmetric, one scale per output channel (``W ~ q * s[None, :]`
   (``calib-method=absmax`` uses the observed min and max, ``percentile`` clips both ends at the
   given percentile of ``|x|``); uint8, asymmetric. Needs ``calibrate`` earlier in the pipeline.
 - ``auto``: per activation, ``static`` when the calibration statistics predict a per-tensor
-  signal-to-quantization-noise ratio of at least ``min-sqnr`` dB, else ``fallback``
-  (``dynamic-per-token`` by default, or ``dynamic``).
-  Static is the cheaper at run time; per-token the more accurate on outlier-heavy activations.
+  signal-to-quantization-noise ratio of at least ``min-sqnr`` dB; else ``dynamic`` when they
+  predict at least ``min-sqnr-dynamic`` dB (unset: never); else ``fallback``
+  (``dynamic-per-token`` by default, or ``dynamic``). The prediction is a lower bound for
+  ``dynamic``, whose range is that of one batch, inside the calibration range.
+  Static is the cheapest at run time; dynamic per tensor is one fused kernel (bias included);
+  per-token is the most accurate on outlier-heavy activations and the slowest.
 - ``dynamic``: one scale and zero point per tensor, computed at run time
   (``DynamicQuantizeLinear``); uint8, asymmetric. What ``onnxruntime.quantization.quantize_dynamic``
   does; kept for comparison.
@@ -185,7 +188,9 @@ class Quantize(Pass):
     activations: Activations = "dynamic-per-token"
     calib_method: Literal["absmax", "percentile"] = "absmax"
     percentile: float = 99.99
-    min_sqnr: float = 33.0  # auto: static per tensor at or above this predicted SQNR (dB), else `fallback`
+    min_sqnr: float = 33.0  # auto: static per tensor at or above this predicted SQNR (dB)
+    # auto, below min-sqnr: dynamic per tensor at or above this predicted SQNR (dB), else `fallback`
+    min_sqnr_dynamic: float | None = None
     # auto, below min-sqnr: per token (accurate on outlier rows) or per tensor at run time (one fused kernel)
     fallback: Literal["dynamic-per-token", "dynamic"] = "dynamic-per-token"
     exclude: tuple[str, ...] = ()  # weight names, or substrings of them, to keep in float
@@ -209,6 +214,10 @@ class Quantize(Pass):
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if not 0.0 < self.min_sqnr < 100.0:
             raise ValueError(f"min-sqnr must be in (0, 100) dB, got {self.min_sqnr}")
+        if self.min_sqnr_dynamic is not None and not 0.0 < self.min_sqnr_dynamic <= self.min_sqnr:
+            raise ValueError(
+                f"min-sqnr-dynamic must be in (0, min-sqnr={self.min_sqnr}] dB, got {self.min_sqnr_dynamic}"
+            )
         if self.fallback not in ("dynamic-per-token", "dynamic"):
             raise ValueError(f"fallback must be dynamic-per-token or dynamic, got {self.fallback!r}")
         if self.format not in ("qdq", "integer"):
@@ -299,6 +308,8 @@ class Quantize(Pass):
         lo, hi = activation_range(channel_stats, self.calib_method, self.percentile)
         sqnr = predicted_sqnr_db(channel_stats, lo, hi)
         if self.activations == "auto" and sqnr < self.min_sqnr:
+            if self.min_sqnr_dynamic is not None and sqnr >= self.min_sqnr_dynamic:
+                return _Plan("dynamic", sqnr_db=sqnr)
             return _Plan(self.fallback, sqnr_db=sqnr)
         return _Plan("static", lo=lo, hi=hi, sqnr_db=sqnr)
 
