@@ -249,6 +249,14 @@ def _build_variants(name: str, src: Path, work: Path, protocol: Int8Protocol, fe
     PassManager.parse("canonicalize,calibrate", progress=lambda _: None).run(base)
     stats = base.meta[STATS_KEY]
     _log(f"{name}: canonicalize,calibrate in {time.perf_counter() - t0:.1f}s")
+    # Rows that separate canonicalize's own gain (e.g. the attention NaN guards it drops) from
+    # the int8 lowering's: the canonical fp32 model, and ORT's quantize_dynamic applied to it.
+    canonical = work / f"{name}.canonical.onnx"
+    ort.save_model(base.clone(), canonical)
+    variants.append(Variant("tforge canonicalize (fp32)", "canonicalize", tforge.load(canonical), canonical))
+    dst = work / f"{name}.canonical-dynamic.onnx"
+    ort_quantize(canonical, dst, None)
+    variants.append(Variant("ORT quantize_dynamic after canonicalize", "canonicalize, then ORT quantize_dynamic", tforge.load(dst), dst))
     for label, spec in tforge_variants().items():
         prefix = "canonicalize,calibrate,"
         if not spec.startswith(prefix):

@@ -4,7 +4,9 @@
     python tools/bench_int8_thresholds.py smollm2 20
 
 Fewer activations quantized per token make the model faster and less accurate; this measures
-both sides of that trade against ORT's own quantizers in one run (BENCHMARKS.md, int8 re-run).
+both sides of that trade against ORT's own quantizers in one run (BENCHMARKS.md, int8 re-run):
+lower static thresholds, a dynamic per-tensor middle tier (``min-sqnr-dynamic``), and dynamic
+per tensor for everything below the static threshold (``fallback=dynamic``).
 """
 
 import sys
@@ -21,7 +23,9 @@ def variants() -> dict[str, str]:
     base = "canonicalize,calibrate,smoothquant,"
     return {
         "tforge w8a8 preset": PRESETS["w8a8"],
-        "tforge auto min-sqnr=30": base + "quantize{activations=auto min-sqnr=30}",
+        "tforge auto min-sqnr-dynamic=28": base + "quantize{activations=auto min-sqnr-dynamic=28}",
+        "tforge auto min-sqnr-dynamic=25": base + "quantize{activations=auto min-sqnr-dynamic=25}",
+        "tforge auto fallback=dynamic": base + "quantize{activations=auto fallback=dynamic}",
         "tforge auto min-sqnr=28": base + "quantize{activations=auto min-sqnr=28}",
     }
 

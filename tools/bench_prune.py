@@ -16,7 +16,7 @@ of mean-pooled embeddings against fp32 on WikiText-2 sentences of the second hal
 WikiText-2 perplexity on 512-token windows of the second half. Calibration reads the first half
 (more samples than the int8 section: the Gram matrices of 1536-wide FFN inputs need more tokens).
 Latency: one pruned model per (kind, ratio), plus the combined and the quantized rows, each timed
-against the exported fp32 model in its own interleaved pair (bench.timing_session, bench's shapes);
+against the unpruned fp32 model (after `canonicalize`) in its own interleaved pair (bench.timing_session, bench's shapes);
 the table gives the ratio of medians and, in parentheses, of 10th percentiles, which a loaded
 machine disturbs less.
 """
@@ -160,6 +160,12 @@ def _build(name: str, src: Path, work: Path, protocol: PruneProtocol) -> tuple[A
     return base, rows
 
 
+def _unpruned(base: Any, name: str, work: Path) -> Path:
+    """The canonical model before pruning, saved: the latency reference, so that a ratio is
+    pruning's alone and not also what canonicalize removed (e.g. attention NaN guards)."""
+    return ort.save_model(base.clone(), work / f"{name}.unpruned.onnx")
+
+
 def _run(name: str, label: str, spec: str, model, work: Path, index: int, skip: str = "") -> Row:
     """Run ``spec`` on ``model`` (all but its prefix ``skip``, already applied) and save it."""
     spec_to_run = spec[len(skip) :].lstrip(",") if skip and spec.startswith(skip) else spec
@@ -184,7 +190,7 @@ def _timed_rows(rows: list[Row]) -> list[Row]:
 
 
 def _latency(src: Path, rows: list[Row], feeds: dict, protocol: PruneProtocol, threads: int | None) -> Any:
-    """Each timed variant against the exported model, in pairs (interleaved, ``runs`` each).
+    """Each timed variant against the unpruned canonical model ``src``, in pairs (interleaved, ``runs`` each).
 
     On a shared 2-core machine, timing eight models round robin spreads the other jobs' load
     unevenly over them; a pair sees the same load on both sides. Returns the base timing of the
@@ -221,7 +227,7 @@ def _table(rows: list[Row], base_timing, base_params: int, accuracy_header: str,
     out = [
         f"| variant | kept per layer | params (M) | latency ratio median (p10) | {accuracy_header} | prune time (s) | pipeline |",
         "|---|---|---|---|---|---|---|",
-        f"| fp32 (exported) | - | {base_params / 1e6:.2f} | 1 ({base_timing.median_ms:.0f} ms, p10 {base_timing.p10_ms:.0f}) | {fmt(None)} | - | - |",
+        f"| fp32 (canonical, unpruned) | - | {base_params / 1e6:.2f} | 1 ({base_timing.median_ms:.0f} ms, p10 {base_timing.p10_ms:.0f}) | {fmt(None)} | - | - |",
     ]
     for r in rows:
         ratio = f"{r.latency[0]:.3f} ({r.latency[1]:.3f})" if r.latency is not None else "-"
@@ -248,7 +254,7 @@ def _minilm(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | N
         _log(f"minilm: {r.label}: cosine mean {a.mean:.4f} min {a.min:.4f}")
     feeds = verify.make_inputs(base, dims={"batch": 8, "sequence": 128}, rng=np.random.default_rng(0))
     feeds["attention_mask"][:] = 1
-    base_timing = _latency(src, rows, feeds, protocol, threads)
+    base_timing = _latency(_unpruned(base, "minilm", work), rows, feeds, protocol, threads)
 
     def fmt(acc) -> str:
         return "1.0000 / 1.0000" if acc is None else f"{acc[0]:.4f} / {acc[1]:.4f}"
@@ -286,7 +292,7 @@ def _smollm2(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | 
         _log(f"smollm2: {r.label}: perplexity {r.accuracy:.3f} ({time.perf_counter() - t0:.0f}s)")
         del session
         gc.collect()
-    base_timing = _latency(src, rows, {"input_ids": windows[:1]}, protocol, threads)
+    base_timing = _latency(_unpruned(base, "smollm2", work), rows, {"input_ids": windows[:1]}, protocol, threads)
 
     def fmt(acc) -> str:
         value = base_ppl if acc is None else acc

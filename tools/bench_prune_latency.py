@@ -1,9 +1,10 @@
-"""Latency of the pruned shapes the pruning targets name, against the exported fp32 model.
+"""Latency of the pruned shapes the pruning targets name, against the unpruned fp32 model.
 
 Run by hand on a quiet machine: `python tools/bench_prune_latency.py [RUNS]`. The shape of a
 pruned model does not depend on how channels are chosen, so `importance=magnitude` builds it
 without calibration; accuracy is `tools/bench.py --section prune`'s job. Each pruned model is
-timed interleaved with the fp32 model (ORT spinning off), and the ratio of medians printed.
+timed interleaved with the unpruned model after the same `canonicalize` (so that the ratio is
+pruning's alone) and with the exported model (ORT spinning off); ratios of medians are printed.
 """
 import os
 import sys
@@ -37,7 +38,12 @@ with tempfile.TemporaryDirectory(dir=MODELS) as work:
             feeds["attention_mask"][:] = 1
         else:
             feeds = {"input_ids": np.random.default_rng(0).integers(0, 49152, size=(1, 512)).astype(np.int64)}
-        a, b = bench.timing_session(src, None), bench.timing_session(dst, None)
-        base, pruned = ort.time_side_by_side([a, b], feeds, warmup=3, runs=runs)
-        print(f"{name} {label}: {pruned.median_ms:.1f} / {base.median_ms:.1f} ms = {pruned.median_ms / base.median_ms:.3f} "
-              f"(p10 {pruned.p10_ms / base.p10_ms:.3f}), load {os.getloadavg()[0]:.1f}", flush=True)
+        canonical = tforge.load(src)
+        PassManager.parse("canonicalize", progress=lambda _: None).run(canonical)
+        reference = ort.save_model(canonical, Path(work) / f"{name}-canonical.onnx")
+        sessions = [bench.timing_session(p, None) for p in (src, reference, dst)]
+        exported, unpruned, pruned = ort.time_side_by_side(sessions, feeds, warmup=3, runs=runs)
+        print(f"{name} {label}: {pruned.median_ms:.1f} / {unpruned.median_ms:.1f} ms = "
+              f"{pruned.median_ms / unpruned.median_ms:.3f} of the unpruned canonical model "
+              f"(p10 {pruned.p10_ms / unpruned.p10_ms:.3f}); {pruned.median_ms / exported.median_ms:.3f} "
+              f"of the exported one ({exported.median_ms:.1f} ms), load {os.getloadavg()[0]:.1f}", flush=True)
