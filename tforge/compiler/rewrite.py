@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-__all__ = ["replace_value"]
+__all__ = ["replace_value", "retype_node"]
 
 
 def replace_value(old: ir.Value, new: ir.Value) -> None:
@@ -20,3 +20,19 @@ def replace_value(old: ir.Value, new: ir.Value) -> None:
     if is_output:
         old.name = f"{name}.replaced"
         new.name = name
+
+
+def retype_node(graph: ir.Graph, node: ir.Node, op_type: str) -> ir.Node:
+    """Replace single-output ``node`` by an ``op_type`` node (default domain, no attributes) on the same inputs.
+
+    Its output keeps the old value's name, type and shape, so dumps and graph outputs read the same.
+    """
+    old = node.outputs[0]
+    new = ir.node(op_type, list(node.inputs), name=node.name)
+    graph.insert_before(node, new)
+    name, dtype, shape = old.name, old.dtype, old.shape
+    old.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    result = new.outputs[0]
+    result.name, result.dtype, result.shape = name, dtype, shape
+    return new
