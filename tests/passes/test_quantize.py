@@ -374,7 +374,9 @@ def test_minilm_w8a8_preset_keeps_sentence_embeddings(minilm_onnx: Path) -> None
 
     pm.passes = _with_calibration(pm.passes, text=WIKITEXT, tokenizer=hf_models.minilm_dir())
     report = pm.run(model)
-    assert report.passes[-1].stats["quantized"] == 36
+    by_name = {record.name: record for record in report.passes}
+    assert by_name["quantize"].stats["quantized"] == 36
+    assert by_name["ort-layernorm"].stats["residual add written as Sum"] == 13  # embeddings + 2 per layer
 
     tokenizer = hf_models.minilm_tokenizer()
     sentences = evaluate.sentences(evaluate.text_half(evaluate.read_text(WIKITEXT), "second"), 128)
