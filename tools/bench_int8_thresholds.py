@@ -23,10 +23,9 @@ def variants() -> dict[str, str]:
     base = "canonicalize,calibrate,smoothquant,"
     return {
         "tforge w8a8 preset": PRESETS["w8a8"],
-        "tforge auto min-sqnr-dynamic=28": base + "quantize{activations=auto min-sqnr-dynamic=28}",
-        "tforge auto min-sqnr-dynamic=25": base + "quantize{activations=auto min-sqnr-dynamic=25}",
-        "tforge auto fallback=dynamic": base + "quantize{activations=auto fallback=dynamic}",
-        "tforge auto min-sqnr=28": base + "quantize{activations=auto min-sqnr=28}",
+        "tforge preset without ort-layernorm": base + "quantize{activations=auto}",
+        "tforge auto min-sqnr-dynamic=28, ort-layernorm": base + "quantize{activations=auto min-sqnr-dynamic=28},ort-layernorm",
+        "tforge auto fallback=dynamic, ort-layernorm": base + "quantize{activations=auto fallback=dynamic},ort-layernorm",
     }
 
 

@@ -4,7 +4,8 @@ Run by hand on a quiet machine: `python tools/bench_prune_latency.py [RUNS]`. Th
 pruned model does not depend on how channels are chosen, so `importance=magnitude` builds it
 without calibration; accuracy is `tools/bench.py --section prune`'s job. Each pruned model is
 timed interleaved with the unpruned model after the same `canonicalize` (so that the ratio is
-pruning's alone) and with the exported model (ORT spinning off); ratios of medians are printed.
+pruning's alone), both also with `ort-layernorm` at the end, and with the exported model (ORT
+spinning off); ratios of medians are printed.
 """
 import os
 import sys
@@ -27,23 +28,36 @@ cases = [
     ("minilm", "heads 25% + FFN 25%", "canonicalize,prune-heads{ratio=0.25 importance=magnitude},prune-ffn{ratio=0.25 importance=magnitude}"),
     ("smollm2", "heads 25% + FFN 25%", "canonicalize,prune-heads{ratio=0.25 importance=magnitude},prune-ffn{ratio=0.25 importance=magnitude}"),
 ]
+
+
+def build(src: Path, spec: str, dst: Path) -> Path:
+    model = tforge.load(src)
+    PassManager.parse(spec, progress=lambda _: None).run(model)
+    return ort.save_model(model, dst)
+
+
 with tempfile.TemporaryDirectory(dir=MODELS) as work:
     for name, label, spec in cases:
         src = MODELS / f"{name}.onnx"
-        model = tforge.load(src)
-        PassManager.parse(spec, progress=lambda _: None).run(model)
-        dst = ort.save_model(model, Path(work) / f"{name}-{len(label)}.onnx")
+        # each pruned model is timed as pipelines end for ORT (ort-layernorm) and without that step,
+        # each against the unpruned canonical model treated alike, so that a ratio is pruning's alone
+        paths = {
+            "exported": src,
+            "unpruned": build(src, "canonicalize", Path(work) / f"{name}-unpruned.onnx"),
+            "unpruned, ort-layernorm": build(src, "canonicalize,ort-layernorm", Path(work) / f"{name}-unpruned-ortln.onnx"),
+            "pruned": build(src, spec, Path(work) / f"{name}-{len(label)}.onnx"),
+            "pruned, ort-layernorm": build(src, spec + ",ort-layernorm", Path(work) / f"{name}-{len(label)}-ortln.onnx"),
+        }
         if name == "minilm":
-            feeds = verify.make_inputs(model, dims={"batch": 8, "sequence": 128}, rng=np.random.default_rng(0))
+            feeds = verify.make_inputs(tforge.load(src), dims={"batch": 8, "sequence": 128}, rng=np.random.default_rng(0))
             feeds["attention_mask"][:] = 1
         else:
             feeds = {"input_ids": np.random.default_rng(0).integers(0, 49152, size=(1, 512)).astype(np.int64)}
-        canonical = tforge.load(src)
-        PassManager.parse("canonicalize", progress=lambda _: None).run(canonical)
-        reference = ort.save_model(canonical, Path(work) / f"{name}-canonical.onnx")
-        sessions = [bench.timing_session(p, None) for p in (src, reference, dst)]
-        exported, unpruned, pruned = ort.time_side_by_side(sessions, feeds, warmup=3, runs=runs)
-        print(f"{name} {label}: {pruned.median_ms:.1f} / {unpruned.median_ms:.1f} ms = "
-              f"{pruned.median_ms / unpruned.median_ms:.3f} of the unpruned canonical model "
-              f"(p10 {pruned.p10_ms / unpruned.p10_ms:.3f}); {pruned.median_ms / exported.median_ms:.3f} "
-              f"of the exported one ({exported.median_ms:.1f} ms), load {os.getloadavg()[0]:.1f}", flush=True)
+        sessions = [bench.timing_session(p, None) for p in paths.values()]
+        t = dict(zip(paths, ort.time_side_by_side(sessions, feeds, warmup=3, runs=runs), strict=True))
+        print(f"{name} {label} (load {os.getloadavg()[0]:.1f}), median ms: "
+              + ", ".join(f"{k} {v.median_ms:.1f}" for k, v in t.items()), flush=True)
+        for suffix in ("", ", ort-layernorm"):
+            a, b = t["pruned" + suffix], t["unpruned" + suffix]
+            print(f"  pruned / unpruned{suffix or ' (canonical)'}: {a.median_ms / b.median_ms:.3f} "
+                  f"(p10 {a.p10_ms / b.p10_ms:.3f}); / exported {a.median_ms / t['exported'].median_ms:.3f}", flush=True)
