@@ -141,21 +141,11 @@ class Variant:
 def timing_session(path: Path, threads: int | None):
     """An ORT session (all graph optimizations, CPU) with idle spinning off, for side-by-side timing.
 
-    After a run, ORT's intra-op threads spin for a while waiting for more work. Timing several
-    sessions round robin in one process on 2 cores, those spinning threads steal the CPU from the
-    next session: a float 1024x384x1536 MatMul measured 58 ms median interleaved with five int8
-    variants, 11.5 ms with spinning off, and graphs of many small ops suffered most.
+    After a run, ORT's intra-op threads spin for a while waiting for more work; timing several
+    sessions round robin on 2 cores, they steal the CPU from the next session (see
+    ``ort.create_session(spin=False)``).
     """
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(str(path), options, providers=ort.PROVIDERS)
+    return ort.create_session(path, optimize=True, threads=threads, spin=False)
 
 
 def _log(message: str) -> None:
