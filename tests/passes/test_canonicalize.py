@@ -150,3 +150,17 @@ def test_nan_guard_kept_when_the_mask_can_be_non_finite(masked: float, rng: np.r
     if masked == -np.inf:  # the fully masked rows really are NaN before the guard
         out = run(model, attention_feeds(rng))
         assert np.isfinite(out).all() and not out[0].any()
+
+
+def test_nan_guard_kept_in_float16() -> None:
+    """In float16, finfo.min plus a score below -16 overflows to -inf: the guard can fire."""
+    text = GUARDED_ATTENTION.replace("float[B", "float16[B").replace("<float zero, float masked, float scale>", "<float16 zero, float16 masked, float16 scale>")
+    model = testing.model_from_onnx_text(
+        text,
+        zero=np.array(0.0, np.float16),
+        masked=np.array(np.finfo(np.float16).min, np.float16),
+        scale=np.array(0.5, np.float16),
+    )
+    result = Canonicalize()(model)
+    assert not result.stats["softmax NaN guard dropped"]
+

@@ -375,7 +375,8 @@ def _drop_softmax_nan_guards(model: ir.Model) -> int:
     case, but writes its boolean mask as ``Where(mask, 0, finfo.min)``: a fully masked row then
     softmaxes to a uniform row, never NaN. With every constant on the way finite, the guard can
     fire only if the scores themselves are non-finite (activations that are already inf or NaN,
-    or an overflow past 3.4e38); outputs for all other inputs are unchanged bit for bit.
+    or an overflow past 3.4e38); outputs for all other inputs are unchanged bit for bit. Only
+    float32 and float64 Softmaxes qualify: in float16 the mask itself sits at the edge of the range.
     """
     count = 0
     for node in list(model.graph):
@@ -394,6 +395,9 @@ def _drop_softmax_nan_guards(model: ir.Model) -> int:
             or zeros is None
             or zeros.size != 1
             or zeros.reshape(()) != 0
+            # float16: finfo.min + a score below -16 already overflows to -inf, so a fully
+            # masked row can be all -inf and NaN; float32 needs scores beyond 1e31
+            or softmax.inputs[0].dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE)
             or not _softmax_input_is_finite(softmax.inputs[0])
         ):
             continue
