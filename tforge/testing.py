@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +26,16 @@ from tforge.errors import UnsupportedModelError, VerificationError
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 UPDATE_ENV = "TFORGE_UPDATE_GOLDENS"
+
+
+def random_float_initializers(text: str, rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """``scale`` times standard normal values for every float initializer declared in the
+    ``<float[8] g, ...>`` section of ONNX ``text``, drawn in declaration order."""
+    declared = text.split("{")[0].rsplit("<", 1)[1]
+    return {
+        name: rng.normal(size=tuple(int(d) for d in dims.split(","))) * scale
+        for dims, name in re.findall(r"float\[([\d, ]+)\] (\w+)", declared)
+    }
 
 
 def model_from_onnx_text(text: str, **initializers: np.ndarray) -> ir.Model:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -87,11 +85,7 @@ block (float[B, 8] x) => (float[B, 8] h, float[B, 8] y)
 
 def _ln_model(text: str, rng: np.random.Generator, *, gamma: np.ndarray | None = None) -> ir.Model:
     """Random values for every float initializer declared in ``text``; gamma away from 0."""
-    declared = text.split("{")[0].rsplit("<", 1)[1]
-    arrays = {
-        name: rng.normal(size=tuple(int(d) for d in dims.split(",")))
-        for dims, name in re.findall(r"float\[([\d, ]+)\] (\w+)", declared)
-    }
+    arrays = testing.random_float_initializers(text, rng)
     arrays["gamma"] = gamma if gamma is not None else rng.uniform(0.2, 3.0, 8) * rng.choice([-1, 1], 8)
     return testing.model_from_onnx_text(text, **arrays)
 

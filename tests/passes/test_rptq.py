@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 import tforge
+from tests.models import tiny
 from tforge import testing
 from tforge.backends import ort as ort_backend
 from tforge.compiler import verify
@@ -19,41 +18,7 @@ from tforge.errors import PassConfigError, PreconditionError
 from tforge.passes.math import clustering
 from tforge.passes.rptq import Rptq
 
-# Pre-norm block: LN -> 2-head attention (V with bias) -> residual -> LN -> ReLU FFN -> residual.
-BLOCK = """
-<ir_version: 10, opset_import: ["" : 18]>
-block (float[B, 4, 8] x) => (float[B, 4, 8] y)
-<float[8] g1, float[8] b1, float[8, 8] wq, float[8, 8] wk, float[8, 8] wv, float[8] bv,
- float[8, 8] wo, float[8] bo, int64[4] heads, int64[3] merged,
- float[8] g2, float[8] b2, float[8, 16] wu, float[16] bu, float[16, 8] wd>
-{
-    h = LayerNormalization <axis = -1> (x, g1, b1)
-    q = MatMul (h, wq)
-    k = MatMul (h, wk)
-    v0 = MatMul (h, wv)
-    v = Add (v0, bv)
-    q4 = Reshape (q, heads)
-    qt = Transpose <perm = [0, 2, 1, 3]> (q4)
-    k4 = Reshape (k, heads)
-    kt = Transpose <perm = [0, 2, 3, 1]> (k4)
-    v4 = Reshape (v, heads)
-    vt = Transpose <perm = [0, 2, 1, 3]> (v4)
-    s = MatMul (qt, kt)
-    p = Softmax <axis = -1> (s)
-    c = MatMul (p, vt)
-    ct = Transpose <perm = [0, 2, 1, 3]> (c)
-    cm = Reshape (ct, merged)
-    o0 = MatMul (cm, wo)
-    o = Add (o0, bo)
-    r = Add (x, o)
-    h2 = LayerNormalization <axis = -1> (r, g2, b2)
-    u0 = MatMul (h2, wu)
-    u = Add (u0, bu)
-    a = Relu (u)
-    d = MatMul (a, wd)
-    y = Add (r, d)
-}
-"""
+BLOCK = tiny.pre_norm_block()
 
 # The FFN intermediate is also a graph output: up -> down cannot be permuted for free.
 LEAKY = """
@@ -72,18 +37,14 @@ block (float[B, 4, 8] x) => (float[B, 4, 8] y, float[B, 4, 16] a)
 
 def _model(text: str, rng: np.random.Generator) -> ir.Model:
     """Random weights; gammas and V/up columns with outliers so that channel ranges differ a lot."""
-    declared = text.split("{")[0].rsplit("<", 1)[1]
-    arrays: dict[str, np.ndarray] = {
-        name: rng.normal(size=tuple(int(d) for d in dims.split(","))) * 0.5
-        for dims, name in re.findall(r"float\[([\d, ]+)\] (\w+)", declared)
-    }
+    arrays = testing.random_float_initializers(text, rng, scale=0.5)
     for g in ("g1", "g2"):
         if g in arrays:
             arrays[g] = rng.uniform(0.2, 1.0, 8) * np.where(rng.random(8) < 0.25, 15.0, 1.0)
     for w in ("wv", "wu"):
         if w in arrays:
             arrays[w] *= np.exp(rng.normal(size=arrays[w].shape[1]))[None, :]
-    if "heads" in declared:
+    if "int64[4] heads" in text:
         arrays["heads"] = np.array([0, 4, 2, 4], np.int64)
         arrays["merged"] = np.array([0, 4, 8], np.int64)
     return testing.model_from_onnx_text(text, **arrays)
