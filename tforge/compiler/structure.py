@@ -292,6 +292,33 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def nan_guarded_softmax(node: ir.Node) -> ir.Node | None:
+    """The Softmax guarded by ``node`` if it is ``Where(IsNaN(p), 0, p)`` on that Softmax's output ``p``.
+
+    torch's SDPA export writes this guard after every attention Softmax: it turns the NaN row of a
+    fully ``-inf``-masked query into zeros. Any other ``Where`` (another fill value, another
+    condition) returns None.
+    """
+    if node.op_type != "Where" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 3:
+        return None
+    cond, fill, probs = node.inputs
+    isnan = cond.producer() if cond is not None else None
+    softmax = probs.producer() if probs is not None else None
+    zero = const_array(fill)
+    if (
+        isnan is None
+        or isnan.op_type != "IsNaN"
+        or isnan.inputs[0] is not probs
+        or softmax is None
+        or softmax.op_type != "Softmax"
+        or zero is None
+        or zero.size != 1
+        or zero.reshape(()) != 0
+    ):
+        return None
+    return softmax
+
+
 def _scalar(value: ir.Value | None) -> float | None:
     arr = const_array(value)
     if arr is None or arr.size != 1:

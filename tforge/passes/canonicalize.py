@@ -34,6 +34,7 @@ from onnxscript.rewriter.rules.fusion import _layer_norm
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import replace_value, retype_node
+from tforge.compiler.structure import nan_guarded_softmax
 from tforge.errors import PassConfigError
 
 logger = logging.getLogger(__name__)
@@ -380,28 +381,16 @@ def _drop_softmax_nan_guards(model: ir.Model) -> int:
     """
     count = 0
     for node in list(model.graph):
-        if node.op_type != "Where" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 3:
-            continue
-        cond, zero, probs = node.inputs
-        isnan = cond.producer() if cond is not None else None
-        softmax = probs.producer() if probs is not None else None
-        zeros = _const(zero)
+        softmax = nan_guarded_softmax(node)
         if (
-            isnan is None
-            or isnan.op_type != "IsNaN"
-            or isnan.inputs[0] is not probs
-            or softmax is None
-            or softmax.op_type != "Softmax"
-            or zeros is None
-            or zeros.size != 1
-            or zeros.reshape(()) != 0
+            softmax is None
             # float16: finfo.min + a score below -16 already overflows to -inf, so a fully
             # masked row can be all -inf and NaN; float32 needs scores beyond 1e31
             or softmax.inputs[0].dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE)
             or not _softmax_input_is_finite(softmax.inputs[0])
         ):
             continue
-        replace_value(node.outputs[0], probs)
+        replace_value(node.outputs[0], softmax.outputs[0])
         count += 1
     return count
 

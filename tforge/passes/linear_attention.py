@@ -65,7 +65,7 @@ from tforge.compiler.calibration import FEEDS_KEY, npz_feeds, text_feeds
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import replace_value
-from tforge.compiler.structure import Attention, const_array, find_blocks
+from tforge.compiler.structure import Attention, const_array, find_blocks, nan_guarded_softmax
 from tforge.errors import PreconditionError
 from tforge.passes.ln_migrate import ConstantRewriter
 from tforge.passes.math import linear_attention as la
@@ -215,15 +215,7 @@ def _analyse(index: int, attn: Attention, graph: ir.Graph) -> _Site:
     probs_in = attn.context_matmul.inputs[0]
     if probs_in is not attn.softmax.outputs[0]:
         guard = probs_in.producer() if probs_in is not None else None
-        ok = (
-            guard is not None
-            and guard.op_type == "Where"
-            and guard.inputs[2] is attn.softmax.outputs[0]
-            and guard.inputs[0] is not None
-            and guard.inputs[0].producer() is not None
-            and guard.inputs[0].producer().op_type == "IsNaN"  # type: ignore[union-attr]
-        )
-        if not ok:
+        if guard is None or nan_guarded_softmax(guard) is not attn.softmax:
             raise _Skip("skipped: ops between the Softmax and the context MatMul are not supported")
     key_mask = None
     if mask_add is not None:
