@@ -247,7 +247,7 @@ def _build_variants(name: str, src: Path, work: Path, protocol: Int8Protocol, fe
     fp32_best = base.clone()
     parse_pipeline("ort-layernorm")[0](fp32_best)
     canonical = ort.save_model(fp32_best, work / f"{name}.canonical.onnx")
-    variants.append(Variant("tforge fp32", "canonicalize,ort-layernorm", tforge.load(canonical), canonical))
+    variants.append(Variant("tforge fp32", "canonicalize,ort-layernorm", fp32_best, canonical))
     dst = work / f"{name}.canonical-dynamic.onnx"
     ort_quantize(canonical, dst, None)
     variants.append(Variant("ORT quantize_dynamic of tforge fp32", "canonicalize,ort-layernorm, then ORT quantize_dynamic", tforge.load(dst), dst))
