@@ -304,6 +304,18 @@ def missing_stats_reason(model: ir.Model) -> str:
     return "none are attached to this model"
 
 
+def require_stats(model: ir.Model, what: str, remedy: str) -> CalibrationStats:
+    """The statistics attached to ``model``; without them a PreconditionError that says why.
+
+    The message reads ``"<what> needs calibration statistics, but <why>; <remedy>"``, e.g.
+    ``what="smoothquant:"``, ``remedy="run 'calibrate' right before 'smoothquant'"``.
+    """
+    stats = attached_stats(model)
+    if stats is None:
+        raise PreconditionError(f"{what} needs calibration statistics, but {missing_stats_reason(model)}; {remedy}")
+    return stats
+
+
 # ----------------------------------------------------------------------------- running the model
 
 Feed = Mapping[str, np.ndarray]

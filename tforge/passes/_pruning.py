@@ -15,10 +15,10 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.calibration import ChannelStats, attached_stats, missing_stats_reason
+from tforge.compiler import calibration
+from tforge.compiler.calibration import ChannelStats, attached_stats
 from tforge.compiler.pass_infra import mark_provenance
 from tforge.compiler.structure import BlockMap, Linear, const_array
-from tforge.errors import PreconditionError
 from tforge.passes.ln_migrate import ConstantRewriter, current_weight
 from tforge.passes.math import compensation, importance
 
@@ -198,11 +198,11 @@ def compensate_rows(
 
 def require_stats(model: ir.Model, pass_name: str, importance: str) -> None:
     """PreconditionError when a data-driven importance finds no (or only stale) statistics."""
-    if importance != "magnitude" and attached_stats(model) is None:
-        raise PreconditionError(
-            f"{pass_name}: importance={importance} needs calibration statistics, but "
-            f"{missing_stats_reason(model)}; add 'calibrate' right before '{pass_name}' "
-            "or use importance=magnitude"
+    if importance != "magnitude":
+        calibration.require_stats(
+            model,
+            f"{pass_name}: importance={importance}",
+            f"add 'calibrate' right before '{pass_name}' or use importance=magnitude",
         )
 
 

@@ -64,7 +64,7 @@ from tforge.compiler.calibration import (
     CalibrationStats,
     ChannelStats,
     attached_stats,
-    missing_stats_reason,
+    require_stats,
 )
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
@@ -226,11 +226,12 @@ class Quantize(Pass):
             raise ValueError("exclude holds an empty name, which would match every linear")
 
     def check(self, model: ir.Model) -> None:
-        if self.activations in ("static", "auto") and attached_stats(model) is None:
-            raise PreconditionError(
-                f"quantize: activations={self.activations} needs calibration statistics, but "
-                f"{missing_stats_reason(model)}; add 'calibrate' before 'quantize' (with --calib-text FILE "
-                "--tokenizer PATH) or use activations=dynamic-per-token"
+        if self.activations in ("static", "auto"):
+            require_stats(
+                model,
+                f"quantize: activations={self.activations}",
+                "add 'calibrate' before 'quantize' (with --calib-text FILE --tokenizer PATH) "
+                "or use activations=dynamic-per-token",
             )
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         if opset < _MIN_OPSET:

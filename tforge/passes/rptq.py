@@ -61,12 +61,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.calibration import CalibrationStats, ChannelStats, attached_stats
+from tforge.compiler.calibration import CalibrationStats, ChannelStats, require_stats
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import replace_value
 from tforge.compiler.structure import FFN, Attention, Linear, const_array, find_blocks, static_dims
-from tforge.errors import PassConfigError, PreconditionError
+from tforge.errors import PassConfigError
 from tforge.passes.ln_migrate import ConstantRewriter, current_weight
 from tforge.passes.math import clustering
 from tforge.passes.quantize import quantize_weight
@@ -77,6 +77,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Rptq", "permuted_stats"]
 
 _MS = "com.microsoft"
+_CALIBRATE_FIRST = "run 'calibrate' right before 'rptq'"
 _ELEMENTWISE = frozenset(
     {
         "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",
@@ -149,15 +150,10 @@ class Rptq(Pass):
             )
 
     def check(self, model: ir.Model) -> None:
-        if attached_stats(model) is None:
-            raise PreconditionError(
-                "rptq: no calibration statistics are attached to the model; run 'calibrate' right before 'rptq'"
-            )
+        require_stats(model, "rptq:", _CALIBRATE_FIRST)
 
     def run(self, model: ir.Model) -> PassResult:
-        calib = attached_stats(model)
-        if calib is None:
-            raise PreconditionError("rptq: no calibration statistics are attached")
+        calib = require_stats(model, "rptq:", _CALIBRATE_FIRST)
         stats: Counter[str] = Counter()
         rewriter = ConstantRewriter(model, self.name)
         block_map = find_blocks(model)

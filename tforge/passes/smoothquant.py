@@ -36,7 +36,7 @@ from tforge.compiler.calibration import (
     CalibrationStats,
     ChannelStats,
     attached_stats,
-    missing_stats_reason,
+    require_stats,
 )
 from tforge.compiler.pass_infra import Pass, PassResult, Property
 from tforge.compiler.registry import register_pass
@@ -110,11 +110,7 @@ class SmoothQuant(Pass):
             )
 
     def check(self, model: ir.Model) -> None:
-        if attached_stats(model) is None:
-            raise PreconditionError(
-                f"smoothquant: needs calibration statistics, but {missing_stats_reason(model)}; "
-                "run 'calibrate' right before 'smoothquant'"
-            )
+        require_stats(model, "smoothquant:", "run 'calibrate' right before 'smoothquant'")
 
     def run(self, model: ir.Model) -> PassResult:
         calib = attached_stats(model)
