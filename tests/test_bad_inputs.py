@@ -121,34 +121,18 @@ def test_strict_refuses_what_is_otherwise_skipped(
     model = writer(tmp_path)
     npz = tmp_path / "calib.npz"
     np.savez(npz, x=np.random.default_rng(0).normal(size=(3, 2, 8)).astype(np.float32))
-    passes = "canonicalize,calibrate,ln-migrate,smoothquant,quantize"
+    def compile_to(output: str, *options: str) -> tuple[int, str, str]:
+        return _compile(
+            capsys, str(model), "--passes", "canonicalize,calibrate,ln-migrate,smoothquant,quantize",
+            "--calib-npz", str(npz), "-o", str(tmp_path / output), *options,
+        )  # fmt: skip
 
-    code, stdout, stderr = _compile(
-        capsys,
-        str(model),
-        "--passes",
-        passes,
-        "--calib-npz",
-        str(npz),
-        "-o",
-        str(tmp_path / "lax.onnx"),
-        "--pass-statistics",
-    )
+    code, stdout, stderr = compile_to("lax.onnx", "--pass-statistics")
     assert code == 0, stderr  # without --strict: compiled, nothing found to migrate
     assert (tmp_path / "lax.onnx").exists()
     assert "ln-migrate:\nsmoothquant:" in stdout  # no norm, so no statistic at all for ln-migrate
 
-    code, _, stderr = _compile(
-        capsys,
-        str(model),
-        "--passes",
-        passes,
-        "--calib-npz",
-        str(npz),
-        "-o",
-        str(tmp_path / "strict.onnx"),
-        "--strict",
-    )
+    code, _, stderr = compile_to("strict.onnx", "--strict")
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and expected in lines[0], stderr
     assert "before calibrate" in lines[0]  # refused before any ORT run

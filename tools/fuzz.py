@@ -47,9 +47,11 @@ def run_mutate(cases: int, seed: int, compile_: bool, keep: Path | None) -> dict
     crashes: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="tforge-fuzz-") as tmp:
         models = seeds(Path(tmp))
+        names = sorted(models)
+        seed_bytes = {name: models[name].read_bytes() for name in names}
         for i in range(cases):
-            name = rng.choice(sorted(models))
-            data = mutate(models[name].read_bytes(), rng)
+            name = rng.choice(names)
+            data = mutate(seed_bytes[name], rng)
             path = models[name].parent / "fuzz.onnx"
             path.write_bytes(data)
             stage = "load"
@@ -60,19 +62,13 @@ def run_mutate(cases: int, seed: int, compile_: bool, keep: Path | None) -> dict
                     stage = "compile"
                     PassManager.parse("canonicalize", progress=lambda _: None).run(model)
                     counts["compiled"] += 1
-            except PassError as e:
-                cause = e.__cause__ or e
-                key = f"{stage}: {type(cause).__name__} at {_where(cause)}"
-                counts[f"crash ({stage})"] += 1
-                crashes.setdefault(key, {"count": 0, "example": str(e)[:300], "case": i})[
-                    "count"
-                ] += 1
-                if keep:
-                    (keep / f"crash-{i}.onnx").write_bytes(data)
-            except TforgeError:
-                counts["refused" if stage == "load" else "refused by a pass"] += 1
             except Exception as e:  # noqa: BLE001 - what the fuzzer looks for
-                key = f"{stage}: {type(e).__name__} at {_where(e)}"
+                if isinstance(e, TforgeError) and not isinstance(e, PassError):
+                    counts["refused" if stage == "load" else "refused by a pass"] += 1
+                    continue
+                # a PassError wraps a pass's own crash: report where the cause was raised
+                cause = (e.__cause__ or e) if isinstance(e, PassError) else e
+                key = f"{stage}: {type(cause).__name__} at {_where(cause)}"
                 counts[f"crash ({stage})"] += 1
                 crashes.setdefault(key, {"count": 0, "example": str(e)[:300], "case": i})[
                     "count"
