@@ -383,7 +383,10 @@ def build(
         },
     )
     if check_numerics:
+        from tforge.backends import ort
+
         quantized = any(node.op_type in _INTEGER_OPS for node in model.graph)
+        reference = ort.create_session(model, optimize=False)  # one session for every check
         artifact.meta["numerics"] = [
             compare_with_ort(
                 artifact,
@@ -391,6 +394,7 @@ def build(
                 feeds,
                 rtol=None if quantized else rtol,
                 min_cosine=min_cosine if quantized else None,
+                session=reference,
             )
             for feeds in _check_feeds(model, artifact)
         ]
@@ -404,12 +408,15 @@ def compare_with_ort(
     *,
     rtol: float | None = FP32_RTOL,
     min_cosine: float | None = None,
+    session: Any = None,
 ) -> dict[str, Any]:
     """Run ``feeds`` through the artifact and ORT (optimizations off); raise beyond ``rtol`` or
-    below ``min_cosine`` (the mean cosine between rows along the last axis)."""
+    below ``min_cosine`` (the mean cosine between rows along the last axis). ``session``: an ORT
+    session of ``model`` with optimizations off, to reuse over several calls (else one is opened)."""
     from tforge.backends import ort
 
-    session = ort.create_session(model, optimize=False)
+    if session is None:
+        session = ort.create_session(model, optimize=False)
     expected = ort.run(session, feeds)
     got = artifact.run(feeds)
     shape = {k: list(v.shape) for k, v in feeds.items()}
