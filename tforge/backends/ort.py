@@ -28,6 +28,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from tforge.compiler import spill
 from tforge.errors import PreconditionError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def save_model(
     if external_data is None:
         # a model whose rewritten weights were spilled (compiler/spill.py) is too large to
         # inline: the single-file path would read every weight into memory at once
-        external_data = weight_bytes > PROTO_WEIGHT_LIMIT or bool(model.meta.get("tforge.spill"))
+        external_data = weight_bytes > PROTO_WEIGHT_LIMIT or bool(model.meta.get(spill.SPILL_KEY))
     elif not external_data and weight_bytes > PROTO_WEIGHT_LIMIT:
         raise UnsupportedModelError(
             f"save: {weight_bytes / 2**30:.1f} GiB of weights do not fit in one ONNX file "
@@ -236,8 +237,6 @@ def create_session(
     if not isinstance(model, ir.Model):
         return _open(str(model), options, str(model))
     label = f"model '{model.graph.name or 'main'}'"
-    from tforge.compiler import spill
-
     if model.meta.get(spill.SPILL_KEY):  # set by PassManager.run for models of >= 1 GiB
         # a model larger than memory: prepacking would copy every MatMul weight into the
         # process (the size of the model), and one session would map all of its weights
@@ -370,6 +369,9 @@ class PiecewiseSession:
                 for v in node.inputs:
                     if v is not None and v.name not in initializers:
                         last_use[v.name] = max(last_use.get(v.name, -1), k)
+        header = onnx.ModelProto()  # the model without its graph: opsets, IR version, functions
+        header.CopyFrom(proto)
+        header.ClearField("graph")
         pieces = []
         folder = Path(self._folder.name)
         for k, (a, b) in enumerate(ranges):
@@ -393,7 +395,7 @@ class PiecewiseSession:
             for name in outputs:
                 sub.output.append(self._info(infos, graph, name))
             piece = onnx.ModelProto()
-            piece.CopyFrom(proto)
+            piece.CopyFrom(header)
             piece.graph.CopyFrom(sub)
             path = folder / f"piece{k}.onnx"
             path.write_bytes(piece.SerializeToString())
@@ -419,7 +421,7 @@ class PiecewiseSession:
             tensor.data_location = onnx.TensorProto.DEFAULT
             tensor.raw_data = source.tobytes()
             return
-        data.write(b"\0" * (-data.tell() % 65536))  # aligned, so that ORT can map it
+        data.write(b"\0" * (-data.tell() % spill.ALIGN))  # aligned, so that ORT can map it
         offset = data.tell()
         with open(source.path, "rb") as src:
             src.seek(source.offset or 0)

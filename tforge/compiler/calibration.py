@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from tforge.compiler import spill
 from tforge.errors import PassConfigError, PreconditionError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -371,8 +372,8 @@ def calibrate_model(
             "could be calibrated; name the activations to calibrate explicitly"
         )
     clone = model.clone()
-    if model.meta.get("tforge.spill"):  # a model larger than memory: run it in pieces (backends/ort.py)
-        clone.meta["tforge.spill"] = True
+    if model.meta.get(spill.SPILL_KEY):  # a model larger than memory: run it in pieces (backends/ort.py)
+        clone.meta[spill.SPILL_KEY] = True
     graph_inputs = {v.name: v for v in clone.graph.inputs}
     by_name = _values_by_name(clone.graph)
     unknown = [n for n in names if n not in by_name]

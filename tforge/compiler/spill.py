@@ -32,7 +32,7 @@ SPILL_KEY = "tforge.spill"
 SPILL_THRESHOLD = 1 << 30
 #: tensors smaller than this stay in memory (norm parameters, biases, scales)
 MIN_SPILL_BYTES = 1 << 20
-_ALIGN = 1 << 16  # offsets aligned for mmap, as ORT and onnx_ir want them
+ALIGN = 1 << 16  # offsets aligned for mmap, as ORT and onnx_ir want them
 
 _SCRATCH: dict[int, _Scratch] = {}
 
@@ -47,7 +47,7 @@ class _Scratch:
         self.offset = 0
 
     def append(self, array: np.ndarray) -> tuple[int, int]:
-        pad = -self.offset % _ALIGN
+        pad = -self.offset % ALIGN
         if pad:
             self.file.write(b"\0" * pad)
             self.offset += pad
