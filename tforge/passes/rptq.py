@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -69,6 +69,7 @@ from tforge.compiler.structure import FFN, Attention, Linear, const_array, find_
 from tforge.errors import PassConfigError
 from tforge.passes.ln_migrate import ConstantRewriter, current_weight
 from tforge.passes.math import clustering
+from tforge.passes.math.smoothing import kv_channel_groups
 from tforge.passes.quantize import quantize_weight
 from tforge.passes.smoothquant import value_columns
 
@@ -226,16 +227,14 @@ class Rptq(Pass):
             return
         found = self._cluster(st)
         perm = clustering.contiguous_permutation(found.labels)
-        if not np.array_equal(perm, np.arange(perm.shape[0])):
+
+        def permute() -> None:
             for lin in (ffn.up, ffn.gate):
                 if lin is not None:
                     _permute_columns(rewriter, lin, perm)
             _permute_rows(rewriter, [ffn.down], perm)
-            calib.stats[x.name or ""] = permuted_stats(st, perm)
-            stats["reordered: up->down (free)"] += 1
-        else:
-            stats["already contiguous: up->down"] += 1
-        sites[id(x)] = _Site("up->down", x, found.labels[perm], found.count, perm=perm)
+
+        _commit_free_reordering("up->down", "free", x, st, found, perm, permute, calib, stats, sites)
 
     def _reorder_v_o(
         self,
@@ -272,16 +271,15 @@ class Rptq(Pass):
         hi = st.max.reshape(kv_heads, group, hd).max(axis=1).reshape(-1)
         keys = _nearest_centre(lo, hi, found.centres)
         v_perm = clustering.within_blocks_permutation(keys, hd)  # over V's kv_heads * hd columns
-        local = v_perm.reshape(kv_heads, hd) - (np.arange(kv_heads) * hd)[:, None]
-        o_perm = np.concatenate([h * hd + local[h // group] for h in range(heads)]).astype(np.int64)
-        if not np.array_equal(v_perm, np.arange(v_perm.shape[0])):
+        # O's input channel c reads V channel g[c]; it moves within its head as g[c] does
+        g = kv_channel_groups(heads, kv_heads, hd)
+        o_perm = (np.arange(heads * hd) - g + v_perm[g]).astype(np.int64)
+
+        def permute() -> None:
             _permute_columns(rewriter, attn.v, v_perm, start)
             _permute_rows(rewriter, [attn.o], o_perm)
-            calib.stats[x.name or ""] = permuted_stats(st, o_perm)
-            stats["reordered: v->o (free, inside heads)"] += 1
-        else:
-            stats["already contiguous: v->o"] += 1
-        sites[id(x)] = _Site("v->o", x, found.labels[o_perm], found.count, perm=o_perm)
+
+        _commit_free_reordering("v->o", "free, inside heads", x, st, found, o_perm, permute, calib, stats, sites)
 
     def _reorder_input(
         self,
@@ -379,6 +377,29 @@ class Rptq(Pass):
 
 
 # ----------------------------------------------------------------------------- plumbing
+
+
+def _commit_free_reordering(
+    kind: str,
+    how: str,
+    x: ir.Value,
+    st: ChannelStats,
+    found: clustering.ChannelClusters,
+    perm: np.ndarray,
+    permute: Callable[[], None],
+    calib: CalibrationStats,
+    stats: Counter[str],
+    sites: dict[int, _Site],
+) -> None:
+    """Reorder activation ``x`` by ``perm`` through its producer's and reader's weights (``permute``)
+    unless ``perm`` is the identity, keep its statistics in the new order, and record the site."""
+    if np.array_equal(perm, np.arange(perm.shape[0])):
+        stats[f"already contiguous: {kind}"] += 1
+    else:
+        permute()
+        calib.stats[x.name or ""] = permuted_stats(st, perm)
+        stats[f"reordered: {kind} ({how})"] += 1
+    sites[id(x)] = _Site(kind, x, found.labels[perm], found.count, perm=perm)
 
 
 def permuted_stats(st: ChannelStats, perm: np.ndarray) -> ChannelStats:
@@ -572,6 +593,7 @@ def _integer(
             dtype=ir.DataType.UINT8,
             attributes={"axis": -1},
         )
+    slice_axis: ir.Value | None = None  # one [-1] for every Slice of this site
     for c in range(site.count):
         idx = np.flatnonzero(site.labels == c).astype(np.int64)
         if idx.size == 0:
@@ -581,6 +603,8 @@ def _integer(
         if idx.size == site.labels.shape[0]:
             chunk = source
         elif idx[-1] - idx[0] + 1 == idx.size:
+            if slice_axis is None:
+                slice_axis = rewriter.add_initializer(f"{base}.rptq_axis", np.array([-1], np.int64))
             chunk = _add_node(
                 rewriter,
                 "Slice",
@@ -592,7 +616,7 @@ def _integer(
                     rewriter.add_initializer(
                         f"{base}.rptq_c{c}_stop", np.array([idx[-1] + 1], np.int64)
                     ),
-                    rewriter.add_initializer(f"{base}.rptq_axis", np.array([-1], np.int64)),
+                    slice_axis,
                 ],
                 f"{base}.rptq_c{c}",
                 before,
