@@ -137,7 +137,6 @@ class _Site:
     index: int
     attn: Attention
     scale: float
-    mask_add: ir.Node | None
     key_mask: ir.Value | None  # the [batch, seq] graph input, or None (no padding)
 
     @property
@@ -173,7 +172,7 @@ def _analyse(index: int, attn: Attention, graph: ir.Graph) -> _Site:
     if attn.softmax.outputs[0].is_graph_output():
         raise _Skip("skipped: the attention weights are a graph output")
     # scores -> scale / mask -> Softmax: one chain, nothing else computed from the scores
-    scale, mask_add = 1.0, None
+    scale, mask_value = 1.0, None  # mask_value: the additive mask's operand, if any
     value = attn.softmax.inputs[0]
     scores_out = attn.scores_matmul.outputs[0]
     while value is not scores_out:
@@ -197,12 +196,11 @@ def _analyse(index: int, attn: Attention, graph: ir.Graph) -> _Site:
                 raise _Skip("skipped: scores divide a constant")
             scale *= c if node.op_type == "Mul" else 1.0 / c
             value = data[0]
-        elif node.op_type == "Add" and len(data) == 2 and mask_add is None:
-            on_path = [i for i in data if i is scores_out or _reaches(i, scores_out)]
-            if len(on_path) != 1:
+        elif node.op_type == "Add" and len(data) == 2 and mask_value is None:
+            on_path = [i is scores_out or _reaches(i, scores_out) for i in data]
+            if sum(on_path) != 1:
                 raise _Skip("skipped: the additive mask depends on the scores")
-            mask_add = node
-            value = on_path[0]
+            value, mask_value = (data[0], data[1]) if on_path[0] else (data[1], data[0])
         elif node.op_type in ("Cast", "Identity") and len(data) == 1:
             value = data[0]
         else:
@@ -218,12 +216,7 @@ def _analyse(index: int, attn: Attention, graph: ir.Graph) -> _Site:
         if guard is None or nan_guarded_softmax(guard) is not attn.softmax:
             raise _Skip("skipped: ops between the Softmax and the context MatMul are not supported")
     key_mask = None
-    if mask_add is not None:
-        mask_value = next(
-            i
-            for i in mask_add.inputs
-            if i is not None and not _reaches(i, scores_out) and i is not scores_out
-        )
+    if mask_value is not None:
         inputs = _graph_inputs_reached(mask_value, graph)
         candidates = [
             v for v in inputs
@@ -236,7 +229,7 @@ def _analyse(index: int, attn: Attention, graph: ir.Graph) -> _Site:
             raise _Skip("skipped: the attention mask is not traced to one [batch, seq] mask input")
         elif not attn.causal:
             raise _Skip("skipped: a constant mask on non-causal attention")
-    return _Site(index, attn, scale, mask_add, key_mask)
+    return _Site(index, attn, scale, key_mask)
 
 
 def _reaches(value: ir.Value, target: ir.Value, limit: int = 64) -> bool:
