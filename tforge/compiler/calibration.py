@@ -371,11 +371,8 @@ def calibrate_model(
             "calibration: the model has no linears (MatMul with a constant 2-D weight) whose inputs "
             "could be calibrated; name the activations to calibrate explicitly"
         )
-    clone = model.clone()
-    if model.meta.get(spill.SPILL_KEY):  # a model larger than memory: run it in pieces (backends/ort.py)
-        clone.meta[spill.SPILL_KEY] = True
-    graph_inputs = {v.name: v for v in clone.graph.inputs}
-    by_name = _values_by_name(clone.graph)
+    graph_inputs = {v.name: v for v in model.graph.inputs}
+    by_name = _values_by_name(model.graph)
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise PassConfigError(
@@ -391,11 +388,7 @@ def calibrate_model(
     computed = [n for n in names if n not in graph_inputs]
     session = None
     if computed:
-        from tforge.backends.ort import create_session
-
-        clone.graph.outputs.clear()
-        clone.graph.outputs.extend(by_name[n] for n in computed)
-        session = create_session(clone, optimize=optimize)
+        session = session_exposing(model, computed, optimize=optimize)
         logger.debug("calibration: session exposes %d activations", len(computed))
 
     with_gram = set(names) if gram is True else set(gram or ())
@@ -450,6 +443,20 @@ def calibrate_model(
                 "calibration: activation %r only ever saw padding; its statistics are empty", name
             )
     return CalibrationStats(stats={n: stats[n] for n in names}, samples=samples)
+
+
+def session_exposing(model: ir.Model, names: Sequence[str], *, optimize: bool) -> Any:
+    """An ORT session of a copy of ``model`` whose outputs are the values named ``names`` (in that
+    order, once each); ``model`` itself is left unchanged. A model larger than memory runs in pieces."""
+    from tforge.backends.ort import create_session
+
+    clone = model.clone()
+    if model.meta.get(spill.SPILL_KEY):  # clone() leaves meta behind; backends/ort.py reads it
+        clone.meta[spill.SPILL_KEY] = True
+    by_name = _values_by_name(clone.graph)
+    clone.graph.outputs.clear()
+    clone.graph.outputs.extend(by_name[n] for n in dict.fromkeys(names))
+    return create_session(clone, optimize=optimize)
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -61,7 +61,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from tforge.compiler.calibration import FEEDS_KEY, npz_feeds, text_feeds
+from tforge.compiler.calibration import FEEDS_KEY, npz_feeds, session_exposing, text_feeds
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import replace_value
@@ -719,7 +719,7 @@ class LinearAttention(Pass):
 def _capture(
     model: ir.Model, layers: list[_Layer], feeds: Iterable[Mapping[str, np.ndarray]]
 ) -> None:
-    from tforge.backends.ort import create_session, prepare_feeds
+    from tforge.backends.ort import prepare_feeds
 
     rewriter = ConstantRewriter(model, "linear-attention")
     names: list[str] = []
@@ -728,13 +728,8 @@ def _capture(
             if not value.name:
                 value.name = rewriter.unique_name("linattn.capture")
             names.append(value.name)
-    clone = model.clone()
-    by_name = {out.name: out for node in clone.graph for out in node.outputs if out.name}
-    by_name.update({v.name: v for v in clone.graph.inputs if v.name})
-    clone.graph.outputs.clear()
-    clone.graph.outputs.extend(by_name[n] for n in dict.fromkeys(names))
-    session = create_session(clone, optimize=True)
     unique = list(dict.fromkeys(names))
+    session = session_exposing(model, unique, optimize=True)
     for feed in feeds:
         outputs = dict(zip(unique, session.run(unique, prepare_feeds(session, feed)), strict=True))
         for layer in layers:
