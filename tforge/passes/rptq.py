@@ -247,15 +247,10 @@ class Rptq(Pass):
         x = attn.o.input
         found_cols = value_columns(attn)
         hd, heads, kv_heads = attn.head_dim, attn.num_heads, attn.num_kv_heads
-        reason = found_cols if isinstance(found_cols, str) else None
-        if reason is None and (
-            found_cols[1] != kv_heads * hd or attn.o.in_features != heads * hd  # type: ignore[index]
-        ):
-            reason = "skipped: v->o: head layout does not match the widths"
-        if reason is not None:
-            stats[str(reason)] += 1
+        if isinstance(found_cols, str):
+            stats[found_cols] += 1
             return
-        start, _width = found_cols  # type: ignore[misc]
+        start, _width = found_cols
         if any(id(lin.input) == id(x) for lin in [attn.q, attn.k, attn.v]):
             stats["skipped: v->o: the output projection reads a projection input"] += 1
             return

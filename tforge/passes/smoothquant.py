@@ -164,11 +164,7 @@ class SmoothQuant(Pass):
         if isinstance(found, str):
             self._skip(stats, "v->o", name, found)
             return
-        start, width = found
-        kv_width = attn.num_kv_heads * attn.head_dim
-        if width != kv_width or attn.o.in_features != attn.num_heads * attn.head_dim:
-            self._skip(stats, "v->o", name, "skipped: v->o: head layout does not match the widths")
-            return
+        start, kv_width = found
         groups = smoothing.kv_channel_groups(attn.num_heads, attn.num_kv_heads, attn.head_dim)
         site = _Site("v->o", name, attn.o.input.name or "", _weights([attn.o]), groups)
         scale = self._scales(site, calib, stats, rows)
@@ -292,8 +288,17 @@ def value_columns(attn: Attention) -> tuple[int, int] | str:
     Walks from the probs @ V MatMul back to the value linear through data-movement ops only,
     each value read by nothing else, so scaling V's channels reaches the context and nothing
     else. With a fused QKV linear the walk ends at the Split, whose output index gives V's
-    columns.
+    columns. V must be ``num_kv_heads * head_dim`` wide and O read ``num_heads * head_dim``.
     """
+    found = _walk_to_value_columns(attn)
+    if isinstance(found, str):
+        return found
+    if found[1] != attn.num_kv_heads * attn.head_dim or attn.o.in_features != attn.num_heads * attn.head_dim:
+        return "skipped: v->o: head layout does not match the widths"
+    return found
+
+
+def _walk_to_value_columns(attn: Attention) -> tuple[int, int] | str:
     v = attn.v
     value = attn.context_matmul.inputs[1]
     for _ in range(32):
