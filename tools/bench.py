@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tforge import data as tforge_data  # noqa: E402
 import tforge  # noqa: E402
 from tforge.api import symbol_values  # noqa: E402
 from tforge.backends import ort  # noqa: E402
@@ -89,7 +90,7 @@ def foundation(names: list[str], out_dir: Path, runs: int, threads: int | None) 
 
 # ----------------------------------------------------------------------------- int8 section
 
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+WIKITEXT = tforge_data.WIKITEXT
 INT8_OPS = ("MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger", "QLinearMatMul", "MatMulNBits")
 
 
@@ -354,8 +355,6 @@ def _exported(out_dir: Path, name: str) -> Path:
 
 
 def int8(names: list[str], out_dir: Path, protocol: Int8Protocol, threads: int | None) -> list[str]:
-    if not WIKITEXT.is_file():
-        raise SystemExit(f"bench: {WIKITEXT} is missing; it is the shared evaluation text (see ../shared/data/README.md)")
     rows: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tforge-bench-", dir=out_dir) as folder:
         for name in names:

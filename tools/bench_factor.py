@@ -236,8 +236,6 @@ def _table(name: str, fp32: Row, rows: list[Row], protocol: FactorProtocol) -> l
 
 
 def factor(names: list[str], out_dir: Path, protocol: FactorProtocol, threads: int | None) -> list[str]:
-    if not bench.WIKITEXT.is_file():
-        raise SystemExit(f"bench: {bench.WIKITEXT} is missing; it is the shared evaluation text (see ../shared/data/README.md)")
     rows: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tforge-bench-factor-", dir=out_dir) as folder:
         for name in names:

@@ -310,8 +310,6 @@ def _smollm2(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | 
 
 
 def prune(names: list[str], out_dir: Path, protocol: PruneProtocol, threads: int | None) -> list[str]:
-    if not bench.WIKITEXT.is_file():
-        raise SystemExit(f"bench: {bench.WIKITEXT} is missing; it is the shared evaluation text (see ../shared/data/README.md)")
     rows: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tforge-bench-prune-", dir=out_dir) as folder:
         for name in names:

@@ -23,6 +23,7 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 import numpy as np  # noqa: E402
 
+from tforge import data as tforge_data  # noqa: E402
 import tforge  # noqa: E402
 from tforge import evaluate  # noqa: E402
 from tforge.backends import ort  # noqa: E402
@@ -32,7 +33,7 @@ from tforge.frontends import hf_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / ".cache" / "models"
-WIKITEXT = Path("/work/shared/data/wikitext-2-raw-test.txt")
+WIKITEXT = tforge_data.WIKITEXT
 
 
 def _log(message: str) -> None:

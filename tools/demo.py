@@ -7,9 +7,8 @@ Runs `tforge compile MODEL --preset w8a8 --calib-text TEXT --tokenizer TOK -o OU
 it can be re-run by hand), quantizes the same model with ONNX Runtime's own `quantize_dynamic`
 (per-channel) and prints, for fp32, ORT and tforge: file size, latency side by side, accuracy on
 held-out text, and the int8 kernels ORT ran. Calibration reads the first half of TEXT and the
-accuracy the second half. TEXT is WikiText-2 from ../shared/data when it is there, otherwise the
-short text shipped in tools/data/demo-text.txt (a few dozen sentences written for this demo),
-which is said on the first line of output: the numbers are then only indicative.
+accuracy the second half. TEXT is the WikiText-2 test split that ships with tforge
+(tforge/data/, CC BY-SA).
 """
 
 from __future__ import annotations
@@ -30,23 +29,17 @@ sys.path.insert(0, str(ROOT / "tools"))
 import bench  # noqa: E402  (tools/bench.py: sessions, ORT quantizers, kernel summary)
 
 import tforge  # noqa: E402
+from tforge import data as tforge_data  # noqa: E402
 from tforge import evaluate  # noqa: E402
 from tforge.backends import ort  # noqa: E402
 from tforge.cli import main as tforge_main  # noqa: E402
 from tforge.frontends import hf_models  # noqa: E402
 
-SHIPPED_TEXT = ROOT / "tools" / "data" / "demo-text.txt"
 EXPORTERS = {"minilm": hf_models.export_minilm, "smollm2": hf_models.export_smollm2}
 
 
 def _say(message: str = "") -> None:
     print(message, flush=True)
-
-
-def _text() -> tuple[Path, bool]:
-    if bench.WIKITEXT.is_file():
-        return bench.WIKITEXT, True
-    return SHIPPED_TEXT, False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,14 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     name = args.model
-    text, is_wikitext = _text()
-    if is_wikitext:
-        _say(f"text: WikiText-2 test ({text}); calibration from its first half, accuracy on its second half")
-    else:
-        _say(
-            f"text: {bench.WIKITEXT} is absent, so calibration and accuracy use the {SHIPPED_TEXT.name} "
-            "shipped in tools/data (64 sentences): numbers are indicative only"
-        )
+    text = tforge_data.WIKITEXT
+    _say(f"text: WikiText-2 test ({text}); calibration from its first half, accuracy on its second half")
 
     src = args.models_dir / f"{name}.onnx"
     if not hf_models.is_current(src):
@@ -95,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         feeds = verify_feeds(tforge.load(src), {"batch": 8, "sequence": 128})
         shape = "batch 8 x 128 tokens"
     else:
-        rows, accuracy_header, feeds = _smollm2(text, is_wikitext, sessions)
+        rows, accuracy_header, feeds = _smollm2(text, sessions)
         shape = f"1 x {feeds['input_ids'].shape[1]} tokens"
     timings = ort.time_side_by_side(list(sessions.values()), feeds, warmup=2, runs=args.runs)
     base = timings[0].median_ms
@@ -135,10 +122,10 @@ def _minilm(text: Path, sessions: dict) -> tuple[dict[str, str], str]:
     return rows, f"cosine vs fp32, mean / min ({len(sentences)} sentences)"
 
 
-def _smollm2(text: Path, is_wikitext: bool, sessions: dict) -> tuple[dict[str, str], str, dict]:
+def _smollm2(text: Path, sessions: dict) -> tuple[dict[str, str], str, dict]:
     tokenizer = hf_models.smollm2_tokenizer()
     second = evaluate.text_half(evaluate.read_text(text), "second")
-    context, count = (512, 4) if is_wikitext else (128, 4)
+    context, count = 512, 4
     ids = evaluate.tokenize_lines(lambda line: tokenizer(line, add_special_tokens=False)["input_ids"], second, context * count)
     count = min(count, len(ids) // context)
     windows = evaluate.token_windows(ids, context, count)

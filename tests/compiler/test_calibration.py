@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from tforge import data as tforge_data
 import tforge
 from tests.models import zoo
 from tforge import testing
@@ -29,7 +30,7 @@ from tforge.errors import PassConfigError, PreconditionError
 from tforge.frontends import hf_models
 
 REPO = Path(__file__).resolve().parents[2]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+WIKITEXT = tforge_data.WIKITEXT
 MINILM_VOCAB = 30522
 
 
@@ -37,7 +38,7 @@ MINILM_VOCAB = 30522
 def wikitext() -> Path:
     if not WIKITEXT.is_file():
         pytest.fail(
-            f"{WIKITEXT} is missing; it is the shared calibration text (see ../shared/data/README.md)"
+            f"{WIKITEXT} is missing; it ships with tforge (tforge/data/README.md)"
         )
     return WIKITEXT
 

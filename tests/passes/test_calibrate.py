@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from tforge import data as tforge_data
 import tforge
 from tests.models import zoo
 from tforge import testing
@@ -23,9 +24,7 @@ from tforge.errors import PassConfigError, PreconditionError
 from tforge.frontends import hf_models
 from tforge.passes.calibrate import Calibrate
 
-WIKITEXT = (
-    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2-raw-test.txt"
-)
+WIKITEXT = tforge_data.WIKITEXT
 VOCAB = 30522
 
 ENCODER = f"""
@@ -122,7 +121,7 @@ def test_npz_has_priority_over_api_feeds(
 def test_text_and_tokenizer(encoder: ir.Model) -> None:
     if not WIKITEXT.is_file():
         pytest.fail(
-            f"{WIKITEXT} is missing; it is the shared calibration text (see ../shared/data/README.md)"
+            f"{WIKITEXT} is missing; it ships with tforge (tforge/data/README.md)"
         )
     result = Calibrate(
         text=str(WIKITEXT), tokenizer=str(hf_models.minilm_dir()), samples=5, seq_len=32

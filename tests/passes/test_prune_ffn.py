@@ -10,6 +10,7 @@ import onnx.shape_inference
 import onnx_ir as ir
 import pytest
 
+from tforge import data as tforge_data
 import tforge
 from tforge import testing
 from tforge.backends import ort as ort_backend
@@ -250,13 +251,13 @@ def test_zoo_models_run_at_new_widths(zoo_name: str, zoo_model, zoo_entries) -> 
         assert np.isfinite(cmp.max_abs) and cmp.cosine > 0.5, cmp
 
 
-WIKITEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+WIKITEXT = tforge_data.WIKITEXT
 
 
 @pytest.mark.slow
 def test_minilm_quarter_of_ffn_channels_keeps_embeddings_and_is_faster(minilm_onnx: Path) -> None:
     if not WIKITEXT.is_file():
-        pytest.fail(f"{WIKITEXT} is missing; it is the shared calibration text (see ../shared/data/README.md)")
+        pytest.fail(f"{WIKITEXT} is missing; it ships with tforge (tforge/data/README.md)")
     from tforge import evaluate
     from tforge.compiler.calibration import text_feeds
     from tforge.frontends import hf_models

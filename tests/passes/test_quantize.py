@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from tforge import data as tforge_data
 import tforge
 from tforge import evaluate, testing
 from tforge.backends import ort as ort_backend
@@ -29,7 +30,7 @@ from tforge.passes.quantize import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+WIKITEXT = tforge_data.WIKITEXT
 
 # Two linears share the norm output (one with a bias, one a graph output); a third reads a Relu.
 MODEL = """
@@ -364,7 +365,7 @@ def test_zoo_model_runs_int8_kernels(zoo_name: str, zoo_model, zoo_entries) -> N
 @pytest.mark.slow
 def test_minilm_w8a8_preset_keeps_sentence_embeddings(minilm_onnx: Path) -> None:
     if not WIKITEXT.is_file():
-        pytest.fail(f"{WIKITEXT} is missing; it is the shared calibration text (see ../shared/data/README.md)")
+        pytest.fail(f"{WIKITEXT} is missing; it ships with tforge (tforge/data/README.md)")
     from tforge.frontends import hf_models
     from tforge.presets import PRESETS
 
