@@ -18,7 +18,8 @@ import pytest
 
 import tforge
 from tests.fuzz.graphs import TransformerSpec, build
-from tforge.backends import ort as ort_backend
+from tforge.runtime import ort as ort_runtime
+from tforge.runtime import save as model_save
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = TransformerSpec(
@@ -45,13 +46,13 @@ def test_pieced_session_matches_one_session(
 ) -> None:
     path = tmp_path / "m.onnx"
     tforge_model = ir.serde.deserialize_model(build(SPEC, 0))
-    ort_backend.save_model(tforge_model, path, external_data=True, size_threshold=0)
+    model_save.save_model(tforge_model, path, external_data=True, size_threshold=0)
     model = tforge.load(path)
-    whole = ort_backend.create_session(model, optimize=False)
+    whole = ort_runtime.create_session(model, optimize=False)
     monkeypatch.setenv("TFORGE_SPILL_BYTES", str(4 * 4096))  # pieces of at most 4 KiB of weights
     model.meta["tforge.spill"] = True  # what PassManager.run sets on a large model
-    pieced = ort_backend.create_session(model, optimize=False)
-    assert isinstance(pieced, ort_backend.PiecewiseSession) and len(pieced.pieces) > 3
+    pieced = ort_runtime.create_session(model, optimize=False)
+    assert isinstance(pieced, ort_runtime.PiecewiseSession) and len(pieced.pieces) > 3
     feed = _feeds(1)[0]
     np.testing.assert_allclose(
         pieced.run(None, feed)[0], whole.run(None, feed)[0], rtol=1e-5, atol=1e-6
@@ -67,7 +68,7 @@ def test_spilled_compile_equals_in_memory_compile(monkeypatch: pytest.MonkeyPatc
     for spilled in (False, True):
         if spilled:
             monkeypatch.setenv("TFORGE_SPILL_BYTES", "0")
-            monkeypatch.setattr("tforge.compiler.spill.MIN_SPILL_BYTES", 256)
+            monkeypatch.setattr("tforge.runtime.spill.MIN_SPILL_BYTES", 256)
         model = ir.serde.deserialize_model(build(SPEC, 0))
         tforge.compile(model, passes, calibration=_feeds(3))
         big = [
@@ -75,7 +76,7 @@ def test_spilled_compile_equals_in_memory_compile(monkeypatch: pytest.MonkeyPatc
         ]
         assert all(isinstance(t, ir.ExternalTensor) for t in big) == spilled
         monkeypatch.delenv("TFORGE_SPILL_BYTES", raising=False)
-        session = ort_backend.create_session(model, optimize=False)
+        session = ort_runtime.create_session(model, optimize=False)
         results[spilled] = session.run(None, _feeds(4)[3])[0]
     np.testing.assert_array_equal(results[True], results[False])
 

@@ -108,7 +108,7 @@ def compile(  # noqa: A001 - mirrors the `tforge compile` command
     report = pm.run(model)
     out_path = None
     if output is not None:
-        from tforge.backends.ort import save_model
+        from tforge.runtime.save import save_model
 
         out_path = save_model(model, output, external_data=external_data)
     return CompileResult(model=model, report=report, output=out_path)
@@ -188,6 +188,7 @@ def bench(
     """Time models side by side in one process, interleaved, on the same feeds."""
     from tforge.backends import ort
     from tforge.compiler import verify
+    from tforge.runtime import ort as ort_runtime
 
     if not models:
         raise PassConfigError("bench: no models given")
@@ -204,7 +205,7 @@ def bench(
                 f"{first_inputs}; side-by-side timing needs the same inputs"
             )
     # spinning off: interleaved sessions would otherwise steal each other's cores
-    sessions = [ort.create_session(m, optimize=True, threads=threads, spin=False) for m in loaded]
+    sessions = [ort_runtime.create_session(m, optimize=True, threads=threads, spin=False) for m in loaded]
     timings = ort.time_side_by_side(sessions, feeds, warmup=warmup, runs=runs)
     base = timings[0].median_ms
     return [

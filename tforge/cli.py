@@ -285,7 +285,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.backend == "tvm":
         _build_tvm(args, model)
     elif args.output is not None:
-        from tforge.backends.ort import save_model
+        from tforge.runtime.save import save_model
 
         external = {"auto": None, "yes": True, "no": False}[args.external_data]
         save_model(model, args.output, external_data=external)  # logs where it wrote

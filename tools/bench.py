@@ -43,12 +43,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tforge import data as tforge_data  # noqa: E402
 import tforge  # noqa: E402
+from tforge import data as tforge_data  # noqa: E402
 from tforge.api import symbol_values  # noqa: E402
 from tforge.backends import ort  # noqa: E402
 from tforge.compiler import verify  # noqa: E402
 from tforge.frontends import hf_models  # noqa: E402
+from tforge.runtime import ort as ort_runtime  # noqa: E402
+from tforge.runtime import save as model_save  # noqa: E402
 
 MODELS = {
     # name: (exporter, shapes to time)
@@ -76,7 +78,7 @@ def foundation(names: list[str], out_dir: Path, runs: int, threads: int | None) 
         del report
         dims = symbol_values(exported, shapes)
         feeds = verify.make_inputs(exported, dims=dims, rng=np.random.default_rng(0))
-        sessions = [ort.create_session(m, optimize=True, threads=threads, spin=False) for m in (exported, canonical)]
+        sessions = [ort_runtime.create_session(m, optimize=True, threads=threads, spin=False) for m in (exported, canonical)]
         a, b = ort.time_side_by_side(sessions, feeds, warmup=3, runs=runs)
         shape = " ".join(f"{k}={v}" for k, v in shapes.items())
         rows.append(
@@ -144,9 +146,9 @@ def timing_session(path: Path, threads: int | None):
 
     After a run, ORT's intra-op threads spin for a while waiting for more work; timing several
     sessions round robin on 2 cores, they steal the CPU from the next session (see
-    ``ort.create_session(spin=False)``).
+    ``ort_runtime.create_session(spin=False)``).
     """
-    return ort.create_session(path, optimize=True, threads=threads, spin=False)
+    return ort_runtime.create_session(path, optimize=True, threads=threads, spin=False)
 
 
 def _log(message: str) -> None:
@@ -247,7 +249,7 @@ def _build_variants(name: str, src: Path, work: Path, protocol: Int8Protocol, fe
     # that fp32 model, and ORT's quantize_dynamic applied to it.
     fp32_best = base.clone()
     parse_pipeline("ort-layernorm")[0](fp32_best)
-    canonical = ort.save_model(fp32_best, work / f"{name}.canonical.onnx")
+    canonical = model_save.save_model(fp32_best, work / f"{name}.canonical.onnx")
     variants.append(Variant("tforge fp32", "canonicalize,ort-layernorm", fp32_best, canonical))
     dst = work / f"{name}.canonical-dynamic.onnx"
     ort_quantize(canonical, dst, None)
@@ -262,7 +264,7 @@ def _build_variants(name: str, src: Path, work: Path, protocol: Int8Protocol, fe
         for p in parse_pipeline(spec[len(prefix):]):
             p(model)
         dst = work / f"{name}.{label.split()[1]}-{len(variants)}.onnx"
-        ort.save_model(model, dst)
+        model_save.save_model(model, dst)
         _log(f"{name}: {label} in {time.perf_counter() - t0:.1f}s")
         variants.append(Variant(label, spec, model, dst))
     for v in variants:

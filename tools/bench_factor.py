@@ -43,6 +43,7 @@ from tforge.compiler import verify
 from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, text_feeds
 from tforge.compiler.pipeline import PassManager, parse_pipeline
 from tforge.frontends import hf_models
+from tforge.runtime import save as model_save
 
 RATIOS = (0.1, 0.25, 0.4)
 # The int8 setting composed with factorization: per-token activations need no calibration of
@@ -134,7 +135,7 @@ def _build(name: str, label: str, spec: str, base, stats, work: Path, index: int
             row.macs = (total - before + macs) / total if total else 1.0
     row.seconds = time.perf_counter() - t0
     row.params = params(model)
-    row.path = ort.save_model(model, work / f"{name}.factor-{index}.onnx")
+    row.path = model_save.save_model(model, work / f"{name}.factor-{index}.onnx")
     bench._log(f"{name}: {label}: {spec} in {row.seconds:.1f}s, linear parameters -{row.reduction:.1%}, "
                f"linear MACs x{row.macs:.2f}, {row.layers} weights factorised")
     return row
@@ -152,7 +153,7 @@ def _model(name: str, out_dir: Path, work: Path, protocol: FactorProtocol, threa
     stats = base.meta.pop(STATS_KEY)
     del base.meta[FEEDS_KEY]
     bench._log(f"{name}: canonicalize,calibrate{{gram=true}} in {time.perf_counter() - t0:.1f}s")
-    fp32 = Row("fp32 (canonical)", "canonicalize", ort.save_model(base, work / f"{name}.factor-fp32.onnx"), params=params(base))
+    fp32 = Row("fp32 (canonical)", "canonicalize", model_save.save_model(base, work / f"{name}.factor-fp32.onnx"), params=params(base))
 
     text = evaluate.text_half(evaluate.read_text(bench.WIKITEXT), "second")
     score: Callable[[Any], float]

@@ -39,6 +39,8 @@ from tforge.compiler.calibration import FEEDS_KEY, text_feeds
 from tforge.compiler.pipeline import PassManager
 from tforge.frontends import hf_models
 from tforge.passes.linear_attention import LinearAttention, quadratic_values
+from tforge.runtime import ort as ort_runtime
+from tforge.runtime import save as model_save
 
 LENGTHS = (128, 512, 2048, 4096, 8192)
 
@@ -74,7 +76,7 @@ def _long_llama(path: Path) -> Path:
         dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}},
     )  # fmt: skip
     PassManager.parse("canonicalize", progress=lambda _: None).run(model)
-    return ort.save_model(model, path)
+    return model_save.save_model(model, path)
 
 
 def latency(
@@ -89,7 +91,7 @@ def latency(
         model = tforge.load(src)
         result = LinearAttention(causal_impl=impl, chunk=64)(model)
         _log(f"latency: {label}: {dict(result.stats)}")
-        variants[label] = ort.save_model(model, work / f"llama-long.{impl}.onnx")
+        variants[label] = model_save.save_model(model, work / f"llama-long.{impl}.onnx")
     feeds = {"input_ids": np.random.default_rng(0).integers(0, 1000, (1, 601))}
     quad_src = quadratic_values(tforge.load(src), feeds, 601)
     quad = {label: quadratic_values(tforge.load(p), feeds, 601) for label, p in variants.items()}
@@ -174,7 +176,7 @@ def minilm(work: Path, quick: bool, fit_seconds: float) -> list[str]:
     sentences = evaluate.sentences(
         evaluate.text_half(evaluate.read_text(bench.WIKITEXT), "second"), 64 if quick else 256
     )
-    ref_session = ort.create_session(base, optimize=True)
+    ref_session = ort_runtime.create_session(base, optimize=True)
     reference = evaluate.sentence_embeddings(
         lambda f: ref_session.run(None, f)[0], tokenizer, sentences
     )
@@ -185,7 +187,7 @@ def minilm(work: Path, quick: bool, fit_seconds: float) -> list[str]:
             model, converted, errors, seconds = _convert(
                 base, calibration, fmap, opts["layers"], fit_seconds
             )
-            session = ort.create_session(model, optimize=True)
+            session = ort_runtime.create_session(model, optimize=True)
             a = evaluate.agreement(
                 reference,
                 evaluate.sentence_embeddings(
@@ -223,7 +225,7 @@ def smollm2(work: Path, quick: bool, fit_seconds: float) -> list[str]:
         lambda line: tokenizer(line, add_special_tokens=False)["input_ids"], text, context * count
     )
     windows = evaluate.token_windows(ids, context, count)
-    ref = ort.create_session(base, optimize=True)
+    ref = ort_runtime.create_session(base, optimize=True)
     base_ppl = evaluate.window_perplexity(lambda f, s=ref: s.run(None, f)[0], windows)
     del ref
     _log(f"smollm2: original perplexity {base_ppl:.3f}")
@@ -234,7 +236,7 @@ def smollm2(work: Path, quick: bool, fit_seconds: float) -> list[str]:
             model, converted, _errors, seconds = _convert(
                 base, calibration, fmap, opts["layers"], fit_seconds, fit_queries=16
             )
-            session = ort.create_session(model, optimize=True)
+            session = ort_runtime.create_session(model, optimize=True)
             ppl = evaluate.window_perplexity(lambda f, s=session: s.run(None, f)[0], windows)
             cells.append(f"{ppl:.2f}")
             cells.append(str(converted))

@@ -44,6 +44,7 @@ from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, text_feeds
 from tforge.compiler.pipeline import PassManager, parse_pipeline
 from tforge.compiler.structure import find_blocks
 from tforge.frontends import hf_models
+from tforge.runtime import save as model_save
 
 RATIOS = (0.1, 0.25, 0.5)
 METHODS = {
@@ -163,7 +164,7 @@ def _build(name: str, src: Path, work: Path, protocol: PruneProtocol) -> tuple[A
 def _unpruned(base: Any, name: str, work: Path) -> Path:
     """The canonical model before pruning, saved: the latency reference, so that a ratio is
     pruning's alone and not also what canonicalize removed (e.g. attention NaN guards)."""
-    return ort.save_model(base.clone(), work / f"{name}.unpruned.onnx")
+    return model_save.save_model(base.clone(), work / f"{name}.unpruned.onnx")
 
 
 def _run(name: str, label: str, spec: str, model, work: Path, index: int, skip: str = "") -> Row:
@@ -178,7 +179,7 @@ def _run(name: str, label: str, spec: str, model, work: Path, index: int, skip: 
     seconds = time.perf_counter() - t0
     if not kept:
         kept, params = _kept(model), _params(model)
-    path = ort.save_model(model, work / f"{name}.prune-{index}.onnx")
+    path = model_save.save_model(model, work / f"{name}.prune-{index}.onnx")
     row = Row(label, spec, path, kept + ("" if changed else " (nothing pruned)"), params, seconds, unchanged=not changed)
     _log(f"{name}: {label}: {row.kept} in {seconds:.1f}s")
     return row

@@ -19,6 +19,7 @@ import tforge
 from tforge.backends import ort
 from tforge.compiler import verify
 from tforge.compiler.pipeline import PassManager
+from tforge.runtime import save as model_save
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / ".cache" / "models"  # tools/export_models.py writes them here
@@ -34,7 +35,7 @@ def build(src: Path, spec: str, dst: Path) -> tuple[Path, bool]:
     """The model ``spec`` makes of ``src``, saved at ``dst``, and whether the last pass changed it."""
     model = tforge.load(src)
     report = PassManager.parse(spec, progress=lambda _: None).run(model)
-    return ort.save_model(model, dst), report.passes[-1].changed
+    return model_save.save_model(model, dst), report.passes[-1].changed
 
 
 with tempfile.TemporaryDirectory(dir=MODELS) as work:

@@ -39,6 +39,7 @@ from tforge.compiler import verify
 from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, text_feeds
 from tforge.compiler.pipeline import PassManager, parse_pipeline
 from tforge.frontends import hf_models
+from tforge.runtime import save as model_save
 
 ACCURACY = [
     ("W8A8 per-tensor (emulated)", "rptq{clusters=1 lowering=emulate}"),
@@ -85,7 +86,7 @@ def _variant(base, spec: str, dst: Path) -> tuple[Path, dict]:
     t0 = time.perf_counter()
     for p in parse_pipeline(spec):
         stats = dict(p(model).stats)
-    ort.save_model(model, dst)
+    model_save.save_model(model, dst)
     _log(f"  {spec}: {time.perf_counter() - t0:.1f}s {stats}")
     return dst, stats
 
@@ -110,7 +111,7 @@ def smollm2(work: Path, args: argparse.Namespace) -> list[str]:
         return value
 
     fp32 = work / "smollm2.fp32.onnx"
-    ort.save_model(base, fp32)
+    model_save.save_model(base, fp32)
     ref = ppl(fp32)
     rows = [
         f"SmolLM2-135M-Instruct: WikiText-2 perplexity, context 512, first {args.windows} windows of the second half; "
@@ -142,7 +143,7 @@ def minilm(work: Path, args: argparse.Namespace) -> list[str]:
     )
     base = _base("minilm", src, args.calib, 128)
     fp32 = work / "minilm.fp32.onnx"
-    ort.save_model(base, fp32)
+    model_save.save_model(base, fp32)
 
     def embed(path: Path) -> np.ndarray:
         session = bench.timing_session(path, args.threads)

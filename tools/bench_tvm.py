@@ -23,13 +23,14 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 import numpy as np  # noqa: E402
 
-from tforge import data as tforge_data  # noqa: E402
 import tforge  # noqa: E402
+from tforge import data as tforge_data  # noqa: E402
 from tforge import evaluate  # noqa: E402
 from tforge.backends import ort  # noqa: E402
 from tforge.backends import tvm as tvm_backend  # noqa: E402
 from tforge.compiler import verify  # noqa: E402
 from tforge.frontends import hf_models  # noqa: E402
+from tforge.runtime import ort as ort_runtime  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / ".cache" / "models"
@@ -58,7 +59,7 @@ def interleaved(
 
 
 def _session(model, threads: int):
-    return ort.create_session(model, optimize=True, threads=threads, spin=False)
+    return ort_runtime.create_session(model, optimize=True, threads=threads, spin=False)
 
 
 def minilm(runs: int, threads: int, sentences_count: int) -> list[str]:

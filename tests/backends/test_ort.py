@@ -11,6 +11,8 @@ import pytest
 from tforge import testing
 from tforge.backends import ort as ort_backend
 from tforge.errors import UnsupportedModelError
+from tforge.runtime import ort as ort_runtime
+from tforge.runtime import save as model_save
 
 MLP = """
 <ir_version: 10, opset_import: ["" : 18]>
@@ -43,7 +45,7 @@ def feeds(rng: np.random.Generator, width: int = 8) -> dict[str, np.ndarray]:
 def test_save_inline_round_trips(rng: np.random.Generator, tmp_path: Path) -> None:
     model = mlp(rng)
 
-    path = ort_backend.save_model(model, tmp_path / "m.onnx")
+    path = model_save.save_model(model, tmp_path / "m.onnx")
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     np.testing.assert_array_equal(
@@ -61,7 +63,7 @@ def test_failed_save_leaves_nothing_behind(
     monkeypatch.setattr(ir.serde, "serialize_model", broken_serializer)
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        ort_backend.save_model(mlp(rng), tmp_path / "m.onnx", external_data=True, size_threshold=0)
+        model_save.save_model(mlp(rng), tmp_path / "m.onnx", external_data=True, size_threshold=0)
 
     assert list(tmp_path.iterdir()) == []
 
@@ -72,7 +74,7 @@ def test_external_data_is_written_beside_the_output_and_reloads(
     model = mlp(rng)
     x = feeds(rng)
 
-    path = ort_backend.save_model(
+    path = model_save.save_model(
         model, tmp_path / "out" / "m.onnx", external_data=True, size_threshold=64
     )
 
@@ -83,12 +85,12 @@ def test_external_data_is_written_beside_the_output_and_reloads(
     assert not isinstance(loaded.graph.initializers["b"].const_value, ir.ExternalTensor)  # 16 B
     # The in-memory model is unchanged by the save.
     assert not isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)
-    expected = ort_backend.run(ort_backend.create_session(model), x)["y"]
+    expected = ort_runtime.run(ort_runtime.create_session(model), x)["y"]
     np.testing.assert_array_equal(
-        ort_backend.run(ort_backend.create_session(path), x)["y"], expected
+        ort_runtime.run(ort_runtime.create_session(path), x)["y"], expected
     )
     np.testing.assert_array_equal(
-        ort_backend.run(ort_backend.create_session(loaded), x)["y"], expected
+        ort_runtime.run(ort_runtime.create_session(loaded), x)["y"], expected
     )
 
 
@@ -96,60 +98,60 @@ def test_large_models_get_external_data_automatically(
     rng: np.random.Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = mlp(rng)
-    monkeypatch.setattr(ort_backend, "PROTO_WEIGHT_LIMIT", 100)  # w is 128 bytes
+    monkeypatch.setattr(model_save, "PROTO_WEIGHT_LIMIT", 100)  # w is 128 bytes
 
-    path = ort_backend.save_model(model, tmp_path / "m.onnx", size_threshold=64)
-    session = ort_backend.create_session(model)  # goes through a temporary folder
+    path = model_save.save_model(model, tmp_path / "m.onnx", size_threshold=64)
+    session = ort_runtime.create_session(model)  # goes through a temporary folder
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     x = feeds(rng)
     np.testing.assert_array_equal(
-        ort_backend.run(session, x)["y"],
-        ort_backend.run(ort_backend.create_session(path), x)["y"],
+        ort_runtime.run(session, x)["y"],
+        ort_runtime.run(ort_runtime.create_session(path), x)["y"],
     )
 
 
 def test_saving_a_model_with_external_data_inline_embeds_it(
     rng: np.random.Generator, tmp_path: Path
 ) -> None:
-    source = ort_backend.save_model(
+    source = model_save.save_model(
         mlp(rng), tmp_path / "a" / "m.onnx", external_data=True, size_threshold=0
     )
     loaded = ir.load(source)
 
-    copy = ort_backend.save_model(loaded, tmp_path / "b" / "m.onnx", external_data=False)
+    copy = model_save.save_model(loaded, tmp_path / "b" / "m.onnx", external_data=False)
     (tmp_path / "a" / "m.onnx.data").unlink()  # the copy must not depend on the source's data
 
     assert sorted(p.name for p in copy.parent.iterdir()) == ["m.onnx"]
     assert isinstance(loaded.graph.initializers["w"].const_value, ir.ExternalTensor)
     x = feeds(rng)
-    assert ort_backend.run(ort_backend.create_session(copy), x)["y"].shape == (2, 4)
+    assert ort_runtime.run(ort_runtime.create_session(copy), x)["y"].shape == (2, 4)
 
 
 def test_refuses_to_overwrite_the_source_or_its_external_data(
     rng: np.random.Generator, tmp_path: Path
 ) -> None:
-    source = ort_backend.save_model(
+    source = model_save.save_model(
         mlp(rng), tmp_path / "m.onnx", external_data=True, size_threshold=0
     )
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     model = ir.load(source)
-    model.meta[ort_backend.SOURCE_PATH_KEY] = str(source)
+    model.meta[model_save.SOURCE_PATH_KEY] = str(source)
 
     with pytest.raises(UnsupportedModelError, match="the model's source file"):
-        ort_backend.save_model(model, tmp_path / "sub" / ".." / "m.onnx")
+        model_save.save_model(model, tmp_path / "sub" / ".." / "m.onnx")
     with pytest.raises(UnsupportedModelError, match="external data the model reads"):
-        ort_backend.save_model(model, tmp_path / "m.onnx.data")
+        model_save.save_model(model, tmp_path / "m.onnx.data")
     plain = ir.load(source)  # loaded without the frontend's note of its source path
     with pytest.raises(UnsupportedModelError, match="external data the model reads"):
-        ort_backend.save_model(plain, source, external_data=True)  # m.onnx.data is mapped
+        model_save.save_model(plain, source, external_data=True)  # m.onnx.data is mapped
 
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_session_options_and_load_errors(rng: np.random.Generator) -> None:
     model = mlp(rng)
-    session = ort_backend.create_session(model, optimize=False, threads=1)
+    session = ort_runtime.create_session(model, optimize=False, threads=1)
     assert session.get_providers() == ["CPUExecutionProvider"]
 
     broken = mlp(rng)
@@ -157,22 +159,22 @@ def test_session_options_and_load_errors(rng: np.random.Generator) -> None:
     with pytest.raises(
         UnsupportedModelError, match=r"onnxruntime cannot load model 'mlp': .*Frobnicate"
     ):
-        ort_backend.create_session(broken)
+        ort_runtime.create_session(broken)
 
 
 def test_run_casts_feeds_and_checks_their_names(rng: np.random.Generator) -> None:
-    session = ort_backend.create_session(mlp(rng))
+    session = ort_runtime.create_session(mlp(rng))
 
-    outputs = ort_backend.run(session, {"x": rng.normal(size=(3, 8))})  # float64 in
+    outputs = ort_runtime.run(session, {"x": rng.normal(size=(3, 8))})  # float64 in
 
     assert list(outputs) == ["y"] and outputs["y"].shape == (3, 4)
     with pytest.raises(UnsupportedModelError, match=r"missing \['x'\], unknown \['z'\]"):
-        ort_backend.run(session, {"z": np.zeros((3, 8))})
+        ort_runtime.run(session, {"z": np.zeros((3, 8))})
 
 
 def test_timing_returns_sane_numbers(rng: np.random.Generator) -> None:
-    a = ort_backend.create_session(mlp(rng))
-    b = ort_backend.create_session(mlp(rng), optimize=False)
+    a = ort_runtime.create_session(mlp(rng))
+    b = ort_runtime.create_session(mlp(rng), optimize=False)
 
     timing = ort_backend.time_session(a, feeds(rng), warmup=1, runs=7)
     side_by_side = ort_backend.time_side_by_side([a, b], feeds(rng), warmup=1, runs=5)
@@ -198,7 +200,7 @@ def test_kernels_run_shows_int8_kernels_of_a_dynamically_quantized_model(
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = testing.model_from_onnx_text(MATMUL, w=rng.normal(size=(64, 64)))
-    float_path = ort_backend.save_model(model, tmp_path / "float.onnx")
+    float_path = model_save.save_model(model, tmp_path / "float.onnx")
     int8_path = tmp_path / "int8.onnx"
     quantize_dynamic(float_path, int8_path, weight_type=QuantType.QInt8)
 

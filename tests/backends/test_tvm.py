@@ -13,10 +13,11 @@ pytest.importorskip("tvm")
 
 import tforge  # noqa: E402
 from tforge import testing  # noqa: E402
-from tforge.backends import ort as ort_backend  # noqa: E402
 from tforge.backends import tvm as tvm_backend  # noqa: E402
 from tforge.backends.tvm import int8  # noqa: E402
 from tforge.errors import UnsupportedModelError  # noqa: E402
+from tforge.runtime import ort as ort_runtime  # noqa: E402
+from tforge.runtime import save as model_save  # noqa: E402
 
 # A linear, exact GELU (Erf), LayerNorm and a residual: the fused kernels the rules must schedule.
 FFN = """
@@ -61,7 +62,7 @@ def test_static_build_matches_ort(rng: np.random.Generator) -> None:
     record = art.meta["numerics"][0]
     assert record["outputs"]["y"]["rel"] < 1e-4
     feeds = {"x": rng.normal(size=(2, 24, 32)).astype(np.float32)}
-    expected = ort_backend.run(ort_backend.create_session(model, optimize=False), feeds)["y"]
+    expected = ort_runtime.run(ort_runtime.create_session(model, optimize=False), feeds)["y"]
     np.testing.assert_allclose(art.run(feeds)["y"], expected, rtol=1e-4, atol=1e-4)
 
 
@@ -74,12 +75,12 @@ def test_buckets_pad_and_cut_odd_lengths(rng: np.random.Generator, tmp_path: Pat
 
     loaded = tvm_backend.load(art.save(tmp_path / "ffn.tvm"))
 
-    session = ort_backend.create_session(model, optimize=False)
+    session = ort_runtime.create_session(model, optimize=False)
     for length in (1, 5, 17, 32):
         feeds = {"x": rng.normal(size=(2, length, 32)).astype(np.float32)}
         got = loaded.run(feeds)["y"]
         assert got.shape == (2, length, 32)
-        np.testing.assert_allclose(got, ort_backend.run(session, feeds)["y"], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got, ort_runtime.run(session, feeds)["y"], rtol=1e-4, atol=1e-4)
     with pytest.raises(UnsupportedModelError, match="no bucket"):
         loaded.run({"x": np.zeros((2, 33, 32), np.float32)})
     with pytest.raises(UnsupportedModelError, match="no bucket"):
@@ -164,7 +165,7 @@ def test_zoo_builds_and_matches_ort_slow(zoo_name: str, zoo_model: Callable[[str
 def test_cli_compile_backend_tvm(rng: np.random.Generator, tmp_path: Path) -> None:
     from tforge.cli import main
 
-    source = ort_backend.save_model(ffn(rng), tmp_path / "ffn.onnx")
+    source = model_save.save_model(ffn(rng), tmp_path / "ffn.onnx")
     out = tmp_path / "ffn.tvm"
 
     code = main(
@@ -187,7 +188,7 @@ def test_cli_compile_backend_tvm(rng: np.random.Generator, tmp_path: Path) -> No
     art = tvm_backend.load(out)
     assert [b.dims["S"] for b in art.buckets] == [16]
     feeds = {"x": rng.normal(size=(1, 11, 32)).astype(np.float32)}
-    expected = ort_backend.run(ort_backend.create_session(source, optimize=False), feeds)["y"]
+    expected = ort_runtime.run(ort_runtime.create_session(source, optimize=False), feeds)["y"]
     np.testing.assert_allclose(art.run(feeds)["y"], expected, rtol=1e-4, atol=1e-4)
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from tforge import data as tforge_data
 import tforge
 from tests.models import zoo
+from tforge import data as tforge_data
 from tforge import testing
 from tforge.compiler.calibration import (
     ChannelStats,

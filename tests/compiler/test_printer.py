@@ -9,10 +9,10 @@ import onnx_ir as ir
 import pytest
 
 from tforge import testing
-from tforge.backends import ort as ort_backend
 from tforge.compiler import printer
 from tforge.compiler.printer import print_ir, write_dump
 from tforge.errors import UnsupportedModelError
+from tforge.runtime import save as model_save
 
 LN_MATMUL = """
 <ir_version: 10, opset_import: ["" : 18]>
@@ -125,7 +125,7 @@ def test_output_is_stable_across_prints_and_a_save_load_round_trip(
     rng: np.random.Generator, tmp_path: Path
 ) -> None:
     model = ln_matmul(rng)
-    saved = ort_backend.save_model(model, tmp_path / "m.onnx")
+    saved = model_save.save_model(model, tmp_path / "m.onnx")
 
     assert print_ir(model) == print_ir(model)
     assert print_ir(ir.load(saved)) == print_ir(model)
@@ -135,7 +135,7 @@ def test_external_tensors_round_trip_to_the_same_digests(
     rng: np.random.Generator, tmp_path: Path
 ) -> None:
     model = ln_matmul(rng)
-    saved = ort_backend.save_model(model, tmp_path / "m.onnx", external_data=True, size_threshold=0)
+    saved = model_save.save_model(model, tmp_path / "m.onnx", external_data=True, size_threshold=0)
     loaded = ir.load(saved)
 
     assert isinstance(loaded.graph.initializers["w"].const_value, ir.ExternalTensor)

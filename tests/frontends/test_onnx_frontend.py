@@ -15,7 +15,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from tforge.errors import UnsupportedModelError
-from tforge.frontends.onnx import SOURCE_PATH_KEY, load_onnx
+from tforge.frontends.onnx import load_onnx
+from tforge.runtime.save import SOURCE_PATH_KEY
 
 WEIGHT = np.arange(16, dtype=np.float32).reshape(4, 4)
 

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from tforge.errors import UnsupportedModelError
-from tforge.frontends.onnx import SOURCE_PATH_KEY
 from tforge.frontends.torch import from_torch
+from tforge.runtime.save import SOURCE_PATH_KEY
 
 torch = pytest.importorskip("torch")
 

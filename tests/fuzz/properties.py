@@ -13,8 +13,8 @@ import onnx_ir as ir
 
 import tforge
 from tforge import testing
-from tforge.backends import ort as ort_backend
 from tforge.compiler.structure import find_blocks
+from tforge.runtime import ort as ort_runtime
 
 from .graphs import TransformerSpec, build
 
@@ -78,6 +78,6 @@ def check_valid(spec: TransformerSpec, seed: int, pipeline: str) -> None:
     onnx.checker.check_model(proto, full_check=True)
     feed = feeds(spec, seed + 100, 1)[0]
     for optimize in (False, True):
-        session = ort_backend.create_session(model, optimize=optimize)
+        session = ort_runtime.create_session(model, optimize=optimize)
         (y,) = session.run(None, feed)
         assert y.shape == (1, spec.seq, spec.hidden) and np.isfinite(y).all()

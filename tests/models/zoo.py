@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from tforge.backends.ort import save_model
 from tforge.frontends.torch import from_torch
+from tforge.runtime.save import save_model
 
 if TYPE_CHECKING:
     import torch

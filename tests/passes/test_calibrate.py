@@ -10,11 +10,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from tforge import data as tforge_data
 import tforge
 from tests.models import zoo
+from tforge import data as tforge_data
 from tforge import testing
-from tforge.backends.ort import save_model
 from tforge.cli import main
 from tforge.compiler import printer
 from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, CalibrationStats, attached_stats
@@ -23,6 +22,7 @@ from tforge.compiler.structure import find_blocks
 from tforge.errors import PassConfigError, PreconditionError
 from tforge.frontends import hf_models
 from tforge.passes.calibrate import Calibrate
+from tforge.runtime.save import save_model
 
 WIKITEXT = tforge_data.WIKITEXT
 VOCAB = 30522

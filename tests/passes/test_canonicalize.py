@@ -7,10 +7,10 @@ import onnx_ir as ir
 import pytest
 
 from tforge import testing
-from tforge.backends import ort
 from tforge.compiler.pipeline import PassManager
 from tforge.errors import PassConfigError
 from tforge.passes.canonicalize import Canonicalize
+from tforge.runtime import ort as ort_runtime
 
 DECOMPOSED = """
 <ir_version: 10, opset_import: ["" : 18]>
@@ -126,7 +126,7 @@ def attention_feeds(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def run(model: ir.Model, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    return ort.create_session(model, optimize=False).run(None, feeds)[0]
+    return ort_runtime.create_session(model, optimize=False).run(None, feeds)[0]
 
 
 def test_nan_guard_dropped_when_the_mask_is_finite(rng: np.random.Generator) -> None:

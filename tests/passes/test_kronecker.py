@@ -8,7 +8,6 @@ import pytest
 
 import tforge
 from tforge import testing
-from tforge.backends import ort as ort_backend
 from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, calibrate_model
 from tforge.compiler.pipeline import PassManager
 from tforge.compiler.printer import print_ir
@@ -18,6 +17,7 @@ from tforge.passes.kronecker import Kronecker, lower_kronecker, macs_ratio
 from tforge.passes.ln_migrate import ConstantRewriter
 from tforge.passes.math import factorization as fz
 from tforge.passes.svd import WeightGroup
+from tforge.runtime import ort as ort_runtime
 
 LINEAR = """
 <ir_version: 10, opset_import: ["" : 18]>
@@ -50,7 +50,7 @@ def _kron(rng: np.random.Generator, terms: int, shape: fz.KroneckerShape = SHAPE
 
 def _assert_same_function(reference: ir.Model, candidate: ir.Model, feeds: dict) -> None:
     """Max abs error at most 1e-4 of the reference output's max abs (ORT optimizations off)."""
-    expected = ort_backend.run(ort_backend.create_session(reference, optimize=False), feeds)
+    expected = ort_runtime.run(ort_runtime.create_session(reference, optimize=False), feeds)
     scale = max(float(np.abs(v).max()) for v in expected.values())
     testing.assert_ort_allclose(reference, candidate, feeds, atol=1e-4 * scale, rtol=0.0)
 
@@ -151,8 +151,8 @@ def test_ratio_reaches_the_budget_and_a_second_run_changes_nothing(rng: np.rando
     assert not again.changed and again.stats == {"skipped: already factorised": 2}
     for shape in [(1, 4), (3, 2)]:
         feeds = {"x": _x(rng, *shape, 48)}
-        out = ort_backend.run(ort_backend.create_session(model), feeds)["y"]
-        ref = ort_backend.run(ort_backend.create_session(original), feeds)["y"]
+        out = ort_runtime.run(ort_runtime.create_session(model), feeds)["y"]
+        ref = ort_runtime.run(ort_runtime.create_session(original), feeds)["y"]
         assert out.shape == ref.shape == (*shape, 32)
         assert np.linalg.norm(out - ref) < 0.05 * np.linalg.norm(ref)
 
@@ -215,9 +215,9 @@ def test_pipeline_on_an_exported_model(zoo_model, zoo_entries) -> None:
     record = report.passes[-1]
     assert record.stats["factorised"] >= 1 and record.details["reduction"] >= 0.3, record.stats
     assert all(row["macs_ratio"] <= 1.0 for row in record.details["layers"])
-    session = ort_backend.create_session(model)
+    session = ort_runtime.create_session(model)
     for batch, seq in [(1, 5), (3, 11)]:
-        outputs = ort_backend.run(session, entry.inputs(batch, seq, np.random.default_rng(batch)))
+        outputs = ort_runtime.run(session, entry.inputs(batch, seq, np.random.default_rng(batch)))
         first = next(iter(outputs.values()))
         assert first.shape[:2] == (batch, seq) and np.isfinite(first).all()
 
@@ -240,6 +240,6 @@ def test_quantize_treats_both_factor_products_as_linears(rng: np.random.Generato
 
     assert result.stats["quantized"] == 2
     feeds = {"x": _x(rng, 2, 5, 48)}
-    out = ort_backend.run(ort_backend.create_session(model), feeds)["y"]
-    ref = ort_backend.run(ort_backend.create_session(original), feeds)["y"]
+    out = ort_runtime.run(ort_runtime.create_session(model), feeds)["y"]
+    ref = ort_runtime.run(ort_runtime.create_session(original), feeds)["y"]
     assert np.linalg.norm(out - ref) < 0.05 * np.linalg.norm(ref)

@@ -8,7 +8,6 @@ import pytest
 
 import tforge
 from tforge import testing
-from tforge.backends import ort as ort_backend
 from tforge.compiler import verify
 from tforge.compiler.calibration import STATS_KEY, attached_stats, calibrate_model
 from tforge.compiler.pipeline import PassManager
@@ -16,6 +15,7 @@ from tforge.compiler.printer import print_ir
 from tforge.compiler.structure import const_array
 from tforge.errors import PassConfigError
 from tforge.passes.ln_migrate import LnMigrate
+from tforge.runtime import ort as ort_runtime
 
 PRE_NORM = """
 <ir_version: 10, opset_import: ["" : 18]>
@@ -92,7 +92,7 @@ def _ln_model(text: str, rng: np.random.Generator, *, gamma: np.ndarray | None =
 
 def _assert_same_function(reference: ir.Model, candidate: ir.Model, feeds: dict) -> None:
     """Max abs error at most 1e-4 of the reference output's max abs (ORT optimizations off)."""
-    expected = ort_backend.run(ort_backend.create_session(reference, optimize=False), feeds)
+    expected = ort_runtime.run(ort_runtime.create_session(reference, optimize=False), feeds)
     scale = max(float(np.abs(v).max()) for v in expected.values())
     testing.assert_ort_allclose(reference, candidate, feeds, atol=1e-4 * scale, rtol=0.0)
 

@@ -10,6 +10,7 @@ from tforge.backends import ort
 from tforge.compiler import verify
 from tforge.compiler.pipeline import PassManager
 from tforge.errors import PreconditionError
+from tforge.runtime import ort as ort_runtime
 
 
 def _kernels(model, feeds) -> set[str]:
@@ -30,8 +31,8 @@ def test_bert_residual_norms_stay_unfused_and_exact(zoo_model) -> None:
     ran = _kernels(model, feeds)
     assert "SkipLayerNormalization" not in ran and "LayerNormalization" in ran
     for optimize in (False, True):  # bit for bit, with ORT's rewrites off and on
-        want = ort.create_session(reference, optimize=False).run(None, feeds)
-        got = ort.create_session(model, optimize=optimize).run(None, feeds)
+        want = ort_runtime.create_session(reference, optimize=False).run(None, feeds)
+        got = ort_runtime.create_session(model, optimize=optimize).run(None, feeds)
         for a, b in zip(want, got, strict=True):
             np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 if optimize else 0)
 

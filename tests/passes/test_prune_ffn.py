@@ -10,8 +10,8 @@ import onnx.shape_inference
 import onnx_ir as ir
 import pytest
 
-from tforge import data as tforge_data
 import tforge
+from tforge import data as tforge_data
 from tforge import testing
 from tforge.backends import ort as ort_backend
 from tforge.compiler import verify
@@ -20,6 +20,7 @@ from tforge.compiler.pipeline import PassManager
 from tforge.compiler.structure import const_array, find_blocks
 from tforge.errors import PassConfigError, PreconditionError
 from tforge.passes.prune_ffn import PruneFfn
+from tforge.runtime import ort as ort_runtime
 
 # BERT-style: LayerNorm, GELU FFN with biases on up and down.
 GELU_FFN = """
@@ -166,9 +167,9 @@ def test_bias_compensation_restores_the_mean(rng: np.random.Generator) -> None:
     assert result.stats["compensation weaker than asked: no Gram matrix (calibrate with gram=true)"] == 1
     down = find_blocks(model).blocks[0].ffn.down
     assert down.bias is not None and down.bias.shape == ir.Shape([8])  # created: the SwiGLU had none
-    a = ort_backend.create_session(original, optimize=False)
-    b = ort_backend.create_session(model, optimize=False)
-    diff = np.concatenate([ort_backend.run(b, f)["y"] - ort_backend.run(a, f)["y"] for f in feeds])
+    a = ort_runtime.create_session(original, optimize=False)
+    b = ort_runtime.create_session(model, optimize=False)
+    diff = np.concatenate([ort_runtime.run(b, f)["y"] - ort_runtime.run(a, f)["y"] for f in feeds])
     # the same data as calibration: the mean error is gone, what is left has zero mean
     assert np.abs(diff.reshape(-1, 8).mean(axis=0)).max() < 1e-4 < np.abs(diff).max()
 
@@ -275,8 +276,8 @@ def test_minilm_quarter_of_ffn_channels_keeps_embeddings_and_is_faster(minilm_on
     assert [row["after"] for row in result.details["layers"]] == [1152] * 6
     tokenizer = hf_models.minilm_tokenizer()
     sentences = evaluate.sentences(evaluate.text_half(evaluate.read_text(WIKITEXT), "second"), 128)
-    reference = ort_backend.create_session(tforge.load(minilm_onnx))
-    pruned = ort_backend.create_session(model)
+    reference = ort_runtime.create_session(tforge.load(minilm_onnx))
+    pruned = ort_runtime.create_session(model)
     ref = evaluate.sentence_embeddings(lambda f: reference.run(None, f)[0], tokenizer, sentences)
     got = evaluate.sentence_embeddings(lambda f: pruned.run(None, f)[0], tokenizer, sentences)
     agreement = evaluate.agreement(ref, got)
@@ -301,7 +302,7 @@ def test_smollm2_heads_and_ffn_pruning_keeps_every_layer_valid(smollm2_onnx: Pat
         assert block.attention.num_heads == 6 and block.attention.num_kv_heads in (2, 3)
         assert block.ffn.intermediate_size == 1152
     onnx.shape_inference.infer_shapes(ir.to_proto(model), check_type=True, strict_mode=True, data_prop=True)
-    session = ort_backend.create_session(model)
+    session = ort_runtime.create_session(model)
     for batch, seq in [(1, 7), (2, 33)]:
         ids = np.random.default_rng(0).integers(0, 49152, size=(batch, seq), dtype=np.int64)
         [logits] = session.run(None, {"input_ids": ids})

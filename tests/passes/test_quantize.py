@@ -9,8 +9,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from tforge import data as tforge_data
 import tforge
+from tforge import data as tforge_data
 from tforge import evaluate, testing
 from tforge.backends import ort as ort_backend
 from tforge.compiler import verify
@@ -28,6 +28,8 @@ from tforge.passes.quantize import (
     uint8_qparams,
     weight_error,
 )
+from tforge.runtime import ort as ort_runtime
+from tforge.runtime import save as model_save
 
 REPO = Path(__file__).resolve().parents[2]
 WIKITEXT = tforge_data.WIKITEXT
@@ -381,8 +383,8 @@ def test_minilm_w8a8_preset_keeps_sentence_embeddings(minilm_onnx: Path) -> None
 
     tokenizer = hf_models.minilm_tokenizer()
     sentences = evaluate.sentences(evaluate.text_half(evaluate.read_text(WIKITEXT), "second"), 128)
-    ref_session = ort_backend.create_session(tforge.load(minilm_onnx))
-    int8_session = ort_backend.create_session(model)
+    ref_session = ort_runtime.create_session(tforge.load(minilm_onnx))
+    int8_session = ort_runtime.create_session(model)
     ref = evaluate.sentence_embeddings(lambda f: ref_session.run(None, f)[0], tokenizer, sentences)
     got = evaluate.sentence_embeddings(lambda f: int8_session.run(None, f)[0], tokenizer, sentences)
     agreement = evaluate.agreement(ref, got)
@@ -399,7 +401,7 @@ def test_w8a8_preset_compiles_from_the_command_line(rng: np.random.Generator, tm
     from tforge.cli import main
 
     source, output, npz = tmp_path / "tiny.onnx", tmp_path / "tiny.int8.onnx", tmp_path / "calib.npz"
-    ort_backend.save_model(_model(rng), source)
+    model_save.save_model(_model(rng), source)
     np.savez(npz, x=rng.normal(size=(8, 2, 4, 8)).astype(np.float32))  # 8 samples of batch 2
 
     code = main(["-q", "compile", str(source), "--preset", "w8a8", "--calib-npz", str(npz), "-o", str(output)])

@@ -17,6 +17,7 @@ from tforge.compiler.printer import print_ir
 from tforge.errors import PassConfigError, PreconditionError
 from tforge.passes.math import clustering
 from tforge.passes.rptq import Rptq
+from tforge.runtime import ort as ort_runtime
 
 BLOCK = tiny.pre_norm_block()
 
@@ -62,14 +63,14 @@ def _calibrated(text: str, rng: np.random.Generator) -> ir.Model:
 
 def _assert_same_function(reference: ir.Model, candidate: ir.Model, feeds: dict) -> None:
     """Max abs error at most 1e-5 of the reference output's max abs (ORT optimizations off)."""
-    expected = ort_backend.run(ort_backend.create_session(reference, optimize=False), feeds)
+    expected = ort_runtime.run(ort_runtime.create_session(reference, optimize=False), feeds)
     scale = max(float(np.abs(v).max()) for v in expected.values())
     testing.assert_ort_allclose(reference, candidate, feeds, atol=1e-5 * scale, rtol=0.0)
 
 
 def _relative_error(reference: ir.Model, candidate: ir.Model, feeds: dict) -> float:
-    a = ort_backend.run(ort_backend.create_session(reference, optimize=False), feeds)
-    b = ort_backend.run(ort_backend.create_session(candidate, optimize=False), feeds)
+    a = ort_runtime.run(ort_runtime.create_session(reference, optimize=False), feeds)
+    b = ort_runtime.run(ort_runtime.create_session(candidate, optimize=False), feeds)
     name = next(iter(a))
     return float(np.linalg.norm(a[name] - b[name]) / np.linalg.norm(a[name]))
 

@@ -9,7 +9,6 @@ import pytest
 import tforge
 from tests.models import tiny
 from tforge import testing
-from tforge.backends import ort as ort_backend
 from tforge.compiler import verify
 from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, attached_stats, calibrate_model
 from tforge.compiler.pipeline import PassManager
@@ -19,6 +18,7 @@ from tforge.errors import PassConfigError, PreconditionError
 from tforge.passes.ln_migrate import LnMigrate
 from tforge.passes.math import smoothing
 from tforge.passes.smoothquant import SmoothQuant
+from tforge.runtime import ort as ort_runtime
 
 # Pre-norm block: LN -> 2-head attention (V with bias) -> residual -> LN -> ReLU FFN -> residual.
 BLOCK = tiny.pre_norm_block(batch="1")
@@ -89,7 +89,7 @@ def _calibrated(model: ir.Model, rng: np.random.Generator) -> list[dict[str, np.
 
 def _assert_same_function(reference: ir.Model, candidate: ir.Model, feeds: dict) -> None:
     """Max abs error at most 1e-4 of the reference output's max abs (ORT optimizations off)."""
-    expected = ort_backend.run(ort_backend.create_session(reference, optimize=False), feeds)
+    expected = ort_runtime.run(ort_runtime.create_session(reference, optimize=False), feeds)
     scale = max(float(np.abs(v).max()) for v in expected.values())
     testing.assert_ort_allclose(reference, candidate, feeds, atol=1e-4 * scale, rtol=0.0)
 

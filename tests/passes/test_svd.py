@@ -8,7 +8,6 @@ import pytest
 
 import tforge
 from tforge import testing
-from tforge.backends import ort as ort_backend
 from tforge.compiler import verify
 from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, calibrate_model
 from tforge.compiler.pipeline import PassManager
@@ -19,6 +18,7 @@ from tforge.passes.ln_migrate import ConstantRewriter
 from tforge.passes.math import factorization as fz
 from tforge.passes.quantize import Quantize
 from tforge.passes.svd import Svd, WeightGroup, lower_low_rank
+from tforge.runtime import ort as ort_runtime
 
 LINEAR = """
 <ir_version: 10, opset_import: ["" : 18]>
@@ -67,7 +67,7 @@ def _rank(rng: np.random.Generator, k: int, n: int, r: int) -> np.ndarray:
 
 def _assert_same_function(reference: ir.Model, candidate: ir.Model, feeds: dict) -> None:
     """Max abs error at most 1e-4 of the reference output's max abs (ORT optimizations off)."""
-    expected = ort_backend.run(ort_backend.create_session(reference, optimize=False), feeds)
+    expected = ort_runtime.run(ort_runtime.create_session(reference, optimize=False), feeds)
     scale = max(float(np.abs(v).max()) for v in expected.values())
     testing.assert_ort_allclose(reference, candidate, feeds, atol=1e-4 * scale, rtol=0.0)
 
@@ -236,9 +236,9 @@ def test_activation_aware_has_lower_output_error_than_plain(rng: np.random.Gener
     assert aware_error < 0.7 * plain_error, (aware_error, plain_error)
     # and on inputs the calibration did not see
     feeds = {"x": _correlated(rng, mixing, 8, 32)}
-    reference = ort_backend.run(ort_backend.create_session(original, optimize=False), feeds)["y"]
+    reference = ort_runtime.run(ort_runtime.create_session(original, optimize=False), feeds)["y"]
     errors = [
-        float(np.sum((ort_backend.run(ort_backend.create_session(m, optimize=False), feeds)["y"] - reference) ** 2))
+        float(np.sum((ort_runtime.run(ort_runtime.create_session(m, optimize=False), feeds)["y"] - reference) ** 2))
         for m in (plain, aware)
     ]
     assert errors[1] < 0.7 * errors[0], errors
@@ -284,7 +284,7 @@ def test_quantize_treats_both_factors_as_linears(rng: np.random.Generator) -> No
     assert first_only.stats["quantized"] == 1 and first_only.stats["skipped: excluded"] == 1
     feeds = {"x": _x(rng, 2, 5, 48)}
     for m in (model, float_intermediate):
-        out = ort_backend.run(ort_backend.create_session(m), feeds)["y"]
+        out = ort_runtime.run(ort_runtime.create_session(m), feeds)["y"]
         assert out.shape == (2, 5, 32) and np.isfinite(out).all()
 
 
@@ -311,10 +311,10 @@ def test_pipeline_on_a_gqa_model(zoo_model, zoo_entries) -> None:
     assert "calibrated" not in report.properties
     removed = sum(row["params_before"] - row["params_after"] for row in record.details["layers"])
     assert removed == record.details["removed_params"]
-    session = ort_backend.create_session(model)
+    session = ort_runtime.create_session(model)
     for batch, seq in [(1, 5), (3, 11)]:
         feeds = entry.inputs(batch, seq, np.random.default_rng(batch))
-        (logits,) = ort_backend.run(session, feeds).values()
+        (logits,) = ort_runtime.run(session, feeds).values()
         assert logits.shape[:2] == (batch, seq) and np.isfinite(logits).all()
 
 

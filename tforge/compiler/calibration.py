@@ -24,7 +24,6 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler import spill
 from tforge.errors import PassConfigError, PreconditionError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -372,7 +371,9 @@ def calibrate_model(
             "could be calibrated; name the activations to calibrate explicitly"
         )
     graph_inputs = {v.name: v for v in model.graph.inputs}
-    by_name = _values_by_name(model.graph)
+    from tforge.runtime.ort import session_exposing, values_by_name  # imports onnxruntime
+
+    by_name = values_by_name(model.graph)
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise PassConfigError(
@@ -445,38 +446,10 @@ def calibrate_model(
     return CalibrationStats(stats={n: stats[n] for n in names}, samples=samples)
 
 
-def session_exposing(model: ir.Model, names: Sequence[str], *, optimize: bool) -> Any:
-    """An ORT session of a copy of ``model`` whose outputs are the values named ``names`` (in that
-    order, once each); ``model`` itself is left unchanged. A model larger than memory runs in pieces."""
-    from tforge.backends.ort import create_session
-
-    clone = model.clone()
-    if model.meta.get(spill.SPILL_KEY):  # clone() leaves meta behind; backends/ort.py reads it
-        clone.meta[spill.SPILL_KEY] = True
-    by_name = _values_by_name(clone.graph)
-    clone.graph.outputs.clear()
-    clone.graph.outputs.extend(by_name[n] for n in dict.fromkeys(names))
-    return create_session(clone, optimize=optimize)
-
-
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values: dict[str, ir.Value] = {}
-    for value in graph.inputs:
-        if value.name:
-            values[value.name] = value
-    for name, value in graph.initializers.items():
-        values[name] = value
-    for node in graph:
-        for out in node.outputs:
-            if out.name:
-                values[out.name] = out
-    return values
-
-
 def _run(session: Any, feed: Feed, names: list[str], index: int) -> list[Any]:
-    from tforge.backends.ort import prepare_feeds
-
     try:
+        from tforge.runtime.ort import prepare_feeds
+
         prepared = prepare_feeds(session, feed)
     except UnsupportedModelError as e:
         raise PassConfigError(f"calibration: sample {index}: {e}") from None

@@ -305,8 +305,8 @@ class PassManager:
 
         properties = model_properties(model)
         check_properties(self.passes, properties)
-        from tforge.backends.ort import initializer_bytes
-        from tforge.compiler import spill
+        from tforge.runtime import spill
+        from tforge.runtime.spill import initializer_bytes
 
         # large models: rewritten weights go to a scratch file instead of memory (spill.py)
         spill.enable_if_large(model, initializer_bytes(model))

@@ -232,10 +232,10 @@ def compare_outputs(
     optimize: bool = False,
 ) -> list[OutputComparison]:
     """Run both models on ``feeds`` in ORT and compare each reference output by name."""
-    from tforge.backends import ort as ort_backend  # the backend imports nothing from here
+    from tforge.runtime import ort as ort_runtime  # imports onnxruntime
 
-    expected = ort_backend.run(ort_backend.create_session(reference, optimize=optimize), feeds)
-    actual = ort_backend.run(ort_backend.create_session(candidate, optimize=optimize), feeds)
+    expected = ort_runtime.run(ort_runtime.create_session(reference, optimize=optimize), feeds)
+    actual = ort_runtime.run(ort_runtime.create_session(candidate, optimize=optimize), feeds)
     comparisons = []
     for name, ref in expected.items():
         if name not in actual:

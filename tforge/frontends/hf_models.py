@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tforge.backends.ort import save_model
 from tforge.errors import UnsupportedModelError, VerificationError
 from tforge.frontends.torch import from_torch
+from tforge.runtime.save import save_model
 
 if TYPE_CHECKING:
     import tokenizers

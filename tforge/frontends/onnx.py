@@ -25,13 +25,11 @@ from onnx_ir import external_data as ir_external_data
 from onnx_ir import serde as ir_serde
 
 from tforge.errors import UnsupportedModelError
+from tforge.runtime.save import SOURCE_PATH_KEY
 
 __all__ = ["MAX_DECLARED_BYTES", "MIN_OPSET", "SOURCE_PATH_KEY", "load_onnx"]
 
 logger = logging.getLogger(__name__)
-
-#: ``model.meta`` key holding the resolved path of the file a model was loaded from.
-SOURCE_PATH_KEY = "tforge.source_path"
 
 #: Oldest default-domain opset accepted: ONNX Runtime runs nothing older, and tforge's passes
 #: are written against the operator semantics from opset 7 on.

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from tforge.errors import UnsupportedModelError
-from tforge.frontends.onnx import SOURCE_PATH_KEY
+from tforge.runtime.save import SOURCE_PATH_KEY
 
 if TYPE_CHECKING:
     import torch

@@ -61,7 +61,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from tforge.compiler.calibration import FEEDS_KEY, npz_feeds, session_exposing, text_feeds
+from tforge.compiler.calibration import FEEDS_KEY, npz_feeds, text_feeds
+from tforge.runtime.ort import session_exposing
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import replace_value
@@ -474,7 +475,7 @@ def quadratic_values(model: ir.Model, feeds: Mapping[str, np.ndarray], seq_len: 
     (hidden, FFN, vocabulary if logits are produced), or those dimensions count as long too.
     Returns ``name[shape]`` strings.
     """
-    from tforge.backends.ort import create_session, prepare_feeds
+    from tforge.runtime.ort import create_session, prepare_feeds
 
     clone = model.clone()
     values = [
@@ -719,7 +720,7 @@ class LinearAttention(Pass):
 def _capture(
     model: ir.Model, layers: list[_Layer], feeds: Iterable[Mapping[str, np.ndarray]]
 ) -> None:
-    from tforge.backends.ort import prepare_feeds
+    from tforge.runtime.ort import prepare_feeds
 
     rewriter = ConstantRewriter(model, "linear-attention")
     names: list[str] = []

@@ -26,12 +26,12 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler import spill
 from tforge.compiler.calibration import attached_stats
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
 from tforge.compiler.structure import Linear, Norm, const_array, find_blocks
 from tforge.errors import PassConfigError
+from tforge.runtime import spill
 
 logger = logging.getLogger(__name__)
 

@@ -59,7 +59,6 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler import spill
 from tforge.compiler.calibration import (
     CalibrationStats,
     ChannelStats,
@@ -71,6 +70,7 @@ from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import replace_value
 from tforge.compiler.structure import Linear, const_array, find_blocks
 from tforge.errors import PassError, PreconditionError, UnsupportedModelError
+from tforge.runtime import spill
 
 logger = logging.getLogger(__name__)
 

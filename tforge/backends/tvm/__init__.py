@@ -383,10 +383,10 @@ def build(
         },
     )
     if check_numerics:
-        from tforge.backends import ort
+        from tforge.runtime import ort as ort_runtime
 
         quantized = any(node.op_type in _INTEGER_OPS for node in model.graph)
-        reference = ort.create_session(model, optimize=False)  # one session for every check
+        reference = ort_runtime.create_session(model, optimize=False)  # one session for every check
         artifact.meta["numerics"] = [
             compare_with_ort(
                 artifact,
@@ -413,11 +413,11 @@ def compare_with_ort(
     """Run ``feeds`` through the artifact and ORT (optimizations off); raise beyond ``rtol`` or
     below ``min_cosine`` (the mean cosine between rows along the last axis). ``session``: an ORT
     session of ``model`` with optimizations off, to reuse over several calls (else one is opened)."""
-    from tforge.backends import ort
+    from tforge.runtime import ort as ort_runtime
 
     if session is None:
-        session = ort.create_session(model, optimize=False)
-    expected = ort.run(session, feeds)
+        session = ort_runtime.create_session(model, optimize=False)
+    expected = ort_runtime.run(session, feeds)
     got = artifact.run(feeds)
     shape = {k: list(v.shape) for k, v in feeds.items()}
     record: dict[str, Any] = {"shapes": shape, "outputs": {}}

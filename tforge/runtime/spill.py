@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["SPILL_KEY", "SPILL_THRESHOLD", "enable_if_large", "tensor", "threshold"]
+__all__ = ["SPILL_KEY", "SPILL_THRESHOLD", "enable_if_large", "initializer_bytes", "tensor", "threshold"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,16 @@ class _Scratch:
     def close(self) -> None:
         self.file.close()
         self.dir.cleanup()
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Total bytes of the initializers of every graph (no tensor is read to count them)."""
+    return sum(
+        v.const_value.nbytes
+        for graph in model.graphs()
+        for v in graph.initializers.values()
+        if v.const_value is not None
+    )
 
 
 def threshold() -> int:
