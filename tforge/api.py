@@ -160,7 +160,7 @@ def inspect(model: ir.Model | PathLike, *, canonicalize: bool = True) -> structu
     if canonicalize and Property.CANONICAL not in model_properties(model):
         model = model.clone()
         PassManager.parse("canonicalize", progress=lambda _: None).run(model)
-    return structure.find_blocks(model)
+    return structure.block_map(model)
 
 
 @dataclasses.dataclass

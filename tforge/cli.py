@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
     c.add_argument("--dump-dir", metavar="DIR", help="write DIR/NNN-<pass>.ir after every pass")
     c.add_argument("--pass-statistics", action="store_true", help="print each pass's statistics to stdout")
+    c.add_argument("--explain", action="store_true",
+                   help="print every site each pass skipped, with the node and the reason, to stdout")
     c.add_argument("--strict", action="store_true",
                    help="fail when no transformer blocks (or an unrecognised part) are found, instead of skipping")
     c.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
@@ -298,6 +300,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             print(f"{record.spec}:")
             for key, value in sorted(record.stats.items()):
                 print(f"  {value:>8}  {key}")
+    if args.explain:
+        print(report.explain())
     return EXIT_OK
 
 
@@ -330,7 +334,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.ir:
         print(printer.print_ir(model, tensors=args.tensors))
         return EXIT_OK
-    block_map = structure.find_blocks(model)
+    block_map = structure.block_map(model)
     info: dict[str, Any] = {
         "model": str(args.input),
         "inputs": {v.name: str(v.shape) for v in model.graph.inputs},

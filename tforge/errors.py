@@ -27,8 +27,12 @@ class UnsupportedModelError(TforgeError):
     """The input model (file, graph or weights) cannot be used; the user has to change it."""
 
 
-class PassConfigError(TforgeError):
-    """A pipeline spec or a pass option is malformed or out of range."""
+class PassConfigError(TforgeError, ValueError):
+    """A pipeline spec or a pass option is malformed or out of range.
+
+    Every pass raises it from ``__post_init__`` for a bad option, whether the pass was built by
+    the pipeline parser or directly from Python, with the pass's name first in the message.
+    """
 
 
 class PreconditionError(TforgeError):

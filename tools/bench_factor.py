@@ -19,7 +19,7 @@ Accuracy uses the int8 section's protocol and helpers (bench.py, tforge.evaluate
 of mean-pooled embeddings against fp32 on WikiText-2 sentences of the second half; SmolLM2,
 WikiText-2 perplexity on 512-token windows of the second half. Calibration reads the first half.
 Latency: each ratio's variants are timed interleaved with the canonical fp32 model in one
-process (bench.timing_session, bench's shapes); the ratio is against that fp32 timing.
+process (benchlib.timing_session, bench's shapes); the ratio is against that fp32 timing.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import bench
+import benchlib
 import numpy as np
 import onnx_ir as ir
 
@@ -136,26 +136,26 @@ def _build(name: str, label: str, spec: str, base, stats, work: Path, index: int
     row.seconds = time.perf_counter() - t0
     row.params = params(model)
     row.path = model_save.save_model(model, work / f"{name}.factor-{index}.onnx")
-    bench._log(f"{name}: {label}: {spec} in {row.seconds:.1f}s, linear parameters -{row.reduction:.1%}, "
+    benchlib.log(f"{name}: {label}: {spec} in {row.seconds:.1f}s, linear parameters -{row.reduction:.1%}, "
                f"linear MACs x{row.macs:.2f}, {row.layers} weights factorised")
     return row
 
 
 def _model(name: str, out_dir: Path, work: Path, protocol: FactorProtocol, threads: int | None) -> list[str]:
-    src = bench._exported(out_dir, name)
+    src = benchlib.exported(out_dir, name)
     tokenizer_path = hf_models.minilm_dir() if name == "minilm" else hf_models.smollm2_gguf_path()
     base = tforge.load(src)
     base.meta[FEEDS_KEY] = list(
-        text_feeds(base, bench.WIKITEXT, tokenizer_path, samples=protocol.calib_samples, seq_len=protocol.calib_seq)
+        text_feeds(base, benchlib.WIKITEXT, tokenizer_path, samples=protocol.calib_samples, seq_len=protocol.calib_seq)
     )
     t0 = time.perf_counter()
     PassManager.parse("canonicalize,calibrate{gram=true}", progress=lambda _: None).run(base)
     stats = base.meta.pop(STATS_KEY)
     del base.meta[FEEDS_KEY]
-    bench._log(f"{name}: canonicalize,calibrate{{gram=true}} in {time.perf_counter() - t0:.1f}s")
+    benchlib.log(f"{name}: canonicalize,calibrate{{gram=true}} in {time.perf_counter() - t0:.1f}s")
     fp32 = Row("fp32 (canonical)", "canonicalize", model_save.save_model(base, work / f"{name}.factor-fp32.onnx"), params=params(base))
 
-    text = evaluate.text_half(evaluate.read_text(bench.WIKITEXT), "second")
+    text = evaluate.text_half(evaluate.read_text(benchlib.WIKITEXT), "second")
     score: Callable[[Any], float]
     if name == "minilm":
         tokenizer = hf_models.minilm_tokenizer()
@@ -181,18 +181,18 @@ def _model(name: str, out_dir: Path, work: Path, protocol: FactorProtocol, threa
         def score(session) -> float:
             return evaluate.window_perplexity(lambda f: session.run(None, f)[0], windows)
 
-    fp32_session = bench.timing_session(fp32.path, threads)
+    fp32_session = benchlib.timing_session(fp32.path, threads)
     fp32.accuracy = score(fp32_session)
-    bench._log(f"{name}: fp32 accuracy {fp32.accuracy:.4f}")
+    benchlib.log(f"{name}: fp32 accuracy {fp32.accuracy:.4f}")
     groups = [list(variants(ratio).items()) for ratio in protocol.ratios] + [list(quantized_variants().items())]
     rows: list[Row] = []
     for group in groups:
         built = [_build(name, label, spec, base, stats, work, len(rows) + i) for i, (label, spec) in enumerate(group)]
         sessions = []
         for row in built:
-            sessions.append(bench.timing_session(row.path, threads))
+            sessions.append(benchlib.timing_session(row.path, threads))
             row.accuracy = score(sessions[-1])
-            bench._log(f"{name}: {row.label}: accuracy {row.accuracy:.4f}")
+            benchlib.log(f"{name}: {row.label}: accuracy {row.accuracy:.4f}")
         timings = ort.time_side_by_side([fp32_session, *sessions], feeds, warmup=3, runs=protocol.runs)
         for row, timing in zip(built, timings[1:], strict=True):
             row.latency, row.fp32_latency = timing, timings[0]

@@ -12,7 +12,7 @@ per tensor for everything below the static threshold (``fallback=dynamic``).
 import sys
 from pathlib import Path
 
-import bench
+import bench_int8
 
 from tforge.presets import PRESETS
 
@@ -30,7 +30,7 @@ def variants() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    bench.tforge_variants = variants
+    bench_int8.tforge_variants = variants
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["minilm"]
     runs = int(sys.argv[2]) if len(sys.argv) > 2 else 40
-    print("\n".join(bench.int8(names, ROOT / ".cache" / "models", bench.Int8Protocol.full(runs), None)))
+    print("\n".join(bench_int8.int8(names, ROOT / ".cache" / "models", bench_int8.Int8Protocol.full(runs), None)))

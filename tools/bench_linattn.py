@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import bench
+import benchlib
 import numpy as np
 
 import tforge
@@ -99,8 +99,8 @@ def latency(
         f"quadratic tensors at 601 tokens: original {len(quad_src)}, "
         + ", ".join(f"{k}: {len(v)}" for k, v in quad.items())
     )
-    base = bench.timing_session(src, threads)
-    sessions = {label: bench.timing_session(p, threads) for label, p in variants.items()}
+    base = benchlib.timing_session(src, threads)
+    sessions = {label: benchlib.timing_session(p, threads) for label, p in variants.items()}
     rows = []
     for n in lengths:
         runs = max(
@@ -164,17 +164,17 @@ def _convert(
 
 
 def minilm(work: Path, quick: bool, fit_seconds: float) -> list[str]:
-    src = bench._exported(work, "minilm")
+    src = benchlib.exported(work, "minilm")
     base = tforge.load(src)
     PassManager.parse("canonicalize", progress=lambda _: None).run(base)
     calibration = list(
         text_feeds(
-            base, bench.WIKITEXT, hf_models.minilm_dir(), samples=16 if quick else 32, seq_len=128
+            base, benchlib.WIKITEXT, hf_models.minilm_dir(), samples=16 if quick else 32, seq_len=128
         )
     )
     tokenizer = hf_models.minilm_tokenizer()
     sentences = evaluate.sentences(
-        evaluate.text_half(evaluate.read_text(bench.WIKITEXT), "second"), 64 if quick else 256
+        evaluate.text_half(evaluate.read_text(benchlib.WIKITEXT), "second"), 64 if quick else 256
     )
     ref_session = ort_runtime.create_session(base, optimize=True)
     reference = evaluate.sentence_embeddings(
@@ -212,15 +212,15 @@ def minilm(work: Path, quick: bool, fit_seconds: float) -> list[str]:
 
 
 def smollm2(work: Path, quick: bool, fit_seconds: float) -> list[str]:
-    src = bench._exported(work, "smollm2")
+    src = benchlib.exported(work, "smollm2")
     base = tforge.load(src)
     PassManager.parse("canonicalize", progress=lambda _: None).run(base)
     calibration = list(
-        text_feeds(base, bench.WIKITEXT, hf_models.smollm2_gguf_path(), samples=8, seq_len=128)
+        text_feeds(base, benchlib.WIKITEXT, hf_models.smollm2_gguf_path(), samples=8, seq_len=128)
     )
     tokenizer = hf_models.smollm2_tokenizer()
     context, count = 512, (2 if quick else 4)
-    text = evaluate.text_half(evaluate.read_text(bench.WIKITEXT), "second")
+    text = evaluate.text_half(evaluate.read_text(benchlib.WIKITEXT), "second")
     ids = evaluate.tokenize_lines(
         lambda line: tokenizer(line, add_special_tokens=False)["input_ids"], text, context * count
     )
@@ -283,14 +283,14 @@ def main(argv: list[str] | None = None) -> int:
             lines += [
                 "### MiniLM",
                 "",
-                *minilm(bench.ROOT / ".cache" / "models", args.quick, args.fit_seconds or 15.0),
+                *minilm(benchlib.ROOT / ".cache" / "models", args.quick, args.fit_seconds or 15.0),
                 "",
             ]
         if args.section in ("smollm2", "all"):
             lines += [
                 "### SmolLM2",
                 "",
-                *smollm2(bench.ROOT / ".cache" / "models", args.quick, args.fit_seconds or 6.0),
+                *smollm2(benchlib.ROOT / ".cache" / "models", args.quick, args.fit_seconds or 6.0),
                 "",
             ]
     text = "\n".join(lines)

@@ -16,7 +16,7 @@ of mean-pooled embeddings against fp32 on WikiText-2 sentences of the second hal
 WikiText-2 perplexity on 512-token windows of the second half. Calibration reads the first half
 (more samples than the int8 section: the Gram matrices of 1536-wide FFN inputs need more tokens).
 Latency: one pruned model per (kind, ratio), plus the combined and the quantized rows, each timed
-against the unpruned fp32 model (after `canonicalize`) in its own interleaved pair (bench.timing_session, bench's shapes);
+against the unpruned fp32 model (after `canonicalize`) in its own interleaved pair (benchlib.timing_session, bench's shapes);
 the table gives the ratio of medians and, in parentheses, of 10th percentiles, which a loaded
 machine disturbs less.
 """
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import bench
+import benchlib
 import numpy as np
 import onnx_ir as ir
 
@@ -97,7 +97,7 @@ class Row:
 
 
 def _log(message: str) -> None:
-    bench._log(message)
+    benchlib.log(message)
 
 
 def _kept(model) -> str:
@@ -134,7 +134,7 @@ def _build(name: str, src: Path, work: Path, protocol: PruneProtocol) -> tuple[A
     tokenizer = hf_models.minilm_dir() if name == "minilm" else hf_models.smollm2_gguf_path()
     base = tforge.load(src)
     samples = protocol.calib_sentences if name == "minilm" else protocol.calib_windows
-    calibration = list(text_feeds(base, bench.WIKITEXT, tokenizer, samples=samples, seq_len=protocol.calib_seq))
+    calibration = list(text_feeds(base, benchlib.WIKITEXT, tokenizer, samples=samples, seq_len=protocol.calib_seq))
     base.meta[FEEDS_KEY] = calibration
     t0 = time.perf_counter()
     calibrate = f"calibrate{{gram=true samples={len(calibration)}}}"
@@ -197,12 +197,12 @@ def _latency(src: Path, rows: list[Row], feeds: dict, protocol: PruneProtocol, t
     unevenly over them; a pair sees the same load on both sides. Returns the base timing of the
     first pair; every row gets its pair's ratio of medians (and of 10th percentiles).
     """
-    base_session = bench.timing_session(src, threads)
+    base_session = benchlib.timing_session(src, threads)
     first = None
     for r in _timed_rows(rows):
         ratio = (1.0, 1.0)  # nothing pruned: the fp32 model itself
         if not r.unchanged:
-            session = bench.timing_session(r.path, threads)
+            session = benchlib.timing_session(r.path, threads)
             load = os.getloadavg()[0]
             base, variant = ort.time_side_by_side([base_session, session], feeds, warmup=2, runs=protocol.runs)
             first = first or base
@@ -239,17 +239,17 @@ def _table(rows: list[Row], base_timing, base_params: int, accuracy_header: str,
 
 
 def _minilm(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | None) -> list[str]:
-    src = bench._exported(out_dir, "minilm")
+    src = benchlib.exported(out_dir, "minilm")
     base, rows = _build("minilm", src, work, protocol)
     tokenizer = hf_models.minilm_tokenizer()
-    sentences = evaluate.sentences(evaluate.text_half(evaluate.read_text(bench.WIKITEXT), "second"), protocol.eval_sentences)
-    reference_session = bench.timing_session(src, threads)
+    sentences = evaluate.sentences(evaluate.text_half(evaluate.read_text(benchlib.WIKITEXT), "second"), protocol.eval_sentences)
+    reference_session = benchlib.timing_session(src, threads)
     reference = evaluate.sentence_embeddings(lambda f: reference_session.run(None, f)[0], tokenizer, sentences)
     for r in rows:
         if r.unchanged:
             r.accuracy = (1.0, 1.0)
             continue
-        session = bench.timing_session(r.path, threads)
+        session = benchlib.timing_session(r.path, threads)
         a = evaluate.agreement(reference, evaluate.sentence_embeddings(lambda f, s=session: s.run(None, f)[0], tokenizer, sentences))
         r.accuracy = (a.mean, a.min)
         _log(f"minilm: {r.label}: cosine mean {a.mean:.4f} min {a.min:.4f}")
@@ -271,15 +271,15 @@ def _minilm(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | N
 
 
 def _smollm2(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | None) -> list[str]:
-    src = bench._exported(out_dir, "smollm2")
+    src = benchlib.exported(out_dir, "smollm2")
     base, rows = _build("smollm2", src, work, protocol)
     tokenizer = hf_models.smollm2_tokenizer()
-    text = evaluate.text_half(evaluate.read_text(bench.WIKITEXT), "second")
+    text = evaluate.text_half(evaluate.read_text(benchlib.WIKITEXT), "second")
     ids = evaluate.tokenize_lines(
         lambda line: tokenizer(line, add_special_tokens=False)["input_ids"], text, protocol.context * protocol.eval_windows
     )
     windows = evaluate.token_windows(ids, protocol.context, protocol.eval_windows)
-    reference = bench.timing_session(src, threads)
+    reference = benchlib.timing_session(src, threads)
     base_ppl = evaluate.window_perplexity(lambda f, s=reference: s.run(None, f)[0], windows)
     del reference
     _log(f"smollm2: fp32 perplexity {base_ppl:.3f}")
@@ -287,7 +287,7 @@ def _smollm2(out_dir: Path, work: Path, protocol: PruneProtocol, threads: int | 
         if r.unchanged:
             r.accuracy = base_ppl
             continue
-        session = bench.timing_session(r.path, threads)
+        session = benchlib.timing_session(r.path, threads)
         t0 = time.perf_counter()
         r.accuracy = evaluate.window_perplexity(lambda f, s=session: s.run(None, f)[0], windows)
         _log(f"smollm2: {r.label}: perplexity {r.accuracy:.3f} ({time.perf_counter() - t0:.0f}s)")

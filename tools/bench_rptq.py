@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import bench
+import benchlib
 import numpy as np
 
 import tforge
@@ -71,7 +71,7 @@ def _base(name: str, src: Path, samples: int, seq: int):
     tokenizer = hf_models.minilm_dir() if name == "minilm" else hf_models.smollm2_gguf_path()
     model = tforge.load(src)
     model.meta[FEEDS_KEY] = list(
-        text_feeds(model, bench.WIKITEXT, tokenizer, samples=samples, seq_len=seq)
+        text_feeds(model, benchlib.WIKITEXT, tokenizer, samples=samples, seq_len=seq)
     )
     t0 = time.perf_counter()
     PassManager.parse("canonicalize,calibrate", progress=lambda _: None).run(model)
@@ -92,9 +92,9 @@ def _variant(base, spec: str, dst: Path) -> tuple[Path, dict]:
 
 
 def smollm2(work: Path, args: argparse.Namespace) -> list[str]:
-    src = bench._exported(args.out, "smollm2")
+    src = benchlib.exported(args.out, "smollm2")
     tokenizer = hf_models.smollm2_tokenizer()
-    text = evaluate.text_half(evaluate.read_text(bench.WIKITEXT), "second")
+    text = evaluate.text_half(evaluate.read_text(benchlib.WIKITEXT), "second")
     ids = evaluate.tokenize_lines(
         lambda line: tokenizer(line, add_special_tokens=False)["input_ids"],
         text,
@@ -104,7 +104,7 @@ def smollm2(work: Path, args: argparse.Namespace) -> list[str]:
     base = _base("smollm2", src, args.calib, 128)
 
     def ppl(path: Path) -> float:
-        session = bench.timing_session(path, args.threads)
+        session = benchlib.timing_session(path, args.threads)
         t0 = time.perf_counter()
         value = evaluate.window_perplexity(lambda f: session.run(None, f)[0], windows)
         _log(f"  perplexity {value:.3f} ({time.perf_counter() - t0:.0f}s)")
@@ -136,17 +136,17 @@ def smollm2(work: Path, args: argparse.Namespace) -> list[str]:
 
 
 def minilm(work: Path, args: argparse.Namespace) -> list[str]:
-    src = bench._exported(args.out, "minilm")
+    src = benchlib.exported(args.out, "minilm")
     tokenizer = hf_models.minilm_tokenizer()
     sentences = evaluate.sentences(
-        evaluate.text_half(evaluate.read_text(bench.WIKITEXT), "second"), args.sentences
+        evaluate.text_half(evaluate.read_text(benchlib.WIKITEXT), "second"), args.sentences
     )
     base = _base("minilm", src, args.calib, 128)
     fp32 = work / "minilm.fp32.onnx"
     model_save.save_model(base, fp32)
 
     def embed(path: Path) -> np.ndarray:
-        session = bench.timing_session(path, args.threads)
+        session = benchlib.timing_session(path, args.threads)
         return evaluate.sentence_embeddings(lambda f: session.run(None, f)[0], tokenizer, sentences)
 
     ref = embed(fp32)
@@ -192,10 +192,10 @@ def _deployed(name, base, work, feeds, score, args, ref, metric) -> list[str]:
     for i, (label, spec) in enumerate(DEPLOYED):
         path, _ = _variant(base, spec, work / f"{name}.int{i}.onnx")
         paths.append(path)
-        kernels.append(bench.int8_kernels(tforge.load(path), feeds))
+        kernels.append(benchlib.int8_kernels(tforge.load(path), feeds))
         scores.append(score(path))
         _log(f"  {label}: kernels {kernels[-1]}")
-    sessions = [bench.timing_session(p, args.threads) for p in paths]
+    sessions = [benchlib.timing_session(p, args.threads) for p in paths]
     timings = ort.time_side_by_side(sessions, feeds, warmup=2, runs=args.runs)
     shape = "x".join(str(d) for d in next(iter(feeds.values())).shape)
     rows = [
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-deployed", action="store_true", help="skip the int8 models and the timing"
     )
-    parser.add_argument("--out", type=Path, default=bench.ROOT / ".cache" / "models")
+    parser.add_argument("--out", type=Path, default=benchlib.ROOT / ".cache" / "models")
     args = parser.parse_args(argv)
     rows: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tforge-bench-rptq-", dir=args.out) as folder:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import bench  # noqa: E402  (tools/bench.py: sessions, ORT quantizers, kernel summary)
+import benchlib  # noqa: E402  (tools/bench.py: sessions, ORT quantizers, kernel summary)
 
 import tforge  # noqa: E402
 from tforge import data as tforge_data  # noqa: E402
@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
     _say(f"compiled in {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
-    bench.ort_quantize(src, ort_out, None)
+    benchlib.ort_quantize(src, ort_out, None)
     _say(f"ORT quantize_dynamic (per-channel, linears) in {time.perf_counter() - t0:.1f}s\n")
 
     variants = {"fp32 (ORT)": src, "ORT quantize_dynamic": ort_out, "tforge --preset w8a8": tforge_out}
-    sessions = {label: bench.timing_session(path, None) for label, path in variants.items()}
+    sessions = {label: benchlib.timing_session(path, None) for label, path in variants.items()}
     if name == "minilm":
         rows, accuracy_header = _minilm(text, sessions)
         feeds = verify_feeds(tforge.load(src), {"batch": 8, "sequence": 128})
@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"| {name} | size (MB) | latency {shape} (ms) | speedup | {accuracy_header} | int8 kernels ORT ran |")
     _say("|---|---|---|---|---|---|")
     for (label, path), timing in zip(variants.items(), timings, strict=True):
-        kernels = bench.int8_kernels(tforge.load(path), feeds)
+        kernels = benchlib.int8_kernels(tforge.load(path), feeds)
         _say(
-            f"| {label} | {bench.file_size_mb(path):.1f} | {timing.median_ms:.0f} | "
+            f"| {label} | {benchlib.file_size_mb(path):.1f} | {timing.median_ms:.0f} | "
             f"{base / timing.median_ms:.2f}x | {rows[label]} | {kernels} |"
         )
     return 0

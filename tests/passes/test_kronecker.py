@@ -9,14 +9,14 @@ import pytest
 import tforge
 from tforge import testing
 from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, calibrate_model
+from tforge.compiler.factoring import WeightGroup
 from tforge.compiler.pipeline import PassManager
 from tforge.compiler.printer import print_ir
+from tforge.compiler.rewrite import GraphEditor
 from tforge.compiler.structure import const_array, find_blocks
 from tforge.errors import PassConfigError, PreconditionError
 from tforge.passes.kronecker import Kronecker, lower_kronecker, macs_ratio
-from tforge.passes.ln_migrate import ConstantRewriter
 from tforge.passes.math import factorization as fz
-from tforge.passes.svd import WeightGroup
 from tforge.runtime import ort as ort_runtime
 
 LINEAR = """
@@ -104,7 +104,7 @@ def test_all_terms_reproduce_the_outputs(method: str, rng: np.random.Generator) 
     spectrum = fz.kronecker_spectrum(w, SHAPE, method, x.T @ x / len(x))
     (lin,) = find_blocks(model).linears
 
-    lower_kronecker(ConstantRewriter(model, "kronecker"), WeightGroup(lin.weight, [lin]), *spectrum.factors(24))
+    lower_kronecker(GraphEditor(model, "kronecker"), WeightGroup(lin.weight, [lin]), *spectrum.factors(24))
 
     for shape in [(2, 3), (4, 7)]:
         _assert_same_function(original, model, {"x": _x(rng, *shape, 48)})

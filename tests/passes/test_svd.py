@@ -10,14 +10,15 @@ import tforge
 from tforge import testing
 from tforge.compiler import verify
 from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, calibrate_model
+from tforge.compiler.factoring import WeightGroup, lower_low_rank
 from tforge.compiler.pipeline import PassManager
 from tforge.compiler.printer import print_ir
+from tforge.compiler.rewrite import GraphEditor
 from tforge.compiler.structure import const_array
 from tforge.errors import PassConfigError, PreconditionError
-from tforge.passes.ln_migrate import ConstantRewriter
 from tforge.passes.math import factorization as fz
 from tforge.passes.quantize import Quantize
-from tforge.passes.svd import Svd, WeightGroup, lower_low_rank
+from tforge.passes.svd import Svd
 from tforge.runtime import ort as ort_runtime
 
 LINEAR = """
@@ -116,7 +117,7 @@ def test_full_rank_factors_reproduce_the_outputs(method: str, rng: np.random.Gen
     spectrum = fz.low_rank_spectrum(w, method, x.T.astype(np.float64) @ x / len(x))
     (lin,) = _linears(model)
 
-    lower_low_rank(ConstantRewriter(model, "svd"), WeightGroup(lin.weight, [lin]), *spectrum.factors(32))
+    lower_low_rank(GraphEditor(model, "svd"), WeightGroup(lin.weight, [lin]), *spectrum.factors(32))
 
     for shape in [(2, 3), (4, 7)]:
         _assert_same_function(original, model, {"x": _x(rng, *shape, 48)})

@@ -325,10 +325,10 @@ _PROGRESS_EVERY = 16  # samples between two progress lines
 
 def default_values(model: ir.Model) -> list[str]:
     """The input of every linear of the block map, deduplicated, in graph order."""
-    from tforge.compiler.structure import find_blocks
+    from tforge.compiler.structure import block_map
 
     names: dict[str, None] = {}
-    for lin in find_blocks(model).linears:
+    for lin in block_map(model).linears:
         name = lin.input.name
         if not name:
             raise UnsupportedModelError(

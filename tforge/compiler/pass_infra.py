@@ -19,6 +19,7 @@ import onnx_ir as ir
 import onnx_ir.passes
 
 from tforge.compiler.calibration import STALE_STATISTICS_KEY, STATS_KEY
+from tforge.compiler.structure import forget_block_map
 from tforge.errors import (
     PassConfigError,
     PassError,
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Pass",
+    "SiteStats",
+    "Skip",
     "PassConfigError",
     "PassError",
     "PassResult",
@@ -60,11 +63,74 @@ class Property(enum.Enum):
         return self.value
 
 
+class Skip(Exception):  # noqa: N818 - it is a decision, not an error
+    """A site a pass leaves alone: why, and the node or value it concerns.
+
+    Raised by analyses and pass code that finds a site it cannot rewrite, caught by the pass's
+    loop over sites and recorded with :meth:`SiteStats.skip`: counted under ``"skipped: <reason>"``
+    as a statistic, and listed per site in the report and by ``tforge compile --explain``.
+    """
+
+    def __init__(
+        self, reason: str, at: ir.Node | ir.Value | str | None = None, *, blocked: bool = True
+    ) -> None:
+        self.reason = reason.removeprefix("skipped: ")
+        self.at = _label(at)
+        # blocked: the pass could not rewrite the site (vs. nothing to do there: already done,
+        # excluded by an option, left out by a budget); --strict fails only on blocked sites
+        self.blocked = blocked
+        super().__init__(self.reason)
+
+    @property
+    def key(self) -> str:
+        """The statistics key: ``"skipped: <reason>"``."""
+        return f"skipped: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "reason": self.reason, "blocked": self.blocked}
+
+
+def _label(at: ir.Node | ir.Value | str | None) -> str:
+    if at is None:
+        return ""
+    if isinstance(at, str):
+        return at
+    if isinstance(at, ir.Node):
+        return f"{at.op_type} '{at.name}'"
+    return f"'{at.name}'"
+
+
+class SiteStats(collections.Counter):
+    """A pass's statistics (counts by outcome) and the list of every site it skipped, with why."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skips: list[Skip] = []
+
+    def skip(
+        self,
+        why: Skip | str,
+        at: ir.Node | ir.Value | str | None = None,
+        count: int = 1,
+        *,
+        blocked: bool = True,
+    ) -> None:
+        """Record a skipped site (``count`` sites, e.g. every linear reading one input)."""
+        skip = why if isinstance(why, Skip) else Skip(why, at, blocked=blocked)
+        self[skip.key] += count
+        self.skips.append(skip)
+
+    @property
+    def skipped(self) -> int:
+        return sum(v for k, v in self.items() if k.startswith("skipped"))
+
+
 class PassResult(onnx_ir.passes.PassResult):
     """What a pass did: the (same) model, whether anything changed, and counts of what and why.
 
     ``stats`` counts sites by outcome (``{"migrated": 12, "skipped: |gamma| below min": 1}``);
-    ``details`` carries per-layer figures for reports (JSON-serialisable values only).
+    ``details`` carries per-layer figures for reports (JSON-serialisable values only);
+    ``skips`` every skipped site with its reason (taken from ``stats`` when it is a SiteStats).
     """
 
     def __init__(
@@ -73,10 +139,12 @@ class PassResult(onnx_ir.passes.PassResult):
         changed: bool,
         stats: collections.Counter[str] | dict[str, int] | None = None,
         details: dict[str, Any] | None = None,
+        skips: list[Skip] | None = None,
     ) -> None:
         super().__init__(model=model, modified=changed)
         self.stats: collections.Counter[str] = collections.Counter(stats or {})
         self.details: dict[str, Any] = dict(details or {})
+        self.skips: list[Skip] = list(skips if skips is not None else getattr(stats, "skips", []))
 
     @property
     def changed(self) -> bool:
@@ -122,6 +190,8 @@ class Pass(onnx_ir.passes.InPlacePass):
                 f"{self.name}: run() must return PassResult of the model it was given; "
                 "this is a bug in the pass"
             )
+        if result.changed:
+            forget_block_map(model)  # edits made without the graph editor are covered too
         if had_statistics and result.changed and Property.CALIBRATED in self.invalidates:
             _drop_stale_statistics(model, self.name)
         return result

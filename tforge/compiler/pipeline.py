@@ -91,6 +91,8 @@ def parse_pass(item: str) -> Pass:
         kwargs[key.replace("-", "_")] = convert_option(name, key, raw, fields[key][0])
     try:
         return cls(**kwargs)
+    except PassConfigError:
+        raise  # passes name themselves in their option errors
     except (ValueError, TypeError) as e:
         raise PassConfigError(f"{name}: {e}") from None
 
@@ -191,6 +193,8 @@ class PassRecord:
     nodes_before: int
     nodes_after: int
     dump_path: str | None = None
+    #: every site the pass skipped: {"at": node or value, "reason": why}, in the order met
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -225,6 +229,17 @@ class Report:
                     f"cosine={c['cosine']:.6f}"
                 )
         lines.append(f"  total {self.total_seconds:.2f}s")
+        return "\n".join(lines)
+
+    def explain(self) -> str:
+        """Every site each pass skipped, one line each: the node (or value) and the reason."""
+        lines = []
+        for r in self.passes:
+            if not r.skipped:
+                lines.append(f"[{r.index}/{len(self.passes)}] {r.spec}: no site skipped")
+                continue
+            lines.append(f"[{r.index}/{len(self.passes)}] {r.spec}: {len(r.skipped)} site(s) skipped")
+            lines.extend(f"  {s['at'] or '(model)'}: {s['reason']}" for s in r.skipped)
         return "\n".join(lines)
 
 
@@ -347,8 +362,11 @@ class PassManager:
                 details=result.details,
                 nodes_before=nodes_before,
                 nodes_after=_count_nodes(model),
+                skipped=[skip.to_dict() for skip in result.skips],
             )
             report.passes.append(record)
+            if self.strict:
+                _check_not_all_skipped(p, result)
             stats = " ".join(f"{k}={v}" for k, v in sorted(result.stats.items()))
             banner = f"IR after {p.spec()} [{index}/{total}] {stats}".rstrip()
             if self.dump_dir is not None:
@@ -402,9 +420,9 @@ class PassManager:
 
 def _check_structure(model: ir.Model, *, before: str | None) -> None:
     """Under ``strict``, refuse a model without transformer blocks or with unrecognised parts."""
-    from tforge.compiler.structure import find_blocks
+    from tforge.compiler.structure import block_map as cached_block_map
 
-    block_map = find_blocks(model)
+    block_map = cached_block_map(model)
     when = f"before {before}" if before else "after the pipeline"
     # a transformer block has attention; an FFN-shaped pair of linears alone (an MLP) is not one
     if not any(block.attention is not None for block in block_map.blocks):
@@ -419,6 +437,19 @@ def _check_structure(model: ir.Model, *, before: str | None) -> None:
             f"strict: {len(block_map.unrecognized)} part(s) of the model not recognised ({when}), "
             f"first: {block_map.unrecognized[0]}; drop --strict to compile the recognised blocks only"
         )
+
+
+def _check_not_all_skipped(p: Pass, result: PassResult) -> None:
+    """Under ``strict``, a pass that changed nothing because it skipped every site is an error."""
+    blocked = [skip for skip in result.skips if skip.blocked]
+    if result.changed or not blocked or len(blocked) < len(result.skips):
+        return  # nothing skipped, or some sites had nothing to do (already done, excluded)
+    first = blocked[0]
+    raise PreconditionError(
+        f"strict: {p.name} changed nothing: it could not rewrite any of its {len(blocked)} site(s), "
+        f"first {first.at or '(model)'}: {first.reason}; run 'tforge compile ... --explain' "
+        "without --strict to list them"
+    )
 
 
 def _count_nodes(model: ir.Model) -> int:

@@ -20,13 +20,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator
-from typing import Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal, TypeVar
 
 import numpy as np
 import onnx_ir as ir
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: ``model.meta`` key of the cached block map: (graph fingerprint, BlockMap).
+BLOCK_MAP_KEY = "tforge.block_map"
 
 # Ops that only move data between layouts; a path through them keeps "which linear it came from".
 _LAYOUT_OPS = frozenset(
@@ -242,10 +246,23 @@ class Block:
 
 @dataclasses.dataclass
 class BlockMap:
+    """Everything :func:`find_blocks` recognised in one state of a graph.
+
+    Analyses that derive more facts from the map (head layouts, FFN intermediates) keep them in
+    :meth:`derived`, so that they too are computed once per state of the graph.
+    """
+
     blocks: list[Block]
     norms: list[Norm]
     linears: list[Linear]
     unrecognized: list[str]
+    _derived: dict[object, object] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def derived(self, key: object, compute: Callable[[], T]) -> T:
+        """``compute()``, evaluated once for this map and ``key``, then remembered."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]  # type: ignore[return-value]
 
     def describe(self) -> dict:
         in_blocks = {
@@ -810,8 +827,40 @@ def _producers(value: ir.Value, limit: int) -> list[ir.Node]:
 # ----------------------------------------------------------------------------- blocks
 
 
+def block_map(model: ir.Model) -> BlockMap:
+    """The block map of ``model`` as it is now: built by :func:`find_blocks` once per state.
+
+    The map is cached in ``model.meta`` until the graph changes. The graph editor and the pass
+    manager drop it when they change the graph; as a second guard the cache is keyed by a
+    fingerprint of the graph's wiring (nodes, the values they read, the constants' tensors), so
+    an edit made by hand between two calls is seen too.
+    """
+    fingerprint = _fingerprint(model.graph)
+    cached = model.meta.get(BLOCK_MAP_KEY)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    found = find_blocks(model)
+    model.meta[BLOCK_MAP_KEY] = (fingerprint, found)
+    return found
+
+
+def forget_block_map(model: ir.Model) -> None:
+    """Drop the cached block map of ``model`` (its graph is about to change or has changed)."""
+    model.meta.pop(BLOCK_MAP_KEY, None)
+
+
+def _fingerprint(graph: ir.Graph) -> int:
+    wiring = tuple(
+        (id(node), node.op_type, tuple(id(v) for v in node.inputs), tuple(id(v) for v in node.outputs))
+        for node in graph
+    )
+    constants = tuple((name, id(v.const_value)) for name, v in graph.initializers.items())
+    ends = (tuple(id(v) for v in graph.inputs), tuple(id(v) for v in graph.outputs))
+    return hash((wiring, constants, ends))
+
+
 def find_blocks(model: ir.Model | ir.Graph) -> BlockMap:
-    """Build the block map of a (canonical) model."""
+    """Build the block map of a (canonical) model. Passes use :func:`block_map` (cached)."""
     graph = model.graph if isinstance(model, ir.Model) else model
     order = {id(node): i for i, node in enumerate(graph)}
     linears = find_linears(graph)

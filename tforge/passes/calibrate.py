@@ -28,7 +28,7 @@ from tforge.compiler.calibration import (
 )
 from tforge.compiler.pass_infra import Pass, PassResult, Property
 from tforge.compiler.registry import register_pass
-from tforge.errors import PreconditionError
+from tforge.errors import PassConfigError, PreconditionError
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ class Calibrate(Pass):
 
     def __post_init__(self) -> None:
         if self.samples < 1:
-            raise ValueError(f"samples must be at least 1, got {self.samples}")
+            raise PassConfigError(f"calibrate: samples must be at least 1, got {self.samples}")
         if self.seq_len < 2:
-            raise ValueError(f"seq-len must be at least 2, got {self.seq_len}")
+            raise PassConfigError(f"calibrate: seq-len must be at least 2, got {self.seq_len}")
         if bool(self.text) != bool(self.tokenizer):
             given, needed = ("text", "tokenizer") if self.text else ("tokenizer", "text")
-            raise ValueError(
-                f"{given}= is given without {needed}=; text calibration needs both "
+            raise PassConfigError(
+                f"calibrate: {given}= is given without {needed}=; text calibration needs both "
                 "(--calib-text FILE --tokenizer PATH)"
             )
 

@@ -33,7 +33,7 @@ from onnxscript.rewriter.rules.fusion import _layer_norm
 
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
-from tforge.compiler.rewrite import replace_value, retype_node
+from tforge.compiler.rewrite import GraphEditor, replace_value
 from tforge.compiler.structure import nan_guarded_softmax
 from tforge.errors import PassConfigError
 
@@ -71,7 +71,7 @@ class Canonicalize(Pass):
         for shape in self.input_shapes.values():
             parse_shape(shape)
         if self.fold_size_limit <= 0:
-            raise ValueError(f"fold-size-limit must be positive, got {self.fold_size_limit}")
+            raise PassConfigError(f"canonicalize: fold-size-limit must be positive, got {self.fold_size_limit}")
 
     def run(self, model: ir.Model) -> PassResult:
         stats: Counter[str] = Counter()
@@ -164,7 +164,7 @@ def _two_input_sum_to_add(model: ir.Model) -> int:
     count = 0
     for node in list(model.graph):
         if node.op_type == "Sum" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
-            mark_provenance(retype_node(model.graph, node, "Add"), "canonicalize")
+            GraphEditor(model, "canonicalize").retype(node, "Add")
             count += 1
     return count
 

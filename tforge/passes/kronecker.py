@@ -38,30 +38,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from tforge.compiler.calibration import attached_stats
-from tforge.compiler.pass_infra import Pass, PassResult, Property
-from tforge.compiler.registry import register_pass
-from tforge.compiler.rewrite import replace_value
-from tforge.errors import PassConfigError
-from tforge.passes.ln_migrate import ConstantRewriter
-from tforge.passes.math import factorization as fz
-from tforge.passes.svd import (
+from tforge.compiler.factoring import (
+    FACTOR_KEY,
     PARAMS_AFTER_KEY,
     PARAMS_BEFORE_KEY,
     WeightGroup,
     already_removed,
     check_common_options,
     check_second_moments,
-    drop_if_unused,
     eligible_groups,
-    mark_factor,
 )
+from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats
+from tforge.compiler.registry import register_pass
+from tforge.compiler.rewrite import GraphEditor
+from tforge.errors import PassConfigError
+from tforge.passes.math import factorization as fz
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +123,7 @@ class Kronecker(Pass):
         check_second_moments(model, self.name, self.method)
 
     def run(self, model: ir.Model) -> PassResult:
-        stats: Counter[str] = Counter()
+        stats = SiteStats()
         groups, total = eligible_groups(
             model, self.name, exclude=self.exclude, blocks_only=self.blocks_only, stats=stats
         )
@@ -136,11 +133,11 @@ class Kronecker(Pass):
         for group in groups:
             shapes = self._shapes(group)
             if not shapes:
-                stats["skipped: factors do not match the weight's shape"] += len(group.linears)
+                stats.skip("factors do not match the weight's shape", group.weight, count=len(group.linears))
                 continue
             moment = group.second_moment(calibration, full=True)
             if self.method == "activation" and moment is None:
-                stats["skipped: no E[x x^T] for its input (calibrate with gram=true)"] += len(group.linears)
+                stats.skip("no E[x x^T] for its input (calibrate with gram=true)", group.weight, count=len(group.linears))
                 continue
             w = group.array()
             spectra = []
@@ -162,7 +159,7 @@ class Kronecker(Pass):
             else self._fixed_choices(candidates, stats)
         )
 
-        rewriter = ConstantRewriter(model, self.name)
+        editor = GraphEditor(model, self.name)
         rows: list[dict[str, Any]] = []
         for cand, choice in zip(candidates, choices, strict=True):
             if choice is None:
@@ -170,7 +167,7 @@ class Kronecker(Pass):
             spectrum, terms = choice
             group = cand.group
             a, b = spectrum.factors(terms)
-            lower_kronecker(rewriter, group, a, b)
+            lower_kronecker(editor, group, a, b)
             stats["factorised"] += len(group.linears)
             rows.append(self._row(cand, spectrum, terms, a, b))
         removed_all = already_removed(model)
@@ -198,17 +195,17 @@ class Kronecker(Pass):
         return fz.auto_kronecker_shapes(k, n, limit, self.max_macs)
 
     def _fixed_choices(
-        self, candidates: list[_Candidate], stats: Counter[str]
+        self, candidates: list[_Candidate], stats: SiteStats
     ) -> list[tuple[fz.KroneckerSpectrum, int] | None]:
         out: list[tuple[fz.KroneckerSpectrum, int] | None] = []
         for cand in candidates:
             spectrum = cand.spectra[0]
             terms = min(self.terms or 1, spectrum.max_terms)
             if macs_ratio(spectrum.shape, terms) > self.max_macs:
-                stats["skipped: that many terms exceed max-macs"] += len(cand.group.linears)
+                stats.skip("that many terms exceed max-macs", cand.group.weight, count=len(cand.group.linears))
                 out.append(None)
             elif not fz.kronecker_saves(spectrum.shape, terms):
-                stats["skipped: that many terms save no parameters"] += len(cand.group.linears)
+                stats.skip("that many terms save no parameters", cand.group.weight, count=len(cand.group.linears))
                 logger.debug(
                     "kronecker: %s skipped: %d terms of %s have %d >= %d parameters",
                     cand.group.name, terms, spectrum.shape,
@@ -220,7 +217,7 @@ class Kronecker(Pass):
         return out
 
     def _budget_choices(
-        self, model: ir.Model, candidates: list[_Candidate], total: int, stats: Counter[str]
+        self, model: ir.Model, candidates: list[_Candidate], total: int, stats: SiteStats
     ) -> list[tuple[fz.KroneckerSpectrum, int] | None]:
         curves: list[list[tuple[int, float]]] = []
         options: list[list[tuple[fz.KroneckerSpectrum, int] | None]] = []
@@ -244,9 +241,9 @@ class Kronecker(Pass):
         out: list[tuple[fz.KroneckerSpectrum, int] | None] = []
         for cand, opts, choice in zip(candidates, options, chosen, strict=True):
             if len(opts) == 1:
-                stats["skipped: no term count saves parameters within max-macs"] += len(cand.group.linears)
+                stats.skip("no term count saves parameters within max-macs", cand.group.weight, count=len(cand.group.linears))
             elif choice == 0:
-                stats["skipped: budget met on other layers"] += len(cand.group.linears)
+                stats.skip("budget met on other layers", cand.group.weight, count=len(cand.group.linears), blocked=False)
             out.append(opts[choice])
         return out
 
@@ -293,9 +290,7 @@ class Kronecker(Pass):
 # ----------------------------------------------------------------------------- lowering
 
 
-def lower_kronecker(
-    rewriter: ConstantRewriter, group: WeightGroup, a: np.ndarray, b: np.ndarray
-) -> None:
+def lower_kronecker(editor: GraphEditor, group: WeightGroup, a: np.ndarray, b: np.ndarray) -> None:
     """Rewrite every linear of ``group`` as ``x @ sum_i a[i] (x) b[i]`` (see the module docstring).
 
     ``a`` is ``[r, m1, n1]`` and ``b`` ``[r, m2, n2]``; the weight goes when nothing else reads it.
@@ -306,17 +301,17 @@ def lower_kronecker(
     if b.shape[0] != terms or m1 * m2 != k or n1 * n2 != n:
         raise ValueError(f"lower_kronecker: factors {a.shape} and {b.shape} do not make [{k}, {n}]")
     dtype = group.weight.dtype.numpy() if group.weight.dtype is not None else np.dtype(np.float32)
-    name = rewriter.pass_name
+    name = editor.pass_name
     base = group.weight.name or "weight"
     a_cat = a.transpose(1, 0, 2).reshape(m1, terms * n1)  # [i1, t n1 + j1] = a[t, i1, j1]
     b_stack = b.reshape(terms * m2, n2)  # [t m2 + i2, j2] = b[t, i2, j2]
-    a_value = rewriter.add_initializer(f"{base}.{name}_a", a_cat.astype(dtype))
-    b_value = rewriter.add_initializer(f"{base}.{name}_b", b_stack.astype(dtype))
+    a_value = editor.initializer(f"{base}.{name}_a", a_cat.astype(dtype))
+    b_value = editor.initializer(f"{base}.{name}_b", b_stack.astype(dtype))
     for i, lin in enumerate(group.linears):
         x = lin.input
         lead = list(x.shape)[:-1]  # type: ignore[arg-type]
         nlead = len(lead)
-        build = _Chain(rewriter, lin.matmul, x.type)
+        build = _Chain(editor, lin.matmul, x.type)
         h = build.reshape("split", x, lead, [m1, m2])
         h = build.op("swap", "Transpose", [h], lead + [m2, m1], perm=[*range(nlead), nlead + 1, nlead])
         h = build.op("a", "MatMul", [h, a_value], lead + [m2, terms * n1])
@@ -333,41 +328,36 @@ def lower_kronecker(
         if i == 0 and first is not None:
             first.metadata_props[PARAMS_BEFORE_KEY] = str(k * n)
             first.metadata_props[PARAMS_AFTER_KEY] = str(a.size + b.size)
-        replace_value(lin.matmul.outputs[0], out)
-        rewriter.graph.remove(lin.matmul, safe=True)
-    drop_if_unused(rewriter.model, group.weight)
+        editor.replace_value(lin.matmul.outputs[0], out)
+        editor.remove(lin.matmul)
+    editor.drop_if_unused(group.weight)
 
 
 class _Chain:
     """Nodes inserted one after another before ``anchor`` (the MatMul they replace), named after it."""
 
-    def __init__(self, rewriter: ConstantRewriter, anchor: ir.Node, type_: ir.TypeProtocol | None) -> None:
-        self.rewriter = rewriter
+    def __init__(self, editor: GraphEditor, anchor: ir.Node, type_: ir.TypeProtocol | None) -> None:
+        self.editor = editor
         self.anchor = anchor
         self.type = type_
-        pass_name = rewriter.pass_name
+        pass_name = editor.pass_name
         self.node_base = f"{anchor.name or 'matmul'}.{pass_name}"
         self.value_base = f"{anchor.outputs[0].name or anchor.name or 'matmul'}.{pass_name}"
 
     def op(self, step: str, op_type: str, inputs: list[ir.Value], dims: list[Any], **attributes: Any) -> ir.Value:
-        node = ir.node(
-            op_type,
-            inputs,
-            attributes=attributes or None,
-            name=self.rewriter.unique_name(f"{self.node_base}_{step}"),
-        )
+        node = self.editor.node(
+            op_type, inputs, attributes=attributes or None, name=f"{self.node_base}_{step}",
+            outputs=f"{self.value_base}_{step}", before=self.anchor, shape=dims,
+        )  # fmt: skip
+        node.metadata_props[FACTOR_KEY] = self.editor.pass_name
         value = node.outputs[0]
-        value.name = self.rewriter.unique_name(f"{self.value_base}_{step}")
         value.type = self.type
-        value.shape = ir.Shape(dims)
-        mark_factor(node, self.rewriter.pass_name)
-        self.rewriter.graph.insert_before(self.anchor, node)
         return value
 
     def reshape(self, step: str, x: ir.Value, lead: list[Any], tail: list[int]) -> ir.Value:
         """Reshape keeping the leading dims (0 = copy the input's dim) and setting the last ones."""
         target = np.array([0] * len(lead) + tail, dtype=np.int64)
-        const = self.rewriter.add_initializer(f"{self.value_base}_{step}_shape", target)
+        const = self.editor.initializer(f"{self.value_base}_{step}_shape", target)
         return self.op(step, "Reshape", [x, const], lead + tail)
 
 

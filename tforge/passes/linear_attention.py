@@ -53,7 +53,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -61,15 +60,15 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from tforge.compiler.attention_paths import score_chain
 from tforge.compiler.calibration import FEEDS_KEY, npz_feeds, text_feeds
-from tforge.runtime.ort import session_exposing
-from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
+from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
-from tforge.compiler.rewrite import replace_value
-from tforge.compiler.structure import Attention, const_array, find_blocks, nan_guarded_softmax
-from tforge.errors import PreconditionError
-from tforge.passes.ln_migrate import ConstantRewriter
+from tforge.compiler.rewrite import GraphEditor, Scope
+from tforge.compiler.structure import Attention, block_map, const_array
+from tforge.errors import PassConfigError, PreconditionError
 from tforge.passes.math import linear_attention as la
+from tforge.runtime.ort import session_exposing
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +128,6 @@ def ort_has_linear_attention() -> bool:
 # ----------------------------------------------------------------------------- sites
 
 
-class _Skip(Exception):
-    """A site the pass declines; the message is the statistic."""
-
-
 @dataclasses.dataclass(eq=False)
 class _Site:
     index: int
@@ -164,156 +159,18 @@ def _analyse(index: int, attn: Attention, graph: ir.Graph) -> _Site:
         attn.context_matmul.inputs[1],
     ):
         if value is None or value.dtype != ir.DataType.FLOAT:
-            raise _Skip("skipped: attention inputs are not float32")
+            raise Skip("attention inputs are not float32", attn.scores_matmul)
         if value.shape is not None and value.shape.rank() != 4:
-            raise _Skip("skipped: attention inputs are not [batch, heads, seq, dim]")
-    axis = attn.softmax.attributes.get("axis")
-    if axis is not None and axis.value not in (-1, 3):
-        raise _Skip("skipped: Softmax is not over the last axis")
-    if attn.softmax.outputs[0].is_graph_output():
-        raise _Skip("skipped: the attention weights are a graph output")
-    # scores -> scale / mask -> Softmax: one chain, nothing else computed from the scores
-    scale, mask_value = 1.0, None  # mask_value: the additive mask's operand, if any
-    value = attn.softmax.inputs[0]
-    scores_out = attn.scores_matmul.outputs[0]
-    while value is not scores_out:
-        node = value.producer() if value is not None else None
-        if node is None:
-            raise _Skip("skipped: the Softmax input does not come from the scores MatMul")
-        if len(list(value.uses())) != 1:
-            raise _Skip("skipped: the scores are read by more than the Softmax chain")
-        data = [i for i in node.inputs if i is not None and const_array(i) is None]
-        consts = [
-            const_array(i) for i in node.inputs if i is not None and const_array(i) is not None
-        ]
-        if (
-            node.op_type in ("Mul", "Div")
-            and len(data) == 1
-            and len(consts) == 1
-            and consts[0].size == 1
-        ):
-            c = float(consts[0].reshape(()))
-            if node.op_type == "Div" and node.inputs[1] is data[0]:
-                raise _Skip("skipped: scores divide a constant")
-            scale *= c if node.op_type == "Mul" else 1.0 / c
-            value = data[0]
-        elif node.op_type == "Add" and len(data) == 2 and mask_value is None:
-            on_path = [i is scores_out or _reaches(i, scores_out) for i in data]
-            if sum(on_path) != 1:
-                raise _Skip("skipped: the additive mask depends on the scores")
-            value, mask_value = (data[0], data[1]) if on_path[0] else (data[1], data[0])
-        elif node.op_type in ("Cast", "Identity") and len(data) == 1:
-            value = data[0]
-        else:
-            raise _Skip(
-                f"skipped: {node.op_type} between the scores and the Softmax is not supported"
-            )
-    if len(list(scores_out.uses())) != 1:
-        raise _Skip("skipped: the scores are read by more than the Softmax chain")
-    # Softmax -> (Where(IsNaN(p), 0, p)) -> context MatMul
-    probs_in = attn.context_matmul.inputs[0]
-    if probs_in is not attn.softmax.outputs[0]:
-        guard = probs_in.producer() if probs_in is not None else None
-        if guard is None or nan_guarded_softmax(guard) is not attn.softmax:
-            raise _Skip("skipped: ops between the Softmax and the context MatMul are not supported")
-    key_mask = None
-    if mask_value is not None:
-        inputs = _graph_inputs_reached(mask_value, graph)
-        candidates = [
-            v for v in inputs
-            if v.shape is not None and v.shape.rank() == 2
-            and v.dtype in (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL)
-        ]  # fmt: skip
-        if len(inputs) == 1 and len(candidates) == 1:
-            key_mask = candidates[0]
-        elif inputs:
-            raise _Skip("skipped: the attention mask is not traced to one [batch, seq] mask input")
-        elif not attn.causal:
-            raise _Skip("skipped: a constant mask on non-causal attention")
-    return _Site(index, attn, scale, key_mask)
-
-
-def _reaches(value: ir.Value, target: ir.Value, limit: int = 64) -> bool:
-    stack, seen = [value], 0
-    while stack and seen < limit:
-        v = stack.pop()
-        if v is target:
-            return True
-        node = v.producer()
-        seen += 1
-        if node is not None:
-            stack.extend(i for i in node.inputs if i is not None)
-    return False
-
-
-def _graph_inputs_reached(value: ir.Value, graph: ir.Graph) -> list[ir.Value]:
-    """Graph inputs whose *values* (not only shapes) the mask depends on."""
-    graph_inputs = {id(v) for v in graph.inputs}
-    found: dict[int, ir.Value] = {}
-    stack, seen = [value], set()
-    while stack:
-        v = stack.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        if id(v) in graph_inputs:
-            found[id(v)] = v
-            continue
-        node = v.producer()
-        if node is None or node.op_type in ("Shape", "Size"):
-            continue  # only the shape is read: no data dependence
-        stack.extend(i for i in node.inputs if i is not None)
-    return list(found.values())
+            raise Skip("attention inputs are not [batch, heads, seq, dim]", attn.scores_matmul)
+    chain = score_chain(attn, graph)
+    return _Site(index, attn, chain.scale, chain.key_mask)
 
 
 # ----------------------------------------------------------------------------- emission
 
 
-class _Emitter:
-    """Builds nodes before ``anchor``, with unique names and provenance."""
-
-    def __init__(self, rewriter: ConstantRewriter, anchor: ir.Node, prefix: str) -> None:
-        self.rewriter = rewriter
-        self.graph = rewriter.graph
-        self.anchor = anchor
-        self.prefix = prefix
-        self.nodes: list[ir.Node] = []
-
-    def const(self, name: str, array: np.ndarray) -> ir.Value:
-        return self.rewriter.add_initializer(f"{self.prefix}.{name}", np.asarray(array))
-
-    def i64(self, name: str, values: Iterable[int]) -> ir.Value:
-        return self.const(name, np.asarray(list(values), dtype=np.int64))
-
-    def op(
-        self,
-        op_type: str,
-        inputs: list[ir.Value | None],
-        name: str,
-        *,
-        domain: str = "",
-        num_outputs: int = 1,
-        **attributes: Any,
-    ) -> ir.Value:
-        unique = self.rewriter.unique_name(f"{self.prefix}.{name}")
-        node = ir.node(
-            op_type,
-            inputs,
-            attributes=attributes,
-            domain=domain,
-            name=unique,
-            num_outputs=num_outputs,
-        )
-        for i, out in enumerate(node.outputs):
-            out.name = unique if i == 0 else self.rewriter.unique_name(f"{unique}.{i}")
-        self.graph.insert_before(self.anchor, node)
-        mark_provenance(node, self.rewriter.pass_name)
-        self.nodes.append(node)
-        return node.outputs[0]
-
-
 def _feature_map(
-    em: _Emitter, x: ir.Value, kind: str, params: tuple[np.ndarray, np.ndarray] | None, role: str
+    em: Scope, x: ir.Value, kind: str, params: tuple[np.ndarray, np.ndarray] | None, role: str
 ) -> ir.Value:
     if kind == "elu":
         return em.op(
@@ -333,7 +190,7 @@ def _feature_map(
 
 
 def _emit(
-    em: _Emitter,
+    em: Scope,
     site: _Site,
     kind: str,
     params: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None,
@@ -545,25 +402,25 @@ class LinearAttention(Pass):
     def __post_init__(self) -> None:
         given = [n for n in ("layers", "fraction", "budget") if getattr(self, n) is not None]
         if len(given) > 1:
-            raise ValueError(
-                f"give at most one of layers=, fraction=, budget= (got {', '.join(given)})"
+            raise PassConfigError(
+                f"linear-attention: give at most one of layers=, fraction=, budget= (got {', '.join(given)})"
             )
         if self.layers is not None and self.layers < 0:
-            raise ValueError(f"layers must be >= 0, got {self.layers}")
+            raise PassConfigError(f"linear-attention: layers must be >= 0, got {self.layers}")
         if self.fraction is not None and not 0.0 <= self.fraction <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
+            raise PassConfigError(f"linear-attention: fraction must be in [0, 1], got {self.fraction}")
         if self.budget is not None and self.budget < 0:
-            raise ValueError(f"budget must be >= 0, got {self.budget}")
+            raise PassConfigError(f"linear-attention: budget must be >= 0, got {self.budget}")
         if self.chunk < 1:
-            raise ValueError(f"chunk must be at least 1, got {self.chunk}")
+            raise PassConfigError(f"linear-attention: chunk must be at least 1, got {self.chunk}")
         if self.eps <= 0:
-            raise ValueError(f"eps must be positive, got {self.eps}")
+            raise PassConfigError(f"linear-attention: eps must be positive, got {self.eps}")
         if self.samples < 1 or self.seq_len < 2:
-            raise ValueError("samples must be >= 1 and seq-len >= 2")
+            raise PassConfigError("linear-attention: samples must be >= 1 and seq-len >= 2")
         if self.fit_seconds <= 0 or min(self.fit_steps, self.features, self.fit_queries) < 0:
-            raise ValueError("fit-seconds must be positive; fit-steps, fit-queries, features >= 0")
+            raise PassConfigError("linear-attention: fit-seconds must be positive; fit-steps, fit-queries, features >= 0")
         if bool(self.text) != bool(self.tokenizer):
-            raise ValueError("text= and tokenizer= go together (text calibration needs both)")
+            raise PassConfigError("linear-attention: text= and tokenizer= go together (text calibration needs both)")
 
     @property
     def selects(self) -> bool:
@@ -594,20 +451,19 @@ class LinearAttention(Pass):
             )
 
     def run(self, model: ir.Model) -> PassResult:
-        stats: Counter[str] = Counter()
-        block_map = find_blocks(model)
+        stats = SiteStats()
         layers: list[_Layer] = []
-        for block in block_map.blocks:
+        for block in block_map(model).blocks:
             if block.attention is None:
                 continue
             if self.indices and block.index not in self.indices:
-                stats["skipped: not in indices"] += 1
+                stats.skip("not in indices", block.attention.softmax, blocked=False)
                 continue
             try:
                 layers.append(_Layer(_analyse(block.index, block.attention, model.graph)))
-            except _Skip as why:
-                stats[str(why)] += 1
-                logger.debug("linear-attention: block %d: %s", block.index, why)
+            except Skip as why:
+                stats.skip(why)
+                logger.debug("linear-attention: block %d: skipped: %s", block.index, why)
         kind = "hedgehog" if self.feature_map == "fitted" else self.feature_map
         if layers and (self.needs_data or self._has_data(model)):
             self._measure(model, layers, kind)
@@ -617,17 +473,17 @@ class LinearAttention(Pass):
             if any(layer.site.attn.causal for layer in chosen)
             else "chunked"
         )
-        rewriter = ConstantRewriter(model, self.name)
+        editor = GraphEditor(model, self.name)
         for layer in chosen:
             site = layer.site
-            em = _Emitter(rewriter, site.attn.context_matmul, f"l{site.index}.linattn")
+            em = editor.scope(site.attn.context_matmul, f"l{site.index}.linattn.")
             out = _emit(
                 em, site, kind, layer.params,
                 impl=impl if site.attn.causal else "full", chunk=self.chunk, eps=self.eps,
             )  # fmt: skip
             old = site.attn.context_matmul.outputs[0]
             out.shape, out.type = old.shape, old.type
-            replace_value(old, out)
+            editor.replace_value(old, out)
             stats["converted"] += 1
             stats[f"converted: {'causal ' + impl if site.attn.causal else 'non-causal'}"] += 1
         if impl == "ort-op" and chosen:
@@ -655,7 +511,7 @@ class LinearAttention(Pass):
 
     # ------------------------------------------------------------------ decisions
 
-    def _causal_impl(self, stats: Counter[str]) -> Literal["chunked", "ort-op"]:
+    def _causal_impl(self, stats: SiteStats) -> Literal["chunked", "ort-op"]:
         if self.causal_impl in ("auto", "chunked"):
             return "chunked"
         if ort_has_linear_attention():
@@ -663,11 +519,13 @@ class LinearAttention(Pass):
         stats["causal-impl=ort-op unavailable in this ONNX Runtime: chunked form used"] += 1
         return "chunked"
 
-    def _choose(self, layers: list[_Layer], stats: Counter[str]) -> list[_Layer]:
+    def _choose(self, layers: list[_Layer], stats: SiteStats) -> list[_Layer]:
         if not self.selects:
             return list(layers)
         measured = [layer for layer in layers if layer.error is not None]
-        stats["skipped: no calibration rows reached this layer"] += len(layers) - len(measured)
+        for layer in layers:
+            if layer.error is None:
+                stats.skip("no calibration rows reached this layer", layer.site.attn.softmax)
         ranked = sorted(measured, key=lambda layer: (layer.error, layer.site.index))
         if self.layers is not None:
             count = min(self.layers, len(ranked))
@@ -680,7 +538,8 @@ class LinearAttention(Pass):
                     break
                 total += layer.error  # type: ignore[operator]
                 count += 1
-        stats["skipped: larger error than the selected layers"] += len(ranked) - count
+        for layer in ranked[count:]:
+            stats.skip("larger error than the selected layers", layer.site.attn.softmax, blocked=False)
         chosen = {id(layer) for layer in ranked[:count]}
         return [layer for layer in layers if id(layer) in chosen]
 
@@ -722,12 +581,12 @@ def _capture(
 ) -> None:
     from tforge.runtime.ort import prepare_feeds
 
-    rewriter = ConstantRewriter(model, "linear-attention")
+    editor = GraphEditor(model, "linear-attention")
     names: list[str] = []
     for layer in layers:
         for value in (layer.site.q, layer.site.kt, layer.site.v, layer.site.probs):
             if not value.name:
-                value.name = rewriter.unique_name("linattn.capture")
+                value.name = editor.value_name("linattn.capture")
             names.append(value.name)
     unique = list(dict.fromkeys(names))
     session = session_exposing(model, unique, optimize=True)

@@ -17,14 +17,13 @@ block map is rejected until ``canonicalize`` has turned the ``Sum`` back into an
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from typing import ClassVar
 
 import onnx_ir as ir
 
-from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
+from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
-from tforge.compiler.rewrite import retype_node
+from tforge.compiler.rewrite import GraphEditor
 from tforge.compiler.structure import const_array
 
 __all__ = ["OrtLayerNorm"]
@@ -38,26 +37,28 @@ class OrtLayerNorm(Pass):
     invalidates: ClassVar = frozenset({Property.CANONICAL})
 
     def run(self, model: ir.Model) -> PassResult:
-        stats: Counter[str] = Counter()
+        stats = SiteStats()
+        editor = GraphEditor(model, self.name)
         for node in list(model.graph):
             if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
                 continue
             add = node.inputs[0].producer() if node.inputs[0] is not None else None
             if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
                 continue
-            reason = _skip_reason(add)
-            if reason:
-                stats[f"skipped: {reason}"] += 1
+            try:
+                _check_residual(add)
+            except Skip as skip:
+                stats.skip(skip)
                 continue
-            mark_provenance(retype_node(model.graph, add, "Sum"), self.name)
+            editor.retype(add, "Sum")
             stats["residual add written as Sum"] += 1
         return PassResult(model, changed=stats["residual add written as Sum"] > 0, stats=stats)
 
 
-def _skip_reason(add: ir.Node) -> str | None:
+def _check_residual(add: ir.Node) -> None:
+    """Skip unless ``add`` is a residual add that ORT would fuse into SkipLayerNormalization."""
     if any(v is None or const_array(v) is not None for v in add.inputs):
-        return "the add reads a constant (a bias, not a residual)"
+        raise Skip("the add reads a constant (a bias, not a residual)", add)
     out = add.outputs[0]
     if out.is_graph_output() or len(list(out.uses())) != 1:
-        return "the sum is read by more than the LayerNormalization (ORT does not fuse it)"
-    return None
+        raise Skip("the sum is read by more than the LayerNormalization (ORT does not fuse it)", add)

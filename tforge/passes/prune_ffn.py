@@ -18,30 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter, deque
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.pass_infra import Pass, PassResult, Property
+from tforge.compiler import pruning
+from tforge.compiler.ffn_paths import ffn_intermediate
+from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
-from tforge.compiler.structure import FFN, const_array, find_blocks
-from tforge.passes import _pruning as pruning
-from tforge.passes.ln_migrate import ConstantRewriter, current_weight
+from tforge.compiler.rewrite import GraphEditor, set_last_dim
+from tforge.compiler.structure import FFN, BlockMap, block_map, const_array
+from tforge.errors import PassConfigError
 from tforge.passes.math import compensation
 from tforge.passes.math import importance as imp
 
 logger = logging.getLogger(__name__)
-
-# Ops that may sit between up/gate and down: they act on each channel separately.
-_CHANNELWISE = frozenset(
-    {
-        "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",
-        "Elu", "LeakyRelu", "HardSigmoid", "HardSwish", "Softplus", "Exp", "Cast", "Identity",
-        "Clip", "Where", "Min", "Max", "Abs", "Reciprocal", "Silu", "Mish", "QuickGelu",
-    }
-)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -88,32 +80,31 @@ class PruneFfn(Pass):
         pruning.check_amount("prune-ffn", self.ratio, self.keep)
         pruning.check_common("prune-ffn", self.max_layer_ratio, self.ridge)
         if self.multiple < 1:
-            raise ValueError(f"prune-ffn: multiple must be >= 1, got {self.multiple}")
+            raise PassConfigError(f"prune-ffn: multiple must be >= 1, got {self.multiple}")
         if self.keep == 0:
-            raise ValueError("prune-ffn: keep must be at least 1; removing a whole FFN is not supported")
+            raise PassConfigError("prune-ffn: keep must be at least 1; removing a whole FFN is not supported")
 
     def check(self, model: ir.Model) -> None:
         pruning.require_stats(model, self.name, self.importance)
 
     def run(self, model: ir.Model) -> PassResult:
-        stats: Counter[str] = Counter()
-        block_map = find_blocks(model)
-        before = pruning.size_figures(model, block_map)
+        stats = SiteStats()
+        blocks = block_map(model)
+        before = pruning.size_figures(model, blocks)
         sites: list[_Site] = []
-        for block in block_map.blocks:
+        for block in blocks.blocks:
             if block.ffn is None:
                 continue
-            found = self._site(model, block.index, block.ffn)
-            if isinstance(found, str):
-                stats[found] += 1
-                logger.debug("prune-ffn: block %d: %s", block.index, found)
-                continue
-            sites.append(found)
+            try:
+                sites.append(self._site(model, blocks, block.index, block.ffn))
+            except Skip as skip:
+                stats.skip(skip)
+                logger.debug("prune-ffn: block %d: skipped: %s", block.index, skip)
 
         sizes = [s.ffn.intermediate_size for s in sites]
         snap = lambda i, target: imp.round_to_multiple(target, sizes[i], self.multiple)  # noqa: E731
         if self.importance == "obs" and self.budget == "uniform" or self.keep is not None:
-            counts = pruning.kept_counts(
+            counts = imp.kept_counts(
                 sizes, [], ratio=self.ratio, keep=self.keep, budget="uniform",
                 max_layer_ratio=self.max_layer_ratio, snap=snap,
             )
@@ -125,24 +116,24 @@ class PruneFfn(Pass):
                 for site in sites:
                     cap = int(self.max_layer_ratio * site.ffn.intermediate_size + 1e-9)
                     self._obs_order(model, site, cap)
-            counts = pruning.kept_counts(
+            counts = imp.kept_counts(
                 sizes, [s.scores for s in sites], ratio=self.ratio, keep=self.keep,
                 budget=self.budget, max_layer_ratio=self.max_layer_ratio, snap=snap,
                 normalize=self.importance != "obs",
             )
-        rewriter = ConstantRewriter(model, self.name)
+        editor = GraphEditor(model, self.name)
         rows: list[dict[str, Any]] = []
         for site, keep in zip(sites, counts, strict=True):
             size = site.ffn.intermediate_size
             if keep >= size:
-                stats["skipped: nothing to remove"] += 1
+                stats.skip("nothing to remove", site.ffn.down.matmul, blocked=False)
                 rows.append({"layer": site.index, "before": size, "after": size})
                 continue
             if site.order is not None:
                 kept = np.setdiff1d(np.arange(size), site.order[: size - keep])
             else:
                 kept = imp.select_channels(site.scores, keep)
-            done = self._prune(model, rewriter, site, kept)
+            done = self._prune(model, editor, site, kept)
             stats["pruned"] += 1
             stats[f"compensation: {done.kind}"] += 1
             if done.reason:
@@ -161,39 +152,38 @@ class PruneFfn(Pass):
                 site.index, size, keep, self.importance, done.kind,
             )
         changed = stats["pruned"] > 0  # Pass.__call__ then drops the now stale statistics
-        after = pruning.size_figures(model, find_blocks(model)) if changed else before
+        after = pruning.size_figures(model, block_map(model)) if changed else before
         details = {"layers": rows, "size": pruning.compare_sizes(before, after)}
         return PassResult(model, changed=changed, stats=stats, details=details)
 
     # ------------------------------------------------------------------ analysis
 
-    def _site(self, model: ir.Model, index: int, ffn: FFN) -> _Site | str:
+    def _site(self, model: ir.Model, blocks: BlockMap, index: int, ffn: FFN) -> _Site:
         width = ffn.intermediate_size
         if ffn.down.in_features != width or (ffn.gate is not None and ffn.gate.out_features != width):
-            return "skipped: up, gate and down widths disagree"
-        found = _intermediate_nodes(ffn)
-        if isinstance(found, str):
-            return found
-        nodes, constants = found
+            raise Skip("up, gate and down widths disagree", ffn.down.matmul)
+        path = ffn_intermediate(ffn, blocks)
+        if path.reshapes:
+            # their targets would need the new width; channel-wise ops adapt by themselves
+            raise Skip("Reshape between up and down", path.reshapes[0])
         scores = self._scores(model, ffn)
-        if isinstance(scores, str):
-            return scores
-        return _Site(index, ffn, nodes, constants, scores)
+        return _Site(index, ffn, path.nodes, path.channel_constants, scores)
 
-    def _scores(self, model: ir.Model, ffn: FFN) -> np.ndarray | str:
-        down = pruning.array(current_weight(ffn.down))
+    def _scores(self, model: ir.Model, ffn: FFN) -> np.ndarray:
+        down = pruning.weight_of(ffn.down)
         if self.importance == "magnitude":
-            up = pruning.array(current_weight(ffn.up))
-            gate = pruning.array(current_weight(ffn.gate)) if ffn.gate is not None else None
+            up = pruning.weight_of(ffn.up)
+            gate = pruning.weight_of(ffn.gate) if ffn.gate is not None else None
             return imp.ffn_magnitude(up, down, gate)
         act = pruning.input_stats(model, ffn.down.input)
+        at = ffn.down.matmul
         if act is None or act.count == 0:
-            return "skipped: no calibration statistics of the down projection's input"
+            raise Skip("no calibration statistics of the down projection's input", at)
         if act.channels != down.shape[0]:
-            return "skipped: calibration statistics are stale (channel count differs)"
+            raise Skip("calibration statistics are stale (channel count differs)", at)
         if self.importance == "obs":
             if act.gram is None or act.sum is None:
-                return "skipped: importance=obs needs a Gram matrix (calibrate with gram=true)"
+                raise Skip("importance=obs needs a Gram matrix (calibrate with gram=true)", at)
             return np.zeros(down.shape[0])  # filled by _obs_order
         centered = self.compensate and act.sum is not None
         return imp.ffn_activation(down, act.mean_sq, act.mean if centered else None, centered=centered)
@@ -201,7 +191,7 @@ class PruneFfn(Pass):
     def _obs_order(self, model: ir.Model, site: _Site, remove: int) -> None:
         """Greedy OBS removal order; scores rank removed channels by (monotone) normalised cost."""
         act = pruning.input_stats(model, site.ffn.down.input)
-        down = pruning.array(current_weight(site.ffn.down)).astype(np.float64)
+        down = pruning.weight_of(site.ffn.down).astype(np.float64)
         if act is None or remove <= 0:
             site.order = np.zeros(0, np.int64)
             return
@@ -218,74 +208,27 @@ class PruneFfn(Pass):
     # ------------------------------------------------------------------ rewrite
 
     def _prune(
-        self, model: ir.Model, rewriter: ConstantRewriter, site: _Site, kept: np.ndarray
+        self, model: ir.Model, editor: GraphEditor, site: _Site, kept: np.ndarray
     ) -> pruning.Compensation:
         ffn = site.ffn
         width = ffn.intermediate_size
-        act = pruning.input_stats(model, ffn.down.input)
-        pruning.take_columns(rewriter, ffn.up, kept)
+        moments = pruning.input_moments(model, ffn.down)
+        editor.take_columns(ffn.up, kept)
         if ffn.gate is not None:
-            pruning.take_columns(rewriter, ffn.gate, kept)
+            editor.take_columns(ffn.gate, kept)
         for node, idx in site.constants:
             value = node.inputs[idx]
             arr = const_array(value)
             if value is not None and arr is not None:
-                rewriter.set_constant(value, [(node, idx)], np.take(arr, kept, axis=-1))
+                editor.set_constant(value, [(node, idx)], np.take(arr, kept, axis=-1))
         for node in site.nodes:
             for out in node.outputs:
                 if out.shape is not None and out.shape.rank() and out.shape[-1] == width:
-                    pruning.set_dim(out, -1, int(kept.size))
-        return pruning.compensate_rows(
-            rewriter, ffn.down, kept, act, enabled=self.compensate, refit=self.refit, ridge=self.ridge
+                    set_last_dim(out, int(kept.size))
+        plan = compensation.compensate_rows(
+            pruning.weight_of(ffn.down), kept, moments.mean, moments.second_moment,
+            enabled=self.compensate, refit_rows=self.refit, ridge=self.ridge, missing=moments.missing,
+        )  # fmt: skip
+        return pruning.apply_row_compensation(
+            editor, ffn.down, kept, plan.rows, plan.bias_delta, plan.kind, plan.reason
         )
-
-
-def _intermediate_nodes(ffn: FFN) -> tuple[list[ir.Node], list[tuple[ir.Node, int]]] | str:
-    """Nodes between up/gate and down, and per-channel constants they read; or why not prunable.
-
-    Every node must act channel by channel, and nothing outside the FFN may read its values
-    (their width changes).
-    """
-    sources = {id(ffn.up.output)}
-    if ffn.gate is not None:
-        sources.add(id(ffn.gate.output))
-    width = ffn.intermediate_size
-    nodes: dict[int, ir.Node] = {}
-    constants: list[tuple[ir.Node, int]] = []
-    queue = deque([ffn.down.input])
-    seen: set[int] = set()
-    while queue:
-        value = queue.popleft()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        if id(value) in sources:
-            continue
-        node = value.producer()
-        if node is None:
-            return f"skipped: down's input does not come from up/gate only (reached '{value.name}')"
-        if node.op_type not in _CHANNELWISE or node.domain not in ("", "ai.onnx"):
-            return f"skipped: {node.op_type} between up and down"
-        nodes[id(node)] = node
-        for idx, inp in enumerate(node.inputs):
-            if inp is None:
-                continue
-            arr = const_array(inp)
-            if arr is not None:
-                if arr.ndim and arr.shape[-1] == width and width > 1:
-                    constants.append((node, idx))
-                elif arr.ndim and arr.shape[-1] != 1:
-                    return f"skipped: constant of shape {list(arr.shape)} between up and down"
-                continue
-            queue.append(inp)
-    # Every value produced in the region (and up/gate outputs) is read only inside it.
-    inside = {id(n) for n in nodes.values()} | {id(ffn.down.matmul)}
-    produced = [out for n in nodes.values() for out in n.outputs]
-    produced += [ffn.up.output] + ([ffn.gate.output] if ffn.gate is not None else [])
-    for value in produced:
-        if value.is_graph_output():
-            return f"skipped: FFN activation '{value.name}' is a graph output"
-        if any(id(use.node) not in inside for use in value.uses()):
-            return f"skipped: FFN activation '{value.name}' is also read outside the FFN"
-    order = list(nodes.values())
-    return order, constants

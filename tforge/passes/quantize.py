@@ -53,7 +53,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
-from collections import Counter
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -65,12 +64,18 @@ from tforge.compiler.calibration import (
     attached_stats,
     require_stats,
 )
-from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
+from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
-from tforge.compiler.rewrite import replace_value
-from tforge.compiler.structure import Linear, const_array, find_blocks
-from tforge.errors import PassError, PreconditionError, UnsupportedModelError
-from tforge.runtime import spill
+from tforge.compiler.rewrite import GraphEditor
+from tforge.compiler.structure import Linear, block_map, const_array
+from tforge.errors import PassConfigError, PassError, PreconditionError, UnsupportedModelError
+from tforge.passes.math.int8 import (
+    QMAX,
+    dequantize_weight,
+    quantize_weight,
+    uint8_qparams,
+    weight_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,41 +90,12 @@ __all__ = [
 ]
 
 _MS = "com.microsoft"
-_QMAX = 127  # symmetric int8 range [-127, 127]: no -128, so negation never overflows
 _TOKEN_ZERO_POINT = 128  # per-token int8 values are stored as uint8 shifted by 128
 _TINY = np.float32(1e-12)  # scale floor for all-zero rows
 _MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 
 
 # ----------------------------------------------------------------------------- the math
-
-
-def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel int8 quantization of a ``[in, out]`` weight.
-
-    Returns ``(q, scale)`` with ``q`` int8 ``[in, out]`` in [-127, 127] and ``scale`` float32
-    ``[out]``; an all-zero column gets scale 1 (its codes are all zero).
-    """
-    w = np.asarray(weight, dtype=np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"quantize_weight: expected a 2-D [in, out] weight, got shape {w.shape}")
-    absmax = np.abs(w).max(axis=0)
-    scale = np.where(absmax > 0, absmax / _QMAX, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -_QMAX, _QMAX).astype(np.int8)
-    return q, scale
-
-
-def dequantize_weight(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * scale[None, :]
-
-
-def weight_error(weight: np.ndarray, q: np.ndarray, scale: np.ndarray) -> float:
-    """Relative Frobenius error ``||W - dq(q)|| / ||W||`` (0 for an all-zero weight)."""
-    w = np.asarray(weight, dtype=np.float64)
-    norm = float(np.linalg.norm(w))
-    if norm == 0.0:
-        return 0.0
-    return float(np.linalg.norm(w - dequantize_weight(q, scale).astype(np.float64)) / norm)
 
 
 def activation_range(
@@ -138,17 +114,6 @@ def activation_range(
         clip = stats.percentile(percentile)
         lo, hi = max(lo, -clip), min(hi, clip)
     return min(lo, 0.0), max(hi, 0.0)
-
-
-def uint8_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
-    """Asymmetric uint8 scale and zero point for the range ``[lo, hi]`` (``lo <= 0 <= hi``)."""
-    if not lo <= 0.0 <= hi:
-        raise ValueError(f"uint8_qparams: the range [{lo}, {hi}] must contain 0")
-    scale = (hi - lo) / 255.0
-    if scale <= 0.0:
-        return np.float32(1.0), np.uint8(0)
-    zero_point = int(np.clip(np.rint(-lo / scale), 0, 255))
-    return np.float32(scale), np.uint8(zero_point)
 
 
 def predicted_sqnr_db(stats: ChannelStats, lo: float, hi: float) -> float:
@@ -203,27 +168,27 @@ class Quantize(Pass):
 
     def __post_init__(self) -> None:
         if self.weights != "int8":
-            raise ValueError(f"weights must be int8, got {self.weights!r}")
+            raise PassConfigError(f"quantize: weights must be int8, got {self.weights!r}")
         if self.activations not in typing.get_args(Activations):
-            raise ValueError(
-                f"activations must be one of {', '.join(typing.get_args(Activations))}, got {self.activations!r}"
+            raise PassConfigError(
+                f"quantize: activations must be one of {', '.join(typing.get_args(Activations))}, got {self.activations!r}"
             )
         if self.calib_method not in ("absmax", "percentile"):
-            raise ValueError(f"calib-method must be absmax or percentile, got {self.calib_method!r}")
+            raise PassConfigError(f"quantize: calib-method must be absmax or percentile, got {self.calib_method!r}")
         if not 50.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+            raise PassConfigError(f"quantize: percentile must be in (50, 100], got {self.percentile}")
         if not 0.0 < self.min_sqnr < 100.0:
-            raise ValueError(f"min-sqnr must be in (0, 100) dB, got {self.min_sqnr}")
+            raise PassConfigError(f"quantize: min-sqnr must be in (0, 100) dB, got {self.min_sqnr}")
         if self.min_sqnr_dynamic is not None and not 0.0 < self.min_sqnr_dynamic <= self.min_sqnr:
-            raise ValueError(
-                f"min-sqnr-dynamic must be in (0, min-sqnr={self.min_sqnr}] dB, got {self.min_sqnr_dynamic}"
+            raise PassConfigError(
+                f"quantize: min-sqnr-dynamic must be in (0, min-sqnr={self.min_sqnr}] dB, got {self.min_sqnr_dynamic}"
             )
         if self.fallback not in ("dynamic-per-token", "dynamic"):
-            raise ValueError(f"fallback must be dynamic-per-token or dynamic, got {self.fallback!r}")
+            raise PassConfigError(f"quantize: fallback must be dynamic-per-token or dynamic, got {self.fallback!r}")
         if self.format not in ("qdq", "integer"):
-            raise ValueError(f"format must be qdq or integer, got {self.format!r}")
+            raise PassConfigError(f"quantize: format must be qdq or integer, got {self.format!r}")
         if any(not pattern for pattern in self.exclude):
-            raise ValueError("exclude holds an empty name, which would match every linear")
+            raise PassConfigError("quantize: exclude holds an empty name, which would match every linear")
 
     def check(self, model: ir.Model) -> None:
         if self.activations in ("static", "auto"):
@@ -241,16 +206,17 @@ class Quantize(Pass):
             )
 
     def run(self, model: ir.Model) -> PassResult:
-        stats: Counter[str] = Counter()
+        stats = SiteStats()
         details: dict[str, Any] = {}
         calibration = attached_stats(model) if self.activations in ("static", "auto") else None
-        build = _Builder(model)
+        editor = GraphEditor(model, self.name)
         groups: dict[int, list[Linear]] = {}
-        for lin in find_blocks(model).linears:
-            reason = self._skip_reason(lin, calibration)
-            if reason:
-                stats[f"skipped: {reason}"] += 1
-                logger.debug("quantize: %s skipped: %s", lin.name, reason)
+        for lin in block_map(model).linears:
+            try:
+                self._check_linear(lin, calibration)
+            except Skip as skip:
+                stats.skip(skip)
+                logger.debug("quantize: %s skipped: %s", lin.name, skip)
                 continue
             groups.setdefault(id(lin.input), []).append(lin)
         for linears in groups.values():
@@ -258,21 +224,21 @@ class Quantize(Pass):
             try:
                 plan = self._plan(x, calibration)
             except ValueError as error:  # statistics that cannot give a range
-                stats["skipped: unusable calibration statistics"] += len(linears)
+                stats.skip("unusable calibration statistics", x, count=len(linears))
                 logger.debug("quantize: input %s skipped: %s", x.name, error)
                 continue
             if plan.mode == "dynamic-per-token" and _width(x) is None:
-                stats["skipped: per-token input has no static last dimension"] += len(linears)
+                stats.skip("per-token input has no static last dimension", x, count=len(linears))
                 continue
-            quantized_input = self._quantize_input(build, x, plan, len(linears))
+            quantized_input = self._quantize_input(editor, x, plan, len(linears))
             for lin in linears:
-                entry = self._lower(build, lin, quantized_input)
+                entry = self._lower(editor, lin, quantized_input)
                 if plan.sqnr_db is not None:
                     entry["input_sqnr_db"] = plan.sqnr_db
                 details[lin.name] = entry
                 stats["quantized"] += 1
                 stats[f"activations {plan.mode}"] += 1
-        build.drop_unused_initializers()
+        editor.drop_retired()
         if stats["quantized"]:
             logger.info(
                 "quantize: %d linears to int8 (%s), %d skipped",
@@ -284,20 +250,20 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------ decisions
 
-    def _skip_reason(self, lin: Linear, calibration: CalibrationStats | None) -> str | None:
+    def _check_linear(self, lin: Linear, calibration: CalibrationStats | None) -> None:
+        """Skip a linear this pass must leave in float."""
         if any(pattern == lin.name or pattern in lin.name for pattern in self.exclude):
-            return "excluded"
+            raise Skip("excluded", lin.matmul, blocked=False)
         if lin.weight.dtype != ir.DataType.FLOAT:
-            return "weight is not float32"
+            raise Skip("weight is not float32", lin.matmul)
         if lin.input.dtype != ir.DataType.FLOAT:
-            return "input is not float32"
+            raise Skip("input is not float32", lin.matmul)
         if (
             self.activations == "static"
             and calibration is not None
             and calibration.get(lin.input.name or "") is None
         ):
-            return "no calibration statistics for its input"
-        return None
+            raise Skip("no calibration statistics for its input", lin.matmul)
 
     def _plan(self, x: ir.Value, calibration: CalibrationStats | None) -> _Plan:
         """How to quantize one activation: the mode, and for static its range and predicted SQNR."""
@@ -316,24 +282,24 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------ input side
 
-    def _quantize_input(self, build: _Builder, x: ir.Value, plan: _Plan, readers: int) -> _QuantizedInput:
+    def _quantize_input(self, editor: GraphEditor, x: ir.Value, plan: _Plan, readers: int) -> _QuantizedInput:
         base = x.name or "x"
-        build.start_after(x)
+        editor.place_after(x)
         if plan.mode == "none":
             return _QuantizedInput(plan.mode, float_input=x)
         if plan.mode == "static":
             scale, zero_point = uint8_qparams(plan.lo, plan.hi)
-            s = build.const(f"{base}.scale", np.array(scale, np.float32))
-            zp = build.const(f"{base}.zero_point", np.array(zero_point, np.uint8))
-            q = build.node("QuantizeLinear", [x, s, zp], name=f"{base}.quantize", out=f"{base}.q")
+            s = editor.initializer(f"{base}.scale", np.array(scale, np.float32))
+            zp = editor.initializer(f"{base}.zero_point", np.array(zero_point, np.uint8))
+            q = editor.node("QuantizeLinear", [x, s, zp], name=f"{base}.quantize", outputs=f"{base}.q")
             _annotate(q.outputs[0], ir.DataType.UINT8, x.shape)
             return _QuantizedInput(plan.mode, float_input=x, q=q.outputs[0], scale=s, zero_point=zp)
         if plan.mode == "dynamic":
             if self.format == "integer" and readers == 1:
                 return _QuantizedInput(plan.mode, float_input=x)  # DynamicQuantizeMatMul does it
-            dq = build.node(
+            dq = editor.node(
                 "DynamicQuantizeLinear", [x], name=f"{base}.quantize", num_outputs=3,
-                out=[f"{base}.q", f"{base}.scale", f"{base}.zero_point"],
+                outputs=[f"{base}.q", f"{base}.scale", f"{base}.zero_point"],
             )
             _annotate(dq.outputs[0], ir.DataType.UINT8, x.shape)
             _annotate(dq.outputs[1], ir.DataType.FLOAT, ir.Shape([]))
@@ -341,9 +307,9 @@ class Quantize(Pass):
             return _QuantizedInput(
                 plan.mode, float_input=x, q=dq.outputs[0], scale=dq.outputs[1], zero_point=dq.outputs[2]
             )
-        return self._quantize_per_token(build, x)
+        return self._quantize_per_token(editor, x)
 
-    def _quantize_per_token(self, build: _Builder, x: ir.Value) -> _QuantizedInput:
+    def _quantize_per_token(self, editor: GraphEditor, x: ir.Value) -> _QuantizedInput:
         """Row scale ``s = max(max(x_row), -min(x_row), tiny) / 127``; codes ``round(x / s) + 128``.
 
         The quantization itself is one per-axis ``QuantizeLinear`` over the rows of a 2-D view of
@@ -358,32 +324,32 @@ class Quantize(Pass):
         rank = len(x.shape)
         row_shape = _row_shape(x.shape)
         reduced = []
-        axes = build.const(f"{base}.row_axes", np.array([-1], np.int64)) if build.opset >= 18 else None
+        axes = editor.initializer(f"{base}.row_axes", np.array([-1], np.int64)) if editor.opset >= 18 else None
         for op in ("ReduceMax", "ReduceMin"):
             label = f"{base}.row_{op[6:].lower()}"
             if axes is not None:
-                node = build.node(op, [x, axes], attributes={"keepdims": 1}, name=label, out=label)
+                node = editor.node(op, [x, axes], attributes={"keepdims": 1}, name=label, outputs=label)
             else:
-                node = build.node(op, [x], attributes={"axes": [-1], "keepdims": 1}, name=label, out=label)
+                node = editor.node(op, [x], attributes={"axes": [-1], "keepdims": 1}, name=label, outputs=label)
             reduced.append(node.outputs[0])
-        neg_min = build.node("Neg", [reduced[1]], name=f"{base}.row_neg_min", out=f"{base}.row_neg_min")
-        absmax = build.node("Max", [reduced[0], neg_min.outputs[0], build.const(f"{base}.tiny", np.array(_TINY, np.float32))],
-                            name=f"{base}.row_absmax", out=f"{base}.row_absmax")
-        inv_qmax = build.const(f"{base}.inv_qmax", np.array(1.0 / _QMAX, np.float32))
-        scale = build.node("Mul", [absmax.outputs[0], inv_qmax], name=f"{base}.row_scale", out=f"{base}.row_scale")
+        neg_min = editor.node("Neg", [reduced[1]], name=f"{base}.row_neg_min", outputs=f"{base}.row_neg_min")
+        absmax = editor.node("Max", [reduced[0], neg_min.outputs[0], editor.initializer(f"{base}.tiny", np.array(_TINY, np.float32))],
+                            name=f"{base}.row_absmax", outputs=f"{base}.row_absmax")
+        inv_qmax = editor.initializer(f"{base}.inv_qmax", np.array(1.0 / QMAX, np.float32))
+        scale = editor.node("Mul", [absmax.outputs[0], inv_qmax], name=f"{base}.row_scale", outputs=f"{base}.row_scale")
         for value in (*reduced, neg_min.outputs[0], absmax.outputs[0], scale.outputs[0]):
             _annotate(value, ir.DataType.FLOAT, row_shape)
-        rows = build.node("Reshape", [x, build.const(f"{base}.rows_shape", np.array([-1, width], np.int64))],
-                          name=f"{base}.rows", out=f"{base}.rows")
-        flat_scale = build.node("Reshape", [scale.outputs[0], build.const(f"{base}.flat_shape", np.array([-1], np.int64))],
-                                name=f"{base}.row_scale_flat", out=f"{base}.row_scale_flat")
-        count = build.node("Shape", [flat_scale.outputs[0]], name=f"{base}.row_count", out=f"{base}.row_count")
-        zp = build.const(f"{base}.zero_point", np.array(_TOKEN_ZERO_POINT, np.uint8))
-        zps = build.node("Expand", [zp, count.outputs[0]], name=f"{base}.row_zero_points", out=f"{base}.row_zero_points")
-        q_rows = build.node("QuantizeLinear", [rows.outputs[0], flat_scale.outputs[0], zps.outputs[0]],
-                            attributes={"axis": 0}, name=f"{base}.quantize", out=f"{base}.q_rows")
-        x_shape = build.node("Shape", [x], name=f"{base}.shape", out=f"{base}.shape")
-        q = build.node("Reshape", [q_rows.outputs[0], x_shape.outputs[0]], name=f"{base}.q", out=f"{base}.q")
+        rows = editor.node("Reshape", [x, editor.initializer(f"{base}.rows_shape", np.array([-1, width], np.int64))],
+                          name=f"{base}.rows", outputs=f"{base}.rows")
+        flat_scale = editor.node("Reshape", [scale.outputs[0], editor.initializer(f"{base}.flat_shape", np.array([-1], np.int64))],
+                                name=f"{base}.row_scale_flat", outputs=f"{base}.row_scale_flat")
+        count = editor.node("Shape", [flat_scale.outputs[0]], name=f"{base}.row_count", outputs=f"{base}.row_count")
+        zp = editor.initializer(f"{base}.zero_point", np.array(_TOKEN_ZERO_POINT, np.uint8))
+        zps = editor.node("Expand", [zp, count.outputs[0]], name=f"{base}.row_zero_points", outputs=f"{base}.row_zero_points")
+        q_rows = editor.node("QuantizeLinear", [rows.outputs[0], flat_scale.outputs[0], zps.outputs[0]],
+                            attributes={"axis": 0}, name=f"{base}.quantize", outputs=f"{base}.q_rows")
+        x_shape = editor.node("Shape", [x], name=f"{base}.shape", outputs=f"{base}.shape")
+        q = editor.node("Reshape", [q_rows.outputs[0], x_shape.outputs[0]], name=f"{base}.q", outputs=f"{base}.q")
         _annotate(rows.outputs[0], ir.DataType.FLOAT, ir.Shape([None, width]) if rank != 2 else x.shape)
         _annotate(flat_scale.outputs[0], ir.DataType.FLOAT, ir.Shape([None]))
         _annotate(count.outputs[0], ir.DataType.INT64, ir.Shape([1]))
@@ -397,53 +363,53 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------ one linear
 
-    def _lower(self, build: _Builder, lin: Linear, xq: _QuantizedInput) -> dict[str, Any]:
+    def _lower(self, editor: GraphEditor, lin: Linear, xq: _QuantizedInput) -> dict[str, Any]:
         weight = const_array(lin.weight)
         if weight is None:  # find_linears only returns constant weights
             raise UnsupportedModelError(f"quantize: weight of linear '{lin.name}' is not a constant")
         q, scale = quantize_weight(weight)
         entry: dict[str, Any] = {"weight_error": weight_error(weight, q, scale), "activations": xq.mode}
         wname = lin.name
-        wq = build.const(f"{wname}.int8", q)
-        ws = build.const(f"{wname}.scale", scale)
-        wzp = build.const(f"{wname}.zero_point", np.zeros(scale.shape, np.int8))
-        build.retire(lin.weight)
+        wq = editor.initializer(f"{wname}.int8", q)
+        ws = editor.initializer(f"{wname}.scale", scale)
+        wzp = editor.initializer(f"{wname}.zero_point", np.zeros(scale.shape, np.int8))
+        editor.retire(lin.weight)
         if xq.mode == "static":
             entry["input_scale"] = float(xq.scale.const_value.numpy())  # type: ignore[union-attr]
             entry["input_zero_point"] = int(xq.zero_point.const_value.numpy())  # type: ignore[union-attr]
         if xq.mode == "none" or (self.format == "qdq" and xq.mode != "dynamic-per-token"):
             # Q/DQ around the float MatMul, which stays; ORT fuses the pattern.
             if xq.mode != "none":
-                dqx = build.node(
+                dqx = editor.node(
                     "DequantizeLinear", [xq.q, xq.scale, xq.zero_point],
-                    name=f"{wname}.input_dequantize", out=f"{wname}.input_dequantized", before=lin.matmul,
+                    name=f"{wname}.input_dequantize", outputs=f"{wname}.input_dequantized", before=lin.matmul,
                 )
                 _annotate(dqx.outputs[0], ir.DataType.FLOAT, lin.input.shape)
                 lin.matmul.replace_input_with(0, dqx.outputs[0])
-            dqw = build.node(
+            dqw = editor.node(
                 "DequantizeLinear", [wq, ws, wzp], attributes={"axis": 1},
-                name=f"{wname}.dequantize", out=f"{wname}.dequantized", before=lin.matmul,
+                name=f"{wname}.dequantize", outputs=f"{wname}.dequantized", before=lin.matmul,
             )
             _annotate(dqw.outputs[0], ir.DataType.FLOAT, lin.weight.shape)
             lin.matmul.replace_input_with(1, dqw.outputs[0])
-            mark_provenance(lin.matmul, self.name)
+            editor.mark(lin.matmul)
             return entry
-        result, keep_bias_add = self._lower_integer(build, lin, xq, wq, ws, wzp)
+        result, keep_bias_add = self._lower_integer(editor, lin, xq, wq, ws, wzp)
         if keep_bias_add and lin.bias_add is not None:
             _annotate(result, ir.DataType.FLOAT, lin.matmul.outputs[0].shape)
             lin.bias_add.replace_input_with(list(lin.bias_add.inputs).index(lin.matmul.outputs[0]), result)
         else:
             end = lin.bias_add or lin.matmul
             _annotate(result, ir.DataType.FLOAT, end.outputs[0].shape)
-            replace_value(end.outputs[0], result)
+            editor.replace_value(end.outputs[0], result)
             if lin.bias_add is not None:
-                build.remove(lin.bias_add)
-        build.remove(lin.matmul)
+                editor.remove(lin.bias_add)
+        editor.remove(lin.matmul)
         return entry
 
     def _lower_integer(
         self,
-        build: _Builder,
+        editor: GraphEditor,
         lin: Linear,
         xq: _QuantizedInput,
         wq: ir.Value,
@@ -454,31 +420,31 @@ class Quantize(Pass):
         wname = lin.name
         bias = [lin.bias] if lin.bias is not None else []
         if xq.mode == "dynamic" and xq.q is None:
-            node = build.node("DynamicQuantizeMatMul", [xq.float_input, wq, ws, wzp, *bias],
-                              domain=_MS, name=f"{wname}.matmul", out=f"{wname}.out", before=lin.matmul)
+            node = editor.node("DynamicQuantizeMatMul", [xq.float_input, wq, ws, wzp, *bias],
+                              domain=_MS, name=f"{wname}.matmul", outputs=f"{wname}.out", before=lin.matmul)
             return node.outputs[0], not bias
         if self.format == "integer":
             # A per-row a_scale is applied by the kernel after the product (ScaleOutput), which
             # would scale a folded bias too: with per-token scales the bias Add stays outside.
             fold = bool(bias) and xq.mode != "dynamic-per-token"
-            node = build.node(
+            node = editor.node(
                 "MatMulIntegerToFloat",
                 [xq.q, wq, xq.scale, ws, xq.zero_point, wzp, *(bias if fold else [])],
-                domain=_MS, name=f"{wname}.matmul", out=f"{wname}.out", before=lin.matmul,
+                domain=_MS, name=f"{wname}.matmul", outputs=f"{wname}.out", before=lin.matmul,
             )
             return node.outputs[0], not fold
         # Per-token, standard operators: int32 product, then column scale and row scale.
-        mm = build.node("MatMulInteger", [xq.q, wq, xq.zero_point, wzp],
-                        name=f"{wname}.matmul", out=f"{wname}.int32", before=lin.matmul)
+        mm = editor.node("MatMulInteger", [xq.q, wq, xq.zero_point, wzp],
+                        name=f"{wname}.matmul", outputs=f"{wname}.int32", before=lin.matmul)
         _annotate(mm.outputs[0], ir.DataType.INT32, lin.matmul.outputs[0].shape)
-        cast = build.node("Cast", [mm.outputs[0]], attributes={"to": ir.DataType.FLOAT},
-                          name=f"{wname}.cast", out=f"{wname}.float", before=lin.matmul)
+        cast = editor.node("Cast", [mm.outputs[0]], attributes={"to": ir.DataType.FLOAT},
+                          name=f"{wname}.cast", outputs=f"{wname}.float", before=lin.matmul)
         _annotate(cast.outputs[0], ir.DataType.FLOAT, lin.matmul.outputs[0].shape)
-        by_col = build.node("Mul", [cast.outputs[0], ws], name=f"{wname}.col_scale",
-                            out=f"{wname}.col_scaled", before=lin.matmul)
+        by_col = editor.node("Mul", [cast.outputs[0], ws], name=f"{wname}.col_scale",
+                            outputs=f"{wname}.col_scaled", before=lin.matmul)
         _annotate(by_col.outputs[0], ir.DataType.FLOAT, lin.matmul.outputs[0].shape)
-        by_row = build.node("Mul", [by_col.outputs[0], xq.scale], name=f"{wname}.row_scale",
-                            out=f"{wname}.out", before=lin.matmul)
+        by_row = editor.node("Mul", [by_col.outputs[0], xq.scale], name=f"{wname}.row_scale",
+                            outputs=f"{wname}.out", before=lin.matmul)
         return by_row.outputs[0], True
 
 
@@ -502,95 +468,6 @@ class _QuantizedInput:
     q: ir.Value | None = None
     scale: ir.Value | None = None
     zero_point: ir.Value | None = None
-
-
-class _Builder:
-    """Adds initializers and nodes with unique, readable names; removes what became unused."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-        self.taken: set[str] = {v.name for v in self.graph.inputs if v.name}
-        self.taken |= set(self.graph.initializers)
-        self.taken |= {v.name for n in self.graph for v in n.outputs if v.name}
-        self.taken_nodes: set[str] = {n.name for n in self.graph if n.name}
-        self.cursor: ir.Node | None = None
-        self.retired: dict[int, ir.Value] = {}
-
-    def unique(self, name: str, taken: set[str] | None = None) -> str:
-        """``name``, or ``name.1``, ``name.2``... if taken (value names unless ``taken`` is given)."""
-        taken = self.taken if taken is None else taken
-        candidate, i = name, 1
-        while candidate in taken:
-            candidate = f"{name}.{i}"
-            i += 1
-        taken.add(candidate)
-        return candidate
-
-    def const(self, name: str, array: np.ndarray) -> ir.Value:
-        name = self.unique(name)
-        value = ir.Value(
-            name=name,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=spill.tensor(self.model, array, name),  # spilled when the model is large
-        )
-        self.graph.register_initializer(value)
-        mark_provenance(value, Quantize.name)
-        return value
-
-    def node(
-        self,
-        op_type: str,
-        inputs: list[ir.Value | None],
-        *,
-        name: str,
-        out: str | list[str],
-        attributes: dict[str, Any] | None = None,
-        domain: str = "",
-        num_outputs: int = 1,
-        before: ir.Node | None = None,
-    ) -> ir.Node:
-        """A new node, placed before ``before``, or else right after the node this builder
-        placed last (``cursor``), so that a chain of nodes reads in the order it was built."""
-        if domain and domain not in self.model.opset_imports:
-            self.model.opset_imports[domain] = 1
-        names = [out] if isinstance(out, str) else out
-        node = ir.node(
-            op_type, inputs, attributes=attributes, domain=domain, num_outputs=num_outputs,
-            name=self.unique(name, self.taken_nodes),
-        )
-        for value, value_name in zip(node.outputs, names, strict=True):
-            value.name = self.unique(value_name)
-        mark_provenance(node, Quantize.name)
-        if before is not None:
-            self.graph.insert_before(before, node)
-        elif self.cursor is not None:
-            self.graph.insert_after(self.cursor, node)
-            self.cursor = node
-        else:
-            self.graph.insert_before(next(iter(self.graph)), node)
-            self.cursor = node
-        return node
-
-    def start_after(self, value: ir.Value) -> None:
-        """Place the next nodes right after the producer of ``value`` (first in the graph for an input)."""
-        self.cursor = value.producer()
-
-    def remove(self, node: ir.Node) -> None:
-        self.graph.remove(node, safe=True)
-
-    def retire(self, value: ir.Value) -> None:
-        """Mark a float weight that the rewrite stops reading; dropped at the end if unused."""
-        self.retired[id(value)] = value
-
-    def drop_unused_initializers(self) -> None:
-        outputs = set(map(id, self.graph.outputs))
-        for value in self.retired.values():
-            if value.uses() or id(value) in outputs or value.name not in self.graph.initializers:
-                continue
-            del self.graph.initializers[value.name]
 
 
 def _width(value: ir.Value) -> int | None:

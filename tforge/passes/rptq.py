@@ -54,24 +54,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
 
+from tforge.compiler.attention_paths import value_columns
 from tforge.compiler.calibration import CalibrationStats, ChannelStats, require_stats
-from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
+from tforge.compiler.ffn_paths import ffn_intermediate
+from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
-from tforge.compiler.rewrite import replace_value
-from tforge.compiler.structure import FFN, Attention, Linear, const_array, find_blocks, static_dims
+from tforge.compiler.rewrite import GraphEditor, current_weight
+from tforge.compiler.structure import FFN, Attention, BlockMap, Linear, block_map, const_array
 from tforge.errors import PassConfigError
-from tforge.passes.ln_migrate import ConstantRewriter, current_weight
 from tforge.passes.math import clustering
+from tforge.passes.math.int8 import quantize_weight
 from tforge.passes.math.smoothing import kv_channel_groups
-from tforge.passes.quantize import quantize_weight
-from tforge.passes.smoothquant import value_columns
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +78,6 @@ __all__ = ["Rptq", "permuted_stats"]
 
 _MS = "com.microsoft"
 _CALIBRATE_FIRST = "run 'calibrate' right before 'rptq'"
-_ELEMENTWISE = frozenset(
-    {
-        "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",
-        "Elu", "LeakyRelu", "HardSigmoid", "HardSwish", "Softplus", "Exp", "Cast", "Identity",
-        "Clip", "Abs", "Reciprocal", "Silu", "Mish", "QuickGelu", "FastGelu", "BiasGelu",
-    }
-)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -155,25 +147,25 @@ class Rptq(Pass):
 
     def run(self, model: ir.Model) -> PassResult:
         calib = require_stats(model, "rptq:", _CALIBRATE_FIRST)
-        stats: Counter[str] = Counter()
-        rewriter = ConstantRewriter(model, self.name)
-        block_map = find_blocks(model)
+        stats = SiteStats()
+        editor = GraphEditor(model, self.name)
+        blocks = block_map(model)
         sites: dict[int, _Site] = {}
 
-        for block in block_map.blocks:
+        for block in blocks.blocks:
             if block.ffn is not None:
-                self._reorder_up_down(block.ffn, calib, rewriter, stats, sites)
+                self._reorder_up_down(block.ffn, blocks, calib, editor, stats, sites)
             if block.attention is not None:
-                self._reorder_v_o(block.attention, calib, rewriter, stats, sites)
+                self._reorder_v_o(block.attention, calib, editor, stats, sites)
         # Every other linear input: one Gather (when the clusters are not contiguous already).
         readers: dict[int, list[Linear]] = {}
-        for lin in block_map.linears:
+        for lin in blocks.linears:
             readers.setdefault(id(lin.input), []).append(lin)
         for linears in readers.values():
             x = linears[0].input
             if id(x) in sites:
                 continue
-            self._reorder_input(x, linears, calib, rewriter, stats, sites)
+            self._reorder_input(x, linears, calib, editor, stats, sites)
 
         details: dict[str, Any] = {"sites": []}
         for site in sites.values():
@@ -191,7 +183,7 @@ class Rptq(Pass):
                 }
             )
         if self.lowering != "none":
-            self._lower(model, rewriter, calib, sites, stats)
+            self._lower(model, editor, calib, sites, stats)
         changed = any(k.startswith(("reordered", "quantized")) for k in stats)
         return PassResult(model, changed=changed, stats=stats, details=details)
 
@@ -201,12 +193,12 @@ class Rptq(Pass):
         return clustering.cluster_channels(st.min, st.max, self.clusters, seed=self.seed)
 
     @staticmethod
-    def _stats_for(calib: CalibrationStats, value: ir.Value, channels: int) -> ChannelStats | str:
+    def _stats_for(calib: CalibrationStats, value: ir.Value, channels: int, kind: str) -> ChannelStats:
         st = calib.get(value.name or "")
         if st is None or st.count == 0:
-            return "no calibration stats"
+            raise Skip(f"{kind}: no calibration stats", value)
         if st.channels != channels:
-            return "calibration stats are stale (channel count differs)"
+            raise Skip(f"{kind}: calibration stats are stale (channel count differs)", value)
         return st
 
     # ------------------------------------------------------------------ reordering
@@ -214,16 +206,18 @@ class Rptq(Pass):
     def _reorder_up_down(
         self,
         ffn: FFN,
+        blocks: BlockMap,
         calib: CalibrationStats,
-        rewriter: ConstantRewriter,
-        stats: Counter[str],
+        editor: GraphEditor,
+        stats: SiteStats,
         sites: dict[int, _Site],
     ) -> None:
         x = ffn.down.input
-        reason = _up_down_reason(ffn)
-        st = self._stats_for(calib, x, ffn.down.in_features) if reason is None else reason
-        if isinstance(st, str):
-            stats[f"skipped: up->down: {st}"] += 1
+        try:
+            _check_up_down(ffn, blocks)
+            st = self._stats_for(calib, x, ffn.down.in_features, "up->down")
+        except Skip as skip:
+            stats.skip(skip)
             return
         found = self._cluster(st)
         perm = clustering.contiguous_permutation(found.labels)
@@ -231,8 +225,8 @@ class Rptq(Pass):
         def permute() -> None:
             for lin in (ffn.up, ffn.gate):
                 if lin is not None:
-                    _permute_columns(rewriter, lin, perm)
-            _permute_rows(rewriter, [ffn.down], perm)
+                    editor.permute_columns(lin, perm)
+            editor.permute_rows([ffn.down], perm)
 
         _commit_free_reordering("up->down", "free", x, st, found, perm, permute, calib, stats, sites)
 
@@ -240,23 +234,19 @@ class Rptq(Pass):
         self,
         attn: Attention,
         calib: CalibrationStats,
-        rewriter: ConstantRewriter,
-        stats: Counter[str],
+        editor: GraphEditor,
+        stats: SiteStats,
         sites: dict[int, _Site],
     ) -> None:
         x = attn.o.input
-        found_cols = value_columns(attn)
         hd, heads, kv_heads = attn.head_dim, attn.num_heads, attn.num_kv_heads
-        if isinstance(found_cols, str):
-            stats[found_cols] += 1
-            return
-        start, _width = found_cols
-        if any(id(lin.input) == id(x) for lin in [attn.q, attn.k, attn.v]):
-            stats["skipped: v->o: the output projection reads a projection input"] += 1
-            return
-        st = self._stats_for(calib, x, attn.o.in_features)
-        if isinstance(st, str):
-            stats[f"skipped: v->o: {st}"] += 1
+        try:
+            start, _width = value_columns(attn)
+            if any(id(lin.input) == id(x) for lin in [attn.q, attn.k, attn.v]):
+                raise Skip("v->o: the output projection reads a projection input", attn.o.matmul)
+            st = self._stats_for(calib, x, attn.o.in_features, "v->o")
+        except Skip as skip:
+            stats.skip(skip)
             return
         found = self._cluster(st)
         # One permutation per KV head, shared by its query heads: each channel's key is the
@@ -271,8 +261,8 @@ class Rptq(Pass):
         o_perm = (np.arange(heads * hd) - g + v_perm[g]).astype(np.int64)
 
         def permute() -> None:
-            _permute_columns(rewriter, attn.v, v_perm, start)
-            _permute_rows(rewriter, [attn.o], o_perm)
+            editor.permute_columns(attn.v, v_perm, start)
+            editor.permute_rows([attn.o], o_perm)
 
         _commit_free_reordering("v->o", "free, inside heads", x, st, found, o_perm, permute, calib, stats, sites)
 
@@ -281,14 +271,15 @@ class Rptq(Pass):
         x: ir.Value,
         linears: list[Linear],
         calib: CalibrationStats,
-        rewriter: ConstantRewriter,
-        stats: Counter[str],
+        editor: GraphEditor,
+        stats: SiteStats,
         sites: dict[int, _Site],
     ) -> None:
         channels = linears[0].in_features
-        st = self._stats_for(calib, x, channels)
-        if isinstance(st, str):
-            stats[f"skipped: input: {st}"] += 1
+        try:
+            st = self._stats_for(calib, x, channels, "input")
+        except Skip as skip:
+            stats.skip(skip)
             return
         found = self._cluster(st)
         perm = clustering.contiguous_permutation(found.labels)
@@ -297,25 +288,17 @@ class Rptq(Pass):
             stats["already contiguous: input"] += 1
             return
         base = x.name or "x"
-        indices = rewriter.add_initializer(f"{base}.rptq_perm", perm)
-        gather = ir.node(
-            "Gather",
-            [x, indices],
-            attributes={"axis": -1},
-            name=rewriter.unique_name(f"{base}.rptq_reorder"),
-        )
+        indices = editor.initializer(f"{base}.rptq_perm", perm)
+        editor.place_after(x)
+        gather = editor.node(
+            "Gather", [x, indices], attributes={"axis": -1},
+            name=f"{base}.rptq_reorder", outputs=f"{base}.rptq",
+        )  # fmt: skip
         out = gather.outputs[0]
-        out.name = rewriter.unique_name(f"{base}.rptq")
         out.shape, out.type = x.shape, x.type
-        mark_provenance(gather, self.name)
-        producer = x.producer()
-        if producer is not None:
-            rewriter.graph.insert_after(producer, gather)
-        else:
-            rewriter.graph.insert_before(next(iter(rewriter.graph)), gather)
         for lin in linears:
             lin.matmul.replace_input_with(0, out)
-        _permute_rows(rewriter, linears, perm)
+        editor.permute_rows(linears, perm)
         calib.stats[out.name] = permuted_stats(st, perm)
         sites[id(out)] = _Site(
             "input", out, found.labels[perm], found.count, gather=True, perm=perm
@@ -327,20 +310,20 @@ class Rptq(Pass):
     def _lower(
         self,
         model: ir.Model,
-        rewriter: ConstantRewriter,
+        editor: GraphEditor,
         calib: CalibrationStats,
         sites: dict[int, _Site],
-        stats: Counter[str],
+        stats: SiteStats,
     ) -> None:
         order = {id(n): i for i, n in enumerate(model.graph)}
         readers: dict[int, list[Linear]] = {}
-        for lin in find_blocks(model).linears:
+        for lin in block_map(model).linears:
             if any(pattern in lin.name for pattern in self.exclude):
-                stats["skipped: excluded"] += 1
+                stats.skip("excluded", lin.matmul, blocked=False)
             elif id(lin.input) in sites:
                 readers.setdefault(id(lin.input), []).append(lin)
             else:
-                stats["skipped: linear input has no calibration stats"] += 1
+                stats.skip("linear input has no calibration stats", lin.matmul)
         for key, linears in readers.items():
             site = sites[key]
             st = calib.stats[site.value.name or ""]
@@ -348,17 +331,17 @@ class Rptq(Pass):
             scale, zero = clustering.uint_qparams(lo, hi, self.bits)
             first = min(linears, key=lambda lin: order.get(id(lin.matmul), 0))
             if self.lowering == "emulate":
-                _emulate(rewriter, site, scale, zero, self.bits, linears, first.matmul)
+                _emulate(editor, site, scale, zero, self.bits, linears, first.matmul)
                 for lin in linears:
                     w = const_array(current_weight(lin))
-                    rewriter.set_constant(
+                    editor.set_constant(
                         current_weight(lin),
                         [(lin.matmul, 1)],
                         clustering.fake_quantize_weight(w, self.weight_bits, self.block),  # type: ignore[arg-type]
                     )
                 stats["quantized (emulated)"] += len(linears)
             else:
-                gathers = _integer(rewriter, site, scale, zero, linears, first.matmul, self.layout)
+                gathers = _integer(editor, site, scale, zero, linears, first.matmul, self.layout)
                 stats["quantized (int8 kernels)"] += len(linears)
                 if gathers:
                     stats[
@@ -366,9 +349,7 @@ class Rptq(Pass):
                         if site.kind == "v->o"
                         else "runtime gather: non-contiguous cluster"
                     ] += gathers
-        for value in list(model.graph.initializers.values()):
-            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-                del model.graph.initializers[value.name]  # float weights the lowering replaced
+        editor.drop_retired()  # the float weights (and biases) the lowering replaced
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -383,7 +364,7 @@ def _commit_free_reordering(
     perm: np.ndarray,
     permute: Callable[[], None],
     calib: CalibrationStats,
-    stats: Counter[str],
+    stats: SiteStats,
     sites: dict[int, _Site],
 ) -> None:
     """Reorder activation ``x`` by ``perm`` through its producer's and reader's weights (``permute``)
@@ -424,103 +405,20 @@ def _weight(lin: Linear) -> np.ndarray:
     return np.asarray(w)
 
 
-def _permute_rows(rewriter: ConstantRewriter, linears: Sequence[Linear], perm: np.ndarray) -> None:
-    by_weight: dict[int, tuple[ir.Value, list[tuple[ir.Node, int]]]] = {}
-    for lin in linears:
-        weight = current_weight(lin)
-        by_weight.setdefault(id(weight), (weight, []))[1].append((lin.matmul, 1))
-    for weight, readers in by_weight.values():
-        rewriter.set_constant(weight, readers, np.asarray(const_array(weight))[perm])
-
-
-def _permute_columns(
-    rewriter: ConstantRewriter, lin: Linear, perm: np.ndarray, start: int = 0
-) -> None:
-    stop = start + perm.shape[0]
-    w = _weight(lin).copy()
-    w[:, start:stop] = w[:, start:stop][:, perm]
-    rewriter.set_constant(current_weight(lin), [(lin.matmul, 1)], w)
-    if lin.bias_add is not None:
-        idx = 1 if lin.bias_add.inputs[0] is lin.matmul.outputs[0] else 0
-        bias = lin.bias_add.inputs[idx]
-        b = np.array(const_array(bias))
-        b[start:stop] = b[start:stop][perm]
-        rewriter.set_constant(bias, [(lin.bias_add, idx)], b)  # type: ignore[arg-type]
-
-
-def _up_down_reason(ffn: FFN) -> str | None:
-    """None when down's input is elementwise in up's (and gate's) output channels and read by nothing else."""
-    ends = {id(ffn.up.output)} | ({id(ffn.gate.output)} if ffn.gate else set())
-    path: list[ir.Value] = []
-    queue, seen = [ffn.down.input], set()
-    while queue:
-        value = queue.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        path.append(value)
-        if id(value) in ends:
-            continue
-        node = value.producer()
-        if node is None:
-            return "the intermediate does not come from up"
-        if node.op_type == "Reshape":
-            # GPT-2's Conv1D flattens around each linear; fine while the last axis stays.
-            before, after = static_dims(node.inputs[0]), static_dims(node.outputs[0])
-            if not before or not after or before[-1] is None or before[-1] != after[-1]:
-                return "a Reshape on the intermediate changes its last axis"
-            queue.append(node.inputs[0])  # type: ignore[arg-type]
-            continue
-        if node.op_type not in _ELEMENTWISE or node.domain not in ("", "ai.onnx", _MS):
-            return f"{node.op_type} on the intermediate is not elementwise"
-        for inp in node.inputs[:2] if node.op_type == "Clip" else node.inputs:
-            if inp is None:
-                continue
-            c = const_array(inp)
-            if c is not None:
-                if c.size != 1:
-                    return f"{node.op_type} on the intermediate reads a per-channel constant"
-                continue
-            queue.append(inp)
-    inside = {id(v.producer()) for v in path if v.producer() is not None}
-    inside.add(id(ffn.down.matmul))
-    for value in path:
-        if value.is_graph_output():
-            return "the intermediate is a graph output"
-        if any(id(use.node) not in inside for use in value.uses()):
-            return "the intermediate is also read elsewhere"
-    return None
-
-
-def _add_node(
-    rewriter: ConstantRewriter,
-    op: str,
-    inputs: list[ir.Value | None],
-    name: str,
-    before: ir.Node,
-    *,
-    like: ir.Value | None = None,
-    dtype: ir.DataType | None = None,
-    attributes: dict[str, Any] | None = None,
-    domain: str = "",
-) -> ir.Value:
-    if domain and domain not in rewriter.model.opset_imports:
-        rewriter.model.opset_imports[domain] = 1
-    node = ir.node(
-        op, inputs, attributes=attributes, domain=domain, name=rewriter.unique_name(name)
-    )
-    out = node.outputs[0]
-    out.name = rewriter.unique_name(name)
-    if like is not None:
-        out.shape = like.shape
-    out.type = ir.TensorType(dtype if dtype is not None else ir.DataType.FLOAT)
-    mark_provenance(node, Rptq.name)
-    rewriter.graph.insert_before(before, node)
-    return out
+def _check_up_down(ffn: FFN, blocks: BlockMap) -> None:
+    """Skip unless permuting up's (and gate's) columns permutes down's input: a channel-wise,
+    private intermediate without per-channel constants (those would have to be permuted too)."""
+    try:
+        path = ffn_intermediate(ffn, blocks)
+    except Skip as why:
+        raise Skip(f"up->down: {why.reason}", why.at) from None
+    if path.channel_constants:
+        node, _ = path.channel_constants[0]
+        raise Skip(f"up->down: {node.op_type} on the intermediate reads a per-channel constant", node)
 
 
 def _emulate(
-    rewriter: ConstantRewriter,
+    editor: GraphEditor,
     site: _Site,
     scale: np.ndarray,
     zero: np.ndarray,
@@ -531,22 +429,23 @@ def _emulate(
     """``x' = (clip(round(x / s) + z, 0, 2^b - 1) - z) * s`` with each channel's cluster ``s, z``."""
     x = site.value
     base = x.name or "x"
-    s = rewriter.add_initializer(f"{base}.rptq_scale", scale[site.labels].astype(np.float32))
-    z = rewriter.add_initializer(f"{base}.rptq_zero", zero[site.labels].astype(np.float32))
-    lo = rewriter.add_initializer(f"{base}.rptq_qmin", np.array(0.0, np.float32))
-    hi = rewriter.add_initializer(f"{base}.rptq_qmax", np.array(2**bits - 1, np.float32))
-    v = _add_node(rewriter, "Div", [x, s], f"{base}.rptq_div", before, like=x)
-    v = _add_node(rewriter, "Round", [v], f"{base}.rptq_round", before, like=x)
-    v = _add_node(rewriter, "Add", [v, z], f"{base}.rptq_shift", before, like=x)
-    v = _add_node(rewriter, "Clip", [v, lo, hi], f"{base}.rptq_clip", before, like=x)
-    v = _add_node(rewriter, "Sub", [v, z], f"{base}.rptq_unshift", before, like=x)
-    v = _add_node(rewriter, "Mul", [v, s], f"{base}.rptq_fq", before, like=x)
+    s = editor.initializer(f"{base}.rptq_scale", scale[site.labels].astype(np.float32))
+    z = editor.initializer(f"{base}.rptq_zero", zero[site.labels].astype(np.float32))
+    lo = editor.initializer(f"{base}.rptq_qmin", np.array(0.0, np.float32))
+    hi = editor.initializer(f"{base}.rptq_qmax", np.array(2**bits - 1, np.float32))
+    like = {"before": before, "dtype": ir.DataType.FLOAT, "shape": x.shape}
+    v = editor.op("Div", [x, s], name=f"{base}.rptq_div", **like)
+    v = editor.op("Round", [v], name=f"{base}.rptq_round", **like)
+    v = editor.op("Add", [v, z], name=f"{base}.rptq_shift", **like)
+    v = editor.op("Clip", [v, lo, hi], name=f"{base}.rptq_clip", **like)
+    v = editor.op("Sub", [v, z], name=f"{base}.rptq_unshift", **like)
+    v = editor.op("Mul", [v, s], name=f"{base}.rptq_fq", **like)
     for lin in linears:
         lin.matmul.replace_input_with(0, v)
 
 
 def _integer(
-    rewriter: ConstantRewriter,
+    editor: GraphEditor,
     site: _Site,
     scale: np.ndarray,
     zero: np.ndarray,
@@ -574,20 +473,12 @@ def _integer(
     gathers = 0
     codes = None
     if layout == "codes":
-        s_all = rewriter.add_initializer(
-            f"{base}.rptq_scale", scale[site.labels].astype(np.float32)
-        )
-        z_all = rewriter.add_initializer(f"{base}.rptq_zero", zero[site.labels].astype(np.uint8))
-        codes = _add_node(
-            rewriter,
-            "QuantizeLinear",
-            [x, s_all, z_all],
-            f"{base}.rptq_q",
-            before,
-            like=x,
-            dtype=ir.DataType.UINT8,
-            attributes={"axis": -1},
-        )
+        s_all = editor.initializer(f"{base}.rptq_scale", scale[site.labels].astype(np.float32))
+        z_all = editor.initializer(f"{base}.rptq_zero", zero[site.labels].astype(np.uint8))
+        codes = editor.op(
+            "QuantizeLinear", [x, s_all, z_all], name=f"{base}.rptq_q", before=before,
+            shape=x.shape, dtype=ir.DataType.UINT8, attributes={"axis": -1},
+        )  # fmt: skip
     slice_axis: ir.Value | None = None  # one [-1] for every Slice of this site
     for c in range(site.count):
         idx = np.flatnonzero(site.labels == c).astype(np.int64)
@@ -599,46 +490,27 @@ def _integer(
             chunk = source
         elif idx[-1] - idx[0] + 1 == idx.size:
             if slice_axis is None:
-                slice_axis = rewriter.add_initializer(f"{base}.rptq_axis", np.array([-1], np.int64))
-            chunk = _add_node(
-                rewriter,
-                "Slice",
-                [
-                    source,
-                    rewriter.add_initializer(
-                        f"{base}.rptq_c{c}_start", np.array([idx[0]], np.int64)
-                    ),
-                    rewriter.add_initializer(
-                        f"{base}.rptq_c{c}_stop", np.array([idx[-1] + 1], np.int64)
-                    ),
-                    slice_axis,
-                ],
-                f"{base}.rptq_c{c}",
-                before,
-                dtype=dtype,
-            )
+                slice_axis = editor.initializer(f"{base}.rptq_axis", np.array([-1], np.int64))
+            start = editor.initializer(f"{base}.rptq_c{c}_start", np.array([idx[0]], np.int64))
+            stop = editor.initializer(f"{base}.rptq_c{c}_stop", np.array([idx[-1] + 1], np.int64))
+            chunk = editor.op(
+                "Slice", [source, start, stop, slice_axis], name=f"{base}.rptq_c{c}",
+                before=before, dtype=dtype,
+            )  # fmt: skip
         else:
-            chunk = _add_node(
-                rewriter,
-                "Gather",
-                [source, rewriter.add_initializer(f"{base}.rptq_c{c}_idx", idx)],
-                f"{base}.rptq_c{c}",
-                before,
-                attributes={"axis": -1},
-                dtype=dtype,
-            )
+            indices = editor.initializer(f"{base}.rptq_c{c}_idx", idx)
+            chunk = editor.op(
+                "Gather", [source, indices], name=f"{base}.rptq_c{c}", before=before,
+                attributes={"axis": -1}, dtype=dtype,
+            )  # fmt: skip
             gathers += 1
-        s = rewriter.add_initializer(f"{base}.rptq_c{c}_scale", np.array(scale[c], np.float32))
-        z = rewriter.add_initializer(f"{base}.rptq_c{c}_zero", np.array(zero[c], np.uint8))
+        s = editor.initializer(f"{base}.rptq_c{c}_scale", np.array(scale[c], np.float32))
+        z = editor.initializer(f"{base}.rptq_c{c}_zero", np.array(zero[c], np.uint8))
         q = (
             chunk
             if codes is not None
-            else _add_node(
-                rewriter,
-                "QuantizeLinear",
-                [chunk, s, z],
-                f"{base}.rptq_c{c}_q",
-                before,
+            else editor.op(
+                "QuantizeLinear", [chunk, s, z], name=f"{base}.rptq_c{c}_q", before=before,
                 dtype=ir.DataType.UINT8,
             )
         )
@@ -647,31 +519,29 @@ def _integer(
         name = lin.name
         bias = [lin.bias] if lin.bias is not None else []
         wq, ws = quantize_weight(_weight(lin))
-        w_scale = rewriter.add_initializer(f"{name}.rptq_scale", ws)
-        w_zero = rewriter.add_initializer(f"{name}.rptq_zero", np.zeros(ws.shape, np.int8))
+        w_scale = editor.initializer(f"{name}.rptq_scale", ws)
+        w_zero = editor.initializer(f"{name}.rptq_zero", np.zeros(ws.shape, np.int8))
         outs = []
         for i, (idx, q, s, z) in enumerate(parts):
-            w = rewriter.add_initializer(f"{name}.rptq_int8_c{i}", np.ascontiguousarray(wq[idx]))
+            w = editor.initializer(f"{name}.rptq_int8_c{i}", np.ascontiguousarray(wq[idx]))
             outs.append(
-                _add_node(
-                    rewriter,
-                    "MatMulIntegerToFloat",
-                    [q, w, s, w_scale, z, w_zero, *(bias if i == 0 else [])],
-                    f"{name}.rptq_mm{i}",
-                    lin.matmul,
-                    domain=_MS,
-                )
+                editor.op(
+                    "MatMulIntegerToFloat", [q, w, s, w_scale, z, w_zero, *(bias if i == 0 else [])],
+                    name=f"{name}.rptq_mm{i}", before=lin.matmul, domain=_MS, dtype=ir.DataType.FLOAT,
+                )  # fmt: skip
             )
         result = (
             outs[0]
             if len(outs) == 1
-            else _add_node(rewriter, "Sum", outs, f"{name}.rptq_sum", lin.matmul)
+            else editor.op("Sum", outs, name=f"{name}.rptq_sum", before=lin.matmul, dtype=ir.DataType.FLOAT)
         )
         end = lin.bias_add if (lin.bias_add is not None and bias) else lin.matmul
         old = end.outputs[0]
         result.shape = old.shape
-        replace_value(old, result)
+        editor.replace_value(old, result)
+        editor.retire(current_weight(lin))
         if lin.bias_add is not None and bias:
-            rewriter.graph.remove(lin.bias_add, safe=True)
-        rewriter.graph.remove(lin.matmul, safe=True)
+            editor.retire(lin.bias)  # type: ignore[arg-type]
+            editor.remove(lin.bias_add)
+        editor.remove(lin.matmul)
     return gathers

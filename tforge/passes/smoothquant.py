@@ -25,30 +25,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
 
+from tforge.compiler.attention_paths import value_columns
 from tforge.compiler.calibration import (
     CalibrationStats,
     ChannelStats,
     attached_stats,
     require_stats,
 )
-from tforge.compiler.pass_infra import Pass, PassResult, Property
+from tforge.compiler.ffn_paths import ffn_intermediate
+from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
-from tforge.compiler.structure import FFN, Attention, Linear, const_array, find_blocks
+from tforge.compiler.rescale import check_norm_scalable, scale_norm_output, scale_stats
+from tforge.compiler.rewrite import GraphEditor, current_weight
+from tforge.compiler.structure import FFN, Attention, BlockMap, Linear, block_map, const_array
 from tforge.errors import PassConfigError, PreconditionError
-from tforge.passes.ln_migrate import (
-    ConstantRewriter,
-    current_weight,
-    norm_skip_reason,
-    scale_norm_output,
-    scale_stats,
-)
 from tforge.passes.math import smoothing
 
 logger = logging.getLogger(__name__)
@@ -56,10 +52,6 @@ logger = logging.getLogger(__name__)
 # Scales this close to 1 everywhere are not applied: a second run on a smoothed model computes
 # s = 1 up to rounding, and rewriting the weights for that would only add rounding.
 _UNIT_TOLERANCE = 1e-3
-# Ops between the V projection and the attention's probs @ V that only move data.
-_VALUE_PATH_OPS = frozenset(
-    {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Tile", "Flatten", "Identity"}
-)
 _DEFAULT_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.3 .. 0.8
 
 
@@ -68,10 +60,14 @@ class _Site:
     """One place to smooth: the activation (calibration key) and the weights of its readers."""
 
     kind: Literal["norm", "v->o", "up->down"]
-    name: str
+    node: ir.Node  # the norm, or the reading linear's MatMul
     activation: str  # ONNX value name of the linears' input (the calibration key)
     weights: list[np.ndarray]  # [C, out] of each reading linear
     groups: np.ndarray | None = None  # channels tied to one scale (GQA)
+
+    @property
+    def name(self) -> str:
+        return self.node.name or "?"
 
 
 @register_pass("smoothquant")
@@ -116,29 +112,28 @@ class SmoothQuant(Pass):
         calib = attached_stats(model)
         if calib is None:  # check() ran first; kept for direct run() calls
             raise PreconditionError("smoothquant: no calibration statistics are attached")
-        stats: Counter[str] = Counter()
+        stats = SiteStats()
         rows: list[dict[str, Any]] = []
-        rewriter = ConstantRewriter(model, self.name)
-        block_map = find_blocks(model)
+        editor = GraphEditor(model, self.name)
+        blocks = block_map(model)
 
         # Column-scaling sites first: V's and up's columns are then final when a norm's scales
         # are computed from the weights reading it, so a second run finds every scale ~1.
-        for block in block_map.blocks:
+        for block in blocks.blocks:
             if self.vo and block.attention is not None:
-                self._smooth_vo(block.attention, calib, rewriter, stats, rows)
+                self._smooth_vo(block.attention, calib, editor, stats, rows)
             if self.up_down and block.ffn is not None:
-                self._smooth_up_down(block.ffn, calib, rewriter, stats, rows)
+                self._smooth_up_down(block.ffn, blocks, calib, editor, stats, rows)
 
-        for norm in block_map.norms:
-            reason = norm_skip_reason(norm)
-            if reason is not None:
-                self._skip(stats, "norm", norm.name, reason)
+        for norm in blocks.norms:
+            try:
+                check_norm_scalable(norm)
+                site = _Site("norm", norm.node, norm.output.name or "", _weights(norm.linears))
+                scale = self._scales(site, calib, rows)
+            except Skip as skip:
+                self._skip(stats, "norm", skip)
                 continue
-            site = _Site("norm", norm.name, norm.output.name or "", _weights(norm.linears))
-            scale = self._scales(site, calib, stats, rows)
-            if scale is None:
-                continue
-            done = scale_norm_output(rewriter, norm, scale)
+            done = scale_norm_output(editor, norm, scale)
             scale_stats(model, site.activation, 1.0 / scale)
             stats["smoothed: norm"] += 1
             if done.folded:
@@ -155,48 +150,44 @@ class SmoothQuant(Pass):
         self,
         attn: Attention,
         calib: CalibrationStats,
-        rewriter: ConstantRewriter,
-        stats: Counter[str],
+        editor: GraphEditor,
+        stats: SiteStats,
         rows: list[dict[str, Any]],
     ) -> None:
-        name = attn.o.name
-        found = value_columns(attn)
-        if isinstance(found, str):
-            self._skip(stats, "v->o", name, found)
-            return
-        start, kv_width = found
-        groups = smoothing.kv_channel_groups(attn.num_heads, attn.num_kv_heads, attn.head_dim)
-        site = _Site("v->o", name, attn.o.input.name or "", _weights([attn.o]), groups)
-        scale = self._scales(site, calib, stats, rows)
-        if scale is None:
+        try:
+            start, kv_width = value_columns(attn)
+            groups = smoothing.kv_channel_groups(attn.num_heads, attn.num_kv_heads, attn.head_dim)
+            site = _Site("v->o", attn.o.matmul, attn.o.input.name or "", _weights([attn.o]), groups)
+            scale = self._scales(site, calib, rows)
+        except Skip as skip:
+            self._skip(stats, "v->o", skip)
             return
         v_scale = np.empty(kv_width, np.float64)
         v_scale[groups] = scale  # one value per group: all members carry the same scale
-        rewriter.scale_columns(attn.v, v_scale, start)
-        rewriter.scale_rows([attn.o], scale)
-        scale_stats(rewriter.model, site.activation, 1.0 / scale)
+        editor.scale_columns(attn.v, v_scale, start)
+        editor.scale_rows([attn.o], scale)
+        scale_stats(editor.model, site.activation, 1.0 / scale)
         stats["smoothed: v->o"] += 1
 
     def _smooth_up_down(
         self,
         ffn: FFN,
+        blocks: BlockMap,
         calib: CalibrationStats,
-        rewriter: ConstantRewriter,
-        stats: Counter[str],
+        editor: GraphEditor,
+        stats: SiteStats,
         rows: list[dict[str, Any]],
     ) -> None:
-        name = ffn.down.name
-        reason = _up_down_skip_reason(ffn)
-        if reason is not None:
-            self._skip(stats, "up->down", name, reason)
+        try:
+            _check_up_down(ffn, blocks)
+            site = _Site("up->down", ffn.down.matmul, ffn.down.input.name or "", _weights([ffn.down]))
+            scale = self._scales(site, calib, rows)
+        except Skip as skip:
+            self._skip(stats, "up->down", skip)
             return
-        site = _Site("up->down", name, ffn.down.input.name or "", _weights([ffn.down]))
-        scale = self._scales(site, calib, stats, rows)
-        if scale is None:
-            return
-        rewriter.scale_columns(ffn.up, scale)
-        rewriter.scale_rows([ffn.down], scale)
-        scale_stats(rewriter.model, site.activation, 1.0 / scale)
+        editor.scale_columns(ffn.up, scale)
+        editor.scale_rows([ffn.down], scale)
+        scale_stats(editor.model, site.activation, 1.0 / scale)
         stats["smoothed: up->down"] += 1
 
     # ------------------------------------------------------------------ scales
@@ -205,21 +196,15 @@ class SmoothQuant(Pass):
         self,
         site: _Site,
         calib: CalibrationStats,
-        stats: Counter[str],
         rows: list[dict[str, Any]],
-    ) -> np.ndarray | None:
-        """The site's scales, or None (with the reason counted) when it is skipped."""
+    ) -> np.ndarray:
+        """The site's scales, or :class:`Skip`."""
         channels = site.weights[0].shape[0]
         act: ChannelStats | None = calib.get(site.activation)
         if act is None or act.count == 0:
-            self._skip(stats, site.kind, site.name, f"skipped: {site.kind}: no calibration stats")
-            return None
+            raise Skip(f"{site.kind}: no calibration stats", site.node)
         if act.channels != channels:
-            self._skip(
-                stats, site.kind, site.name,
-                f"skipped: {site.kind}: calibration stats are stale (channel count differs)",
-            )
-            return None
+            raise Skip(f"{site.kind}: calibration stats are stale (channel count differs)", site.node)
         kwargs = {"min_scale": self.min_scale, "max_scale": self.max_scale, "groups": site.groups}
         if self.alpha == "auto":
             choice = smoothing.choose_alpha(
@@ -231,8 +216,7 @@ class SmoothQuant(Pass):
             w_absmax = smoothing.weight_row_absmax(site.weights)
             scale = smoothing.smoothing_scales(act.absmax, w_absmax, alpha, **kwargs)
         if float(np.abs(scale - 1.0).max()) < _UNIT_TOLERANCE:
-            self._skip(stats, site.kind, site.name, f"skipped: {site.kind}: scales already ~1")
-            return None
+            raise Skip(f"{site.kind}: scales already ~1", site.node, blocked=False)
         unit = np.ones_like(scale)
         rows.append(
             {
@@ -260,9 +244,9 @@ class SmoothQuant(Pass):
         return scale
 
     @staticmethod
-    def _skip(stats: Counter[str], kind: str, name: str, reason: str) -> None:
-        stats[reason] += 1
-        logger.debug("%s %s: %s", kind, name, reason)
+    def _skip(stats: SiteStats, kind: str, skip: Skip) -> None:
+        stats.skip(skip)
+        logger.debug("%s %s: skipped: %s", kind, skip.at, skip.reason)
 
 
 # ----------------------------------------------------------------------------- structure checks
@@ -282,77 +266,26 @@ def _single_reader(value: ir.Value) -> bool:
     return len(list(value.uses())) == 1 and not value.is_graph_output()
 
 
-def value_columns(attn: Attention) -> tuple[int, int] | str:
-    """(first column, width) of V inside the value linear's output, or why V -> O is unsafe.
+def _check_up_down(ffn: FFN, blocks: BlockMap) -> None:
+    """Skip unless ``down``'s input is ``relu(up)`` or ``act(gate) * up`` with nothing else reading.
 
-    Walks from the probs @ V MatMul back to the value linear through data-movement ops only,
-    each value read by nothing else, so scaling V's channels reaches the context and nothing
-    else. With a fused QKV linear the walk ends at the Split, whose output index gives V's
-    columns. V must be ``num_kv_heads * head_dim`` wide and O read ``num_heads * head_dim``.
+    Scaling up's columns by ``1/s`` scales the intermediate by ``1/s`` only on such a path: it
+    is linear in ``up``, or positively homogeneous (ReLU) without a gate.
     """
-    found = _walk_to_value_columns(attn)
-    if isinstance(found, str):
-        return found
-    if found[1] != attn.num_kv_heads * attn.head_dim or attn.o.in_features != attn.num_heads * attn.head_dim:
-        return "skipped: v->o: head layout does not match the widths"
-    return found
-
-
-def _walk_to_value_columns(attn: Attention) -> tuple[int, int] | str:
-    v = attn.v
-    value = attn.context_matmul.inputs[1]
-    for _ in range(32):
-        if value is None:
-            break
-        if not _single_reader(value):
-            return "skipped: v->o: the value projection's output is also read elsewhere"
-        if value is v.output:
-            if attn.fused_qkv:
-                break
-            return 0, v.out_features
-        node = value.producer()
-        if node is None:
-            break
-        if node.op_type == "Split" and attn.fused_qkv and node.inputs[0] is v.output:
-            widths = _split_widths(node)
-            if widths is None or not _single_reader(v.output):
-                break
-            index = next(i for i, out in enumerate(node.outputs) if out is value)
-            return int(sum(widths[:index])), int(widths[index])
-        if node.op_type not in _VALUE_PATH_OPS:
-            return f"skipped: v->o: {node.op_type} between the value projection and probs @ V"
-        if node.op_type == "Tile" and attn.num_heads != attn.num_kv_heads:
-            return "skipped: v->o: KV heads repeated by Tile (query-head order unknown)"
-        value = node.inputs[0]
-    return "skipped: v->o: the path to the value projection was not followed"
-
-
-def _split_widths(node: ir.Node) -> list[int] | None:
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        arr = const_array(node.inputs[1])
-        if arr is not None:
-            return [int(x) for x in arr.ravel()]
-    widths = []
-    for out in node.outputs:
-        if out.shape is None or out.shape.rank() == 0 or not isinstance(out.shape[-1], int):
-            return None
-        widths.append(int(out.shape[-1]))
-    return widths
-
-
-def _up_down_skip_reason(ffn: FFN) -> str | None:
-    """None when ``down``'s input is ``relu(up)`` or ``act(gate) * up`` with nothing else reading."""
     if ffn.gate is None and ffn.activation != "relu":
-        return f"skipped: up->down: {ffn.activation} is not positively homogeneous"
+        raise Skip(f"up->down: {ffn.activation} is not positively homogeneous", ffn.down.matmul)
     down_in = ffn.down.input
     up_out = ffn.up.output
     node = down_in.producer()
     if not _single_reader(down_in) or not _single_reader(up_out) or node is None:
-        return "skipped: up->down: an intermediate activation is also read elsewhere"
+        raise Skip("up->down: an intermediate activation is also read elsewhere", ffn.down.matmul)
+    try:
+        ffn_intermediate(ffn, blocks)
+    except Skip as why:
+        raise Skip(f"up->down: {why.reason}", why.at) from None
     if ffn.gate is None:
         if node.op_type != "Relu" or node.inputs[0] is not up_out:
-            return "skipped: up->down: down's input is not relu(up)"
-        return None
+            raise Skip("up->down: down's input is not relu(up)", node)
+        return
     if node.op_type != "Mul" or sum(1 for i in node.inputs if i is up_out) != 1:
-        return "skipped: up->down: down's input is not act(gate) * up"
-    return None
+        raise Skip("up->down: down's input is not act(gate) * up", node)

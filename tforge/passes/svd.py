@@ -32,251 +32,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.calibration import CalibrationStats, attached_stats
-from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
+from tforge.compiler.calibration import attached_stats
+from tforge.compiler.factoring import (
+    WeightGroup,
+    already_removed,
+    check_common_options,
+    check_second_moments,
+    eligible_groups,
+    lower_low_rank,
+)
+from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats
 from tforge.compiler.registry import register_pass
-from tforge.compiler.structure import BlockMap, Linear, const_array, find_blocks
-from tforge.errors import PassConfigError, PreconditionError
-from tforge.passes.ln_migrate import ConstantRewriter
+from tforge.compiler.rewrite import GraphEditor
+from tforge.errors import PassConfigError
 from tforge.passes.math import factorization as fz
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "FACTOR_KEY",
-    "PARAMS_AFTER_KEY",
-    "PARAMS_BEFORE_KEY",
-    "Svd",
-    "WeightGroup",
-    "already_removed",
-    "eligible_groups",
-    "lower_low_rank",
-]
-
-#: Node metadata: which factorization pass created the node ("svd" or "kronecker").
-FACTOR_KEY = "tforge.factor"
-#: On one node per factorised weight: its parameters before and after (decimal strings).
-PARAMS_BEFORE_KEY = "tforge.factor.params_before"
-PARAMS_AFTER_KEY = "tforge.factor.params_after"
-
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-
-
-# ----------------------------------------------------------------------------- shared plumbing
-
-
-@dataclasses.dataclass
-class WeightGroup:
-    """One weight and the linears that read it (more than one when the exporter merged them)."""
-
-    weight: ir.Value
-    linears: list[Linear]
-
-    @property
-    def name(self) -> str:
-        return self.linears[0].name
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.linears[0].in_features, self.linears[0].out_features
-
-    @property
-    def params(self) -> int:
-        k, n = self.shape
-        return k * n
-
-    def array(self) -> np.ndarray:
-        arr = const_array(self.weight)
-        if arr is None:  # the block map only lists MatMuls with a constant weight
-            raise ValueError(f"'{self.name}' is not a constant")
-        return np.asarray(arr, dtype=np.float64)
-
-    def second_moment(self, stats: CalibrationStats | None, *, full: bool) -> np.ndarray | None:
-        """Token-weighted mean of ``E[x x^T]`` (``full``) or of ``E[x^2]`` over the readers' inputs.
-
-        None when some reader's input has no statistics of that kind.
-        """
-        if stats is None:
-            return None
-        total, count = None, 0
-        for lin in self.linears:
-            cs = stats.get(lin.input.name or "")
-            if cs is None or cs.count == 0 or (full and cs.gram is None):
-                return None
-            part = cs.gram if full else cs.sum_sq
-            total = part.copy() if total is None else total + part
-            count += cs.count
-        return None if total is None else total / count
-
-
-def _in_scope(bm: BlockMap, blocks_only: bool) -> set[int]:
-    """ids of the linears inside recognised transformer blocks (all linears without blocks_only)."""
-    if not blocks_only:
-        return {id(lin) for lin in bm.linears}
-    ids: set[int] = set()
-    for block in bm.blocks:
-        if block.attention is not None:
-            a = block.attention
-            ids.update(id(lin) for lin in (a.q, a.k, a.v, a.o))
-        if block.ffn is not None:
-            f = block.ffn
-            ids.update(id(lin) for lin in (f.up, f.gate, f.down) if lin is not None)
-    return ids
-
-
-def eligible_groups(
-    model: ir.Model,
-    pass_name: str,
-    *,
-    exclude: Sequence[str],
-    blocks_only: bool,
-    stats: Counter[str],
-) -> tuple[list[WeightGroup], int]:
-    """The weights a factorization pass may rewrite, and the parameters of all linears in scope.
-
-    Every linear not returned is counted in ``stats`` with the reason. The parameter total
-    counts each weight once, excluded ones too (they are linear parameters the budget is a
-    fraction of), and factor weights made by an earlier run at their size before it.
-    """
-    bm = find_blocks(model)
-    scope = _in_scope(bm, blocks_only)
-    by_weight: dict[int, WeightGroup] = {}
-    rejected: dict[int, str] = {}
-    for lin in bm.linears:
-        if FACTOR_KEY in lin.matmul.metadata_props:
-            stats["skipped: already factorised"] += 1
-            continue
-        if id(lin) not in scope:
-            stats["skipped: not in a transformer block (blocks-only)"] += 1
-            continue
-        group = by_weight.setdefault(id(lin.weight), WeightGroup(lin.weight, []))
-        group.linears.append(lin)
-        reason = _skip_reason(lin, exclude)
-        if reason is not None:
-            rejected.setdefault(id(lin.weight), reason)
-    total = sum(g.params for g in by_weight.values()) + _factored_before(model)
-    groups = []
-    for key, group in by_weight.items():
-        reason = rejected.get(key) or _shared_reason(group)
-        if reason is not None:
-            stats[f"skipped: {reason}"] += len(group.linears)
-            logger.debug("%s: %s skipped: %s", pass_name, group.name, reason)
-            continue
-        groups.append(group)
-    return groups, total
-
-
-def _skip_reason(lin: Linear, exclude: Sequence[str]) -> str | None:
-    if any(pattern == lin.name or pattern in lin.name for pattern in exclude):
-        return "excluded"
-    if lin.weight.dtype not in _FLOAT_TYPES:
-        return "weight is not floating point"
-    if lin.input.shape is None:
-        return "input rank unknown"
-    return None
-
-
-def _shared_reason(group: WeightGroup) -> str | None:
-    """A weight read by anything but these linears' MatMuls stays, so factors would add parameters."""
-    ours = {id(lin.matmul) for lin in group.linears}
-    for use in group.weight.uses():
-        if id(use.node) not in ours or use.idx != 1:
-            return "weight is also read by other nodes"
-    if group.weight.is_graph_output() or group.weight.is_graph_input():
-        return "weight is also a graph input or output"
-    return None
-
-
-def _factored_before(model: ir.Model) -> int:
-    return sum(
-        int(node.metadata_props[PARAMS_BEFORE_KEY])
-        for node in model.graph
-        if PARAMS_BEFORE_KEY in node.metadata_props
-    )
-
-
-def already_removed(model: ir.Model) -> int:
-    """Parameters that factorization passes have already removed from this model."""
-    return sum(
-        int(node.metadata_props[PARAMS_BEFORE_KEY]) - int(node.metadata_props[PARAMS_AFTER_KEY])
-        for node in model.graph
-        if PARAMS_BEFORE_KEY in node.metadata_props
-    )
-
-
-def mark_factor(node: ir.Node, pass_name: str) -> None:
-    node.metadata_props[FACTOR_KEY] = pass_name
-    mark_provenance(node, pass_name)
-
-
-def drop_if_unused(model: ir.Model, value: ir.Value) -> None:
-    if not list(value.uses()) and value.name in model.graph.initializers and not value.is_graph_output():
-        del model.graph.initializers[value.name]
-
-
-def lower_low_rank(
-    rewriter: ConstantRewriter, group: WeightGroup, a: np.ndarray, b: np.ndarray
-) -> None:
-    """Rewrite every linear of ``group`` as ``(x @ a) @ b``; the weight goes when unused.
-
-    The original MatMul becomes the second product, so its output and the bias ``Add`` reading it
-    stay as they were.
-    """
-    k, n = group.shape
-    rank = a.shape[1]
-    if a.shape != (k, rank) or b.shape != (rank, n):
-        raise ValueError(f"lower_low_rank: factors {a.shape} x {b.shape} do not make [{k}, {n}]")
-    dtype = group.weight.dtype.numpy() if group.weight.dtype is not None else np.dtype(np.float32)
-    base = group.weight.name or "weight"
-    name = rewriter.pass_name
-    a_value = rewriter.add_initializer(f"{base}.{name}_a", a.astype(dtype))
-    b_value = rewriter.add_initializer(f"{base}.{name}_b", b.astype(dtype))
-    for i, lin in enumerate(group.linears):
-        x = lin.input
-        first = ir.node("MatMul", [x, a_value], name=rewriter.unique_name(f"{lin.matmul.name or base}.{name}_a"))
-        hidden = first.outputs[0]
-        hidden.name = rewriter.unique_name(f"{lin.matmul.outputs[0].name or base}.{name}_rank")
-        hidden.type = x.type
-        hidden.shape = ir.Shape([*list(x.shape)[:-1], rank])  # type: ignore[union-attr]
-        rewriter.graph.insert_before(lin.matmul, first)
-        lin.matmul.replace_input_with(0, hidden)
-        lin.matmul.replace_input_with(1, b_value)
-        mark_factor(first, name)
-        mark_factor(lin.matmul, name)
-        if i == 0:
-            first.metadata_props[PARAMS_BEFORE_KEY] = str(k * n)
-            first.metadata_props[PARAMS_AFTER_KEY] = str(fz.low_rank_params(k, n, rank))
-    drop_if_unused(rewriter.model, group.weight)
-
-
-def check_second_moments(model: ir.Model, pass_name: str, method: str) -> None:
-    """``method=activation`` needs Gram matrices from ``calibrate{gram=true}``."""
-    if method != "activation":
-        return
-    stats = attached_stats(model)
-    if stats is None or not any(cs.gram is not None for cs in stats.stats.values()):
-        have = "no calibration statistics" if stats is None else "statistics without Gram matrices"
-        raise PreconditionError(
-            f"{pass_name}: method=activation needs E[x x^T] of each linear's input, but the model "
-            f"has {have}; add 'calibrate{{gram=true}}' before '{pass_name}' or use method=plain"
-        )
-
-
-def check_common_options(pass_name: str, ratio: float | None, exclude: Sequence[str], method: str) -> None:
-    if ratio is not None and not 0.0 < ratio < 1.0:
-        raise PassConfigError(f"{pass_name}: ratio must be in (0, 1), got {ratio}")
-    if any(not pattern for pattern in exclude):
-        raise PassConfigError(f"{pass_name}: exclude holds an empty name, which would match every linear")
-    if method not in ("plain", "activation"):
-        raise PassConfigError(f"{pass_name}: method must be plain or activation, got {method!r}")
-
+__all__ = ["Svd"]
 
 # ----------------------------------------------------------------------------- the pass
 
@@ -319,7 +97,7 @@ class Svd(Pass):
         check_second_moments(model, self.name, self.method)
 
     def run(self, model: ir.Model) -> PassResult:
-        stats: Counter[str] = Counter()
+        stats = SiteStats()
         groups, total = eligible_groups(
             model, self.name, exclude=self.exclude, blocks_only=self.blocks_only, stats=stats
         )
@@ -330,12 +108,12 @@ class Svd(Pass):
             if moment is None:
                 moment = group.second_moment(calibration, full=False)  # errors by E[x^2] only
             if self.method == "activation" and (moment is None or moment.ndim != 2):
-                stats["skipped: no E[x x^T] for its input (calibrate with gram=true)"] += len(group.linears)
+                stats.skip("no E[x x^T] for its input (calibrate with gram=true)", group.weight, count=len(group.linears))
                 continue
             spectra.append((group, fz.low_rank_spectrum(group.array(), self.method, moment, ridge=self.ridge)))
         ranks = self._choose_ranks(model, spectra, total, stats)
 
-        rewriter = ConstantRewriter(model, self.name)
+        editor = GraphEditor(model, self.name)
         rows: list[dict[str, Any]] = []
         removed = 0
         for (group, spectrum), rank in zip(spectra, ranks, strict=True):
@@ -343,7 +121,7 @@ class Svd(Pass):
                 continue
             a, b = spectrum.factors(rank)
             k, n = group.shape
-            lower_low_rank(rewriter, group, a, b)
+            lower_low_rank(editor, group, a, b)
             after = fz.low_rank_params(k, n, rank)
             removed += group.params - after
             stats["factorised"] += len(group.linears)
@@ -382,7 +160,7 @@ class Svd(Pass):
         model: ir.Model,
         spectra: list[tuple[WeightGroup, fz.LowRankSpectrum]],
         total: int,
-        stats: Counter[str],
+        stats: SiteStats,
     ) -> list[int | None]:
         """A rank per weight, or None (with the reason counted) to leave it alone."""
         ranks: list[int | None] = []
@@ -399,7 +177,7 @@ class Svd(Pass):
                 rank = min(rank, spectrum.full_rank)
                 why = f"energy needs rank {rank}, which saves no parameters (needs rank <= {limit})"
             if rank > limit:
-                stats[f"skipped: {_reason_key(why)}"] += len(group.linears)
+                stats.skip(_reason_key(why), group.weight, count=len(group.linears))
                 logger.debug("svd: %s [%d, %d] skipped: %s", group.name, k, n, why)
                 ranks.append(None)
             else:
@@ -411,7 +189,7 @@ class Svd(Pass):
         model: ir.Model,
         spectra: list[tuple[WeightGroup, fz.LowRankSpectrum]],
         total: int,
-        stats: Counter[str],
+        stats: SiteStats,
     ) -> list[int | None]:
         curves: list[list[tuple[int, float]]] = []
         options: list[list[int | None]] = []
@@ -432,10 +210,10 @@ class Svd(Pass):
         ranks: list[int | None] = []
         for (group, _), opts, choice in zip(spectra, options, chosen, strict=True):
             if len(opts) == 1:
-                stats[f"skipped: no rank that is a multiple of {self.multiple} saves parameters"] += len(group.linears)
+                stats.skip(f"no rank that is a multiple of {self.multiple} saves parameters", group.weight, count=len(group.linears))
                 ranks.append(None)
             elif choice == 0:
-                stats["skipped: budget met on other layers"] += len(group.linears)
+                stats.skip("budget met on other layers", group.weight, count=len(group.linears), blocked=False)
                 ranks.append(None)
             else:
                 ranks.append(opts[choice])

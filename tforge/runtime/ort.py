@@ -22,8 +22,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from tforge.errors import PreconditionError, UnsupportedModelError
-from tforge.runtime import spill
-from tforge.runtime import save
+from tforge.runtime import save, spill
 from tforge.runtime.spill import initializer_bytes
 
 logger = logging.getLogger(__name__)

@@ -34,13 +34,15 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.rewrite import replace_value
+from tforge.compiler.rewrite import GraphEditor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["converters", "lower_int8_linears", "pack_weight", "schedule_packed_matmul"]
+__all__ = ["OP_TYPE", "TFORGE_DOMAIN", "converters", "lower_int8_linears", "pack_weight", "schedule_packed_matmul"]
 
 OP_TYPE = "TforgeInt8Linear"
+#: The domain of tforge's own nodes for TVM (imported by this backend's converters only).
+TFORGE_DOMAIN = "tforge.tvm"
 _MS = "com.microsoft"
 LANES = 16  # int32 outputs of one vpdpbusd
 GROUP = 4  # uint8 x int8 products summed into each int32 lane
@@ -72,10 +74,9 @@ def unpack_weight(packed: np.ndarray) -> np.ndarray:
 
 def lower_int8_linears(model: ir.Model) -> dict[str, int]:
     """Rewrite ``quantize``'s integer linears into ``TforgeInt8Linear`` / standard ops, in place."""
-    from .legalize import TFORGE_DOMAIN
-
     stats: Counter[str] = Counter()
     graph = model.graph
+    editor = GraphEditor(model, "tvm-legalize")
     for node in list(graph):
         if node.domain != _MS:
             continue
@@ -105,78 +106,51 @@ def lower_int8_linears(model: ir.Model) -> dict[str, int]:
             reason = "weight scale is neither per tensor nor per column"
         if reason is not None:
             stats[f"int8 linear kept as int32 matmul: {reason}"] += 1
-            _to_standard_ops(graph, node)
+            _to_standard_ops(editor, node)
             continue
         packed = pack_weight(w)
         colsum = w.astype(np.int32).sum(axis=0).astype(np.float32)
         name = b.name or node.name
-        packed_v = _const(graph, f"{name}.vnni_packed", packed)
-        colsum_v = _const(graph, f"{name}.colsum", colsum)
-        scale_v = _const(
-            graph, f"{name}.col_scale", np.broadcast_to(ws.astype(np.float32), (w.shape[1],)).copy()
+        packed_v = editor.initializer(f"{name}.vnni_packed", packed)
+        colsum_v = editor.initializer(f"{name}.colsum", colsum)
+        scale_v = editor.initializer(
+            f"{name}.col_scale", np.broadcast_to(ws.astype(np.float32), (w.shape[1],)).copy()
         )
-        zp = (
-            a_zp
-            if a_zp is not None
-            else _const(graph, f"{name}.a_zero_point", np.array(0, np.uint8))
-        )
+        zp = a_zp if a_zp is not None else editor.initializer(f"{name}.a_zero_point", np.array(0, np.uint8))
         inputs = [a, packed_v, colsum_v, a_scale, scale_v, zp] + (
             [bias] if bias is not None else []
         )
-        new = ir.node(OP_TYPE, inputs, domain=TFORGE_DOMAIN, name=node.name, num_outputs=1)
-        new.outputs[0].name = node.outputs[0].name + ".tvm"
+        new = editor.node(
+            OP_TYPE, inputs, domain=TFORGE_DOMAIN, name=node.name,
+            outputs=f"{node.outputs[0].name}.tvm", before=node,
+        )  # fmt: skip
         new.outputs[0].type = node.outputs[0].type
         new.outputs[0].shape = node.outputs[0].shape
-        graph.insert_before(node, new)
-        replace_value(node.outputs[0], new.outputs[0])
-        graph.remove(node, safe=True)
+        for value in (b, b_scale, b_zp):
+            if value is not None:
+                editor.retire(value)
+        editor.replace_value(node.outputs[0], new.outputs[0])
+        editor.remove(node)
         stats["int8 linears to VNNI"] += 1
-    if stats:
-        model.opset_imports.setdefault(TFORGE_DOMAIN, 1)
-        _drop_unused_initializers(graph)
+    editor.drop_retired()  # the unpacked int8 weights and their scales
     return dict(stats)
 
 
-def _to_standard_ops(graph: ir.Graph, node: ir.Node) -> None:
+def _to_standard_ops(editor: GraphEditor, node: ir.Node) -> None:
     """``MatMulIntegerToFloat`` as ``(MatMulInteger -> Cast) * a_scale * b_scale (+ bias)``."""
     a, b, a_scale, b_scale, a_zp, b_zp, *rest = (*node.inputs, None)[:7]
     bias = rest[0] if rest else None
-    mm = ir.node("MatMulInteger", [a, b, a_zp, b_zp], name=f"{node.name}.int32")
-    cast = ir.node(
-        "Cast", [mm.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}.float"
-    )
-    s1 = ir.node("Mul", [cast.outputs[0], b_scale], name=f"{node.name}.col_scale")
-    s2 = ir.node("Mul", [s1.outputs[0], a_scale], name=f"{node.name}.row_scale")
-    new = [mm, cast, s1, s2]
+    chain = editor.scope(node, f"{node.name}.")
+    out = chain.op("MatMulInteger", [a, b, a_zp, b_zp], "int32")
+    out = chain.op("Cast", [out], "float", to=ir.DataType.FLOAT)
+    out = chain.op("Mul", [out, b_scale], "col_scale")
+    out = chain.op("Mul", [out, a_scale], "row_scale")
     if bias is not None:
-        new.append(ir.node("Add", [s2.outputs[0], bias], name=f"{node.name}.bias"))
-    for n in new:
-        n.outputs[0].name = n.name
-        graph.insert_before(node, n)
-    new[-1].outputs[0].type = node.outputs[0].type
-    new[-1].outputs[0].shape = node.outputs[0].shape
-    replace_value(node.outputs[0], new[-1].outputs[0])
-    graph.remove(node, safe=True)
-
-
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    while name in graph.initializers:
-        name += "_"
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
-
-
-def _drop_unused_initializers(graph: ir.Graph) -> None:
-    outputs = {id(v) for v in graph.outputs}
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and id(value) not in outputs:
-            del graph.initializers[name]
+        out = chain.op("Add", [out, bias], "bias")
+    out.type = node.outputs[0].type
+    out.shape = node.outputs[0].shape
+    editor.replace_value(node.outputs[0], out)
+    editor.remove(node)
 
 
 # ----------------------------------------------------------------------------- Relax import

@@ -24,13 +24,14 @@ from collections.abc import Mapping
 import onnx
 import onnx_ir as ir
 
+from tforge.compiler import registry
 from tforge.errors import UnsupportedModelError
+
+from .int8 import TFORGE_DOMAIN, lower_int8_linears
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TFORGE_DOMAIN", "check_importable", "legalize", "shape_text"]
-
-TFORGE_DOMAIN = "tforge.tvm"
 
 
 def shape_text(dims: tuple[int, ...] | list[int]) -> str:
@@ -41,17 +42,15 @@ def legalize(
     model: ir.Model, input_shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[onnx.ModelProto, dict[str, int]]:
     """A static-shape, importable copy of ``model`` as a ModelProto, and statistics of what was done."""
-    from tforge.passes.canonicalize import Canonicalize
-
-    from . import int8
-
     model = model.clone()
     model.meta.pop("tforge.calibration", None)
-    result = Canonicalize(
+    # the registered pass, by name: the backend asks the pipeline's pass for static shapes
+    canonicalize = registry.get_pass_class("canonicalize")
+    result = canonicalize(
         input_shapes={name: shape_text(dims) for name, dims in input_shapes.items()}
     )(model)
     stats: dict[str, int] = {f"canonicalize: {k}": v for k, v in result.stats.items()}
-    stats.update(int8.lower_int8_linears(model))
+    stats.update(lower_int8_linears(model))
     proto = ir.to_proto(model)
     proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     _check_static(proto)

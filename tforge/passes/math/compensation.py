@@ -24,6 +24,9 @@ statistics of ``x``:
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal
+
 import numpy as np
 
 __all__ = ["mean_shift", "refit"]
@@ -161,3 +164,45 @@ def group_removal_costs(
         w_s = w[s]
         costs[i] = float(np.trace(w_s.T @ np.linalg.solve(inv[s, s], w_s)))
     return costs
+
+
+@dataclasses.dataclass(frozen=True)
+class RowCompensation:
+    """The repaired input rows of the projection reading pruned channels, and its bias change."""
+
+    rows: np.ndarray  # [kept, out]: the kept rows, refitted for kind="refit"
+    bias_delta: np.ndarray | None  # [out] to add to the projection's bias, or None
+    kind: Literal["none", "bias", "refit"]
+    reason: str = ""  # why a weaker kind than asked was used
+
+
+def compensate_rows(
+    w: np.ndarray,
+    kept: np.ndarray,
+    mean: np.ndarray | None,
+    second_moment: np.ndarray | None,
+    *,
+    enabled: bool,
+    refit_rows: bool,
+    ridge: float,
+    missing: str = "",
+) -> RowCompensation:
+    """Keep rows ``kept`` of ``w`` ([in, out]) and repair the output for the removed ones.
+
+    ``mean`` is ``E[x]`` of the projection's input, ``second_moment`` ``E[x x^T]`` (None when not
+    collected); ``missing`` says why no statistics can be used at all. With a second moment and
+    ``refit_rows`` the kept rows are refitted (:func:`refit`); else the removed channels' mean
+    contribution moves into the bias (:func:`mean_shift`).
+    """
+    rows = w[kept]
+    removed = np.setdiff1d(np.arange(w.shape[0]), kept)
+    if not enabled or removed.size == 0:
+        return RowCompensation(rows, None, "none")
+    if missing or mean is None:
+        return RowCompensation(rows, None, "none", missing or "calibration statistics without channel sums")
+    w64 = w.astype(np.float64)
+    if refit_rows and second_moment is not None:
+        new_rows, delta = refit(w64, kept, second_moment, mean, ridge=ridge)
+        return RowCompensation(new_rows.astype(w.dtype), delta, "refit")
+    delta = mean_shift(w64, removed, mean)
+    return RowCompensation(rows, delta, "bias", "no Gram matrix (calibrate with gram=true)" if refit_rows else "")

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 
 __all__ = [
+    "kept_counts",
     "HeadSelection",
     "ffn_activation",
     "ffn_magnitude",
@@ -277,3 +279,26 @@ def _group(num_heads: int, num_kv_heads: int) -> int:
     if num_kv_heads < 1 or num_heads < num_kv_heads or num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads evenly")
     return num_heads // num_kv_heads
+
+
+def kept_counts(
+    sizes: Sequence[int],
+    scores: Sequence[np.ndarray],
+    *,
+    ratio: float | None,
+    keep: int | None,
+    budget: Literal["uniform", "global"],
+    max_layer_ratio: float,
+    snap: Callable[[int, float], int],
+    normalize: bool = True,
+) -> list[int]:
+    """Kept units per layer; ``snap(layer, target)`` rounds a target to a valid count."""
+    if keep is not None:
+        return [min(keep, size) for size in sizes]
+    if ratio is None:  # check_amount guarantees ratio or keep
+        raise ValueError("kept_counts: neither ratio nor keep is given")
+    if budget == "uniform":
+        return [snap(i, size * (1.0 - min(ratio, max_layer_ratio))) for i, size in enumerate(sizes)]
+    remove = int(round(ratio * sum(sizes)))
+    targets = global_keep(scores, remove, max_layer_ratio, normalize=normalize)
+    return [snap(i, t) for i, t in enumerate(targets)]

@@ -1,0 +1,223 @@
+"""The head-layout analysis, one transfer rule at a time.
+
+Each test builds one node in ONNX text, gives its traced input the roles it would have on an
+attention path (4 query heads of head_dim 2, 2 KV heads; query heads 1 and 3 removed, hence KV
+head 1 too), runs the op's rule from ``TRANSFER`` and checks the roles of its outputs and the
+constant edits it records. The whole analysis on real attention blocks is tested by
+``tests/passes/test_prune_heads.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from tforge import testing
+from tforge.compiler.head_layout import TRANSFER, Axis, LayoutContext, Roles
+from tforge.compiler.ops import AXIS_PRESERVING
+from tforge.compiler.pass_infra import Skip
+
+H, KV, D = 4, 2, 2
+KEEP_Q = [0, 2]  # one query head kept in each KV group: GQA stays valid, 1 per group
+KEEP_KV = [0, 1]
+
+
+def _ctx(keep_q: list[int] = KEEP_Q, keep_kv: list[int] = KEEP_KV, per_group: int = 1) -> LayoutContext:
+    return LayoutContext.keeping(H, KV, D, keep_q, keep_kv, per_group)
+
+
+def _mask(size: int, kept: list[int]) -> np.ndarray:
+    m = np.zeros(size, bool)
+    m[kept] = True
+    return m
+
+
+OTHER = Axis("other")
+DIM = Axis("dim")
+HEADS = Axis("heads", _mask(H, KEEP_Q))
+WIDTH = Axis("width", np.repeat(_mask(H, KEEP_Q), D))
+
+
+def _node(text: str, **consts: np.ndarray) -> tuple[ir.Model, ir.Node]:
+    model = testing.model_from_onnx_text(text, **consts)
+    return model, next(n for n in model.graph if n.op_type not in ("Constant",))
+
+
+def _apply(node: ir.Node, inputs: dict[int, Roles], ctx: LayoutContext | None = None) -> tuple[list[Roles], LayoutContext]:
+    ctx = ctx or _ctx()
+    roles = {id(node.inputs[i]): r for i, r in inputs.items()}
+    out = TRANSFER[node.op_type](ctx, node, roles, sorted(inputs))
+    return out, ctx
+
+
+def _kinds(roles: Roles) -> list[str]:
+    assert roles is not None
+    return [a.kind for a in roles]
+
+
+def test_reshape_splits_width_into_heads_and_rewrites_the_head_count() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 8] x) => (float[B, S, 4, 2] y) <int64[4] t> { y = Reshape (x, t) }""",
+        t=np.array([0, 0, 4, 2], np.int64),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, OTHER, WIDTH]})
+    assert _kinds(out) == ["other", "other", "heads", "dim"]
+    assert np.array_equal(out[2].keep, _mask(H, KEEP_Q))
+    ((target, new),) = ctx.edits.targets
+    assert new == [0, 0, 2, 2]
+
+
+def test_reshape_merges_heads_back_into_width() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 4, 2] x) => (float[B, S, 8] y) <int64[3] t> { y = Reshape (x, t) }""",
+        t=np.array([0, 0, 8], np.int64),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, OTHER, HEADS, DIM]})
+    assert _kinds(out) == ["other", "other", "width"]
+    assert out[2].new == 4 and ctx.edits.targets[0][1] == [0, 0, 4]
+
+
+def test_reshape_merges_repeated_kv_heads_into_query_heads() -> None:
+    kv = Axis("heads", _mask(KV, KEEP_KV))
+    rep = _ctx().rep_axis()
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 2, 2, S, 2] x) => (float[B, 4, S, 2] y) <int64[4] t> { y = Reshape (x, t) }""",
+        t=np.array([0, 4, -1, 2], np.int64),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, kv, rep, OTHER, DIM]})
+    assert _kinds(out) == ["other", "heads", "other", "dim"]
+    assert ctx.edits.targets[0][1] == [0, 2, -1, 2]
+
+
+def test_reshape_with_an_untraced_constant_target_is_skipped() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 8] x) => (float[B, S, 2, 4] y) <int64[4] t> { y = Reshape (x, t) }""",
+        t=np.array([0, 0, 2, 4], np.int64),
+    )
+    with pytest.raises(Skip, match="constant target whose axes were not traced"):
+        _apply(node, {0: [OTHER, OTHER, WIDTH]})
+
+
+def test_expand_of_a_unit_axis_after_kv_heads_becomes_the_repeat() -> None:
+    kv = Axis("heads", _mask(KV, KEEP_KV))
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 2, 1, S, 2] x) => (float[B, 2, 2, S, 2] y) <int64[5] t> { y = Expand (x, t) }""",
+        t=np.array([1, 2, 2, 1, 2], np.int64),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, kv, OTHER, OTHER, DIM]})
+    assert _kinds(out) == ["other", "heads", "rep", "other", "dim"]
+    assert ctx.edits.targets[0][1] == [1, 2, 1, 1, 2]  # one query head per KV head is kept
+
+
+def test_transpose_permutes_roles() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 4, 2] x) => (float[B, 4, S, 2] y) { y = Transpose <perm = [0, 2, 1, 3]> (x) }"""
+    )
+    (out,), _ = _apply(node, {0: [OTHER, OTHER, HEADS, DIM]})
+    assert _kinds(out) == ["other", "heads", "other", "dim"]
+
+
+def test_unsqueeze_inserts_an_other_axis() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 4, S, 2] x) => (float[B, 4, 1, S, 2] y) <int64[1] a> { y = Unsqueeze (x, a) }""",
+        a=np.array([2], np.int64),
+    )
+    (out,), _ = _apply(node, {0: [OTHER, HEADS, OTHER, DIM]})
+    assert _kinds(out) == ["other", "heads", "other", "other", "dim"]
+
+
+def test_squeeze_may_not_remove_a_heads_axis() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 4, 1, 2] x) => (float[B, 4, 2] y) <int64[1] a> { y = Squeeze (x, a) }""",
+        a=np.array([2], np.int64),
+    )
+    (out,), _ = _apply(node, {0: [OTHER, HEADS, OTHER, DIM]})
+    assert _kinds(out) == ["other", "heads", "dim"]
+    _, bad = _node(  # the roles say axis 1 counts 4 heads: squeezing it would drop them
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 1, 1, 2] x) => (float[B, 1, 2] y) <int64[1] a> { y = Squeeze (x, a) }""",
+        a=np.array([1], np.int64),
+    )
+    with pytest.raises(Skip, match="removes a heads axis"):
+        _apply(bad, {0: [OTHER, HEADS, OTHER, DIM]})
+
+
+def test_slice_of_a_fused_width_rewrites_its_bounds() -> None:
+    fused = Axis("width", np.concatenate([np.repeat(_mask(H, KEEP_Q), D), np.repeat(_mask(KV, KEEP_KV), D)]))
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 12] x) => (float[B, S, 4] y) <int64[1] s, int64[1] e, int64[1] a> { y = Slice (x, s, e, a) }""",
+        s=np.array([8], np.int64), e=np.array([12], np.int64), a=np.array([-1], np.int64),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, OTHER, fused]})
+    assert out[2].kind == "width" and out[2].old == 4 and out[2].new == 4
+    # the start moves from 8 to 4; the end (12, "to the end" of the old width) stays a sentinel
+    assert [new for _, new in ctx.edits.targets] == [[4]]
+
+
+def test_split_of_a_fused_width_rewrites_its_sizes() -> None:
+    fused = Axis("width", np.concatenate([np.repeat(_mask(H, KEEP_Q), D), np.repeat(_mask(KV, [0]), D), np.repeat(_mask(KV, [0]), D)]))
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 16] x) => (float[B, S, 8] q, float[B, S, 4] k, float[B, S, 4] v) <int64[3] n>
+        { q, k, v = Split <axis = -1> (x, n) }""",
+        n=np.array([8, 4, 4], np.int64),
+    )
+    outs, ctx = _apply(node, {0: [OTHER, OTHER, fused]}, _ctx(KEEP_Q, [0], 2))
+    assert [o[2].new for o in outs] == [4, 2, 2]  # type: ignore[index]
+    ((_, sizes),) = ctx.edits.split_sizes
+    assert sizes == [4, 2, 2]
+
+
+def test_concat_along_another_axis_keeps_roles() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 4, S, 2] x, float[B, 4, T, 2] p) => (float[B, 4, N, 2] y) { y = Concat <axis = 2> (p, x) }"""
+    )
+    (out,), _ = _apply(node, {0: [OTHER, HEADS, OTHER, DIM], 1: [OTHER, HEADS, OTHER, DIM]})
+    assert _kinds(out) == ["other", "heads", "other", "dim"]
+
+
+def test_concat_along_the_heads_axis_is_skipped() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 4, S, 2] x, float[B, 4, S, 2] z) => (float[B, 8, S, 2] y) { y = Concat <axis = 1> (x, z) }"""
+    )
+    with pytest.raises(Skip, match="joins along a heads axis"):
+        _apply(node, {0: [OTHER, HEADS, OTHER, DIM]})
+
+
+def test_elementwise_slices_a_per_head_constant() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 4, S, S] x) => (float[B, 4, S, S] y) <float[1, 4, 1, 1] bias> { y = Add (x, bias) }""",
+        bias=np.arange(4, dtype=np.float32).reshape(1, 4, 1, 1),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, HEADS, OTHER, OTHER]})
+    assert _kinds(out) == ["other", "heads", "other", "other"]
+    ((_, index, sliced),) = ctx.edits.constants
+    assert index == 1 and sliced.reshape(-1).tolist() == [0.0, 2.0]
+
+
+def test_softmax_over_heads_is_skipped() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 4, S, S] x) => (float[B, 4, S, S] y) { y = Softmax <axis = 1> (x) }"""
+    )
+    with pytest.raises(Skip, match="normalises over heads"):
+        _apply(node, {0: [OTHER, HEADS, OTHER, OTHER]})
+
+
+def test_every_axis_preserving_op_has_the_elementwise_rule() -> None:
+    rule = TRANSFER["Add"]
+    assert all(TRANSFER[op] is rule for op in AXIS_PRESERVING)
+    assert {"Reshape", "Expand", "Transpose", "Unsqueeze", "Squeeze", "Slice", "Split", "Concat"} <= set(TRANSFER)

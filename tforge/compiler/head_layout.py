@@ -1,0 +1,797 @@
+"""Which axis of each value on an attention path counts heads: the head-layout analysis.
+
+Head pruning must rewrite every constant that encodes the head count or the width on the way
+from the Q/K/V projections to the output projection: ``Reshape`` targets (``[b, s, H, d]``
+splits, ``[b, s, H*d]`` merges, the ``[b, KV, rep, s, d] -> [b, H, s, d]`` merge of grouped-query
+attention), ``Expand`` shapes (the ``rep`` of repeat-KV), ``Split`` sizes and ``Slice`` bounds of
+a fused QKV output, as constants or as constant parts of a ``Concat``-built shape; per-head
+constants broadcast against the heads axis; and the value shape annotations on those paths.
+
+To know which dimension of each shape is the heads axis, every value in the attention's region
+(:func:`attention_region`) gets a role per axis: ``heads``, ``rep`` (KV repeat), ``dim``
+(head_dim), ``width`` (heads x head_dim, head-major) or ``other``, with a mask of what is kept
+on the counted ones. Roles start at the projections' ``[.., width]`` outputs and are propagated
+op by op by the rules of :data:`TRANSFER` (one function per op; elementwise and other
+axis-preserving ops share one). A constant element is rewritten only where its role says what
+it counts; a shape computed at run time from ``Shape`` adapts by itself. Anything a rule does
+not understand is a :class:`~tforge.compiler.pass_infra.Skip` naming the node.
+:func:`plan_head_removal` collects the edits for one choice of kept heads before anything
+changes; :func:`apply_edits` makes them through the graph editor, cloning constants and
+``Concat`` shapes that the exporter shared between layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from tforge.compiler.ops import AXIS_PRESERVING, is_default_domain
+from tforge.compiler.pass_infra import Skip
+from tforge.compiler.rewrite import GraphEditor
+from tforge.compiler.structure import Attention, const_array, static_dims
+
+__all__ = [
+    "Axis",
+    "HeadEdits",
+    "LayoutContext",
+    "Roles",
+    "TRANSFER",
+    "apply_edits",
+    "attention_region",
+    "plan_head_removal",
+]
+
+_WALK_LIMIT = 600
+
+
+# ----------------------------------------------------------------------------- axis roles
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Axis:
+    """What one dimension of a value on an attention path counts.
+
+    ``heads``, ``rep`` and ``width`` carry a mask over their old extent (True = kept);
+    ``width`` is heads x head_dim, head-major. ``dim`` is head_dim (unchanged); ``other`` is
+    anything else (batch, sequence, broadcast ones).
+    """
+
+    kind: Literal["heads", "rep", "width", "dim", "other"]
+    keep: np.ndarray | None = None
+
+    @property
+    def old(self) -> int:
+        return int(self.keep.shape[0]) if self.keep is not None else -1
+
+    @property
+    def new(self) -> int:
+        return int(self.keep.sum()) if self.keep is not None else -1
+
+    @property
+    def counted(self) -> bool:
+        return self.keep is not None
+
+
+_OTHER = Axis("other")
+_DIM = Axis("dim")
+Roles = list[Axis] | None  # None: not known (a shape computed at run time reordered the axes)
+
+
+@dataclasses.dataclass
+class _Target:
+    """A 1-D int64 shape-like input: its elements, and where each constant one lives."""
+
+    node: ir.Node
+    index: int
+    elems: list[int | None]  # None: computed at run time
+    concat: ir.Node | None  # the Concat building it, or None for a plain constant
+    parts: list[tuple[int, int]]  # per element: (Concat input index or -1, offset in that part)
+
+
+@dataclasses.dataclass
+class HeadEdits:
+    """Everything one attention's rewrite changes, collected before anything is changed."""
+
+    targets: list[tuple[_Target, list[int]]] = dataclasses.field(default_factory=list)
+    constants: list[tuple[ir.Node, int, np.ndarray]] = dataclasses.field(default_factory=list)
+    split_sizes: list[tuple[ir.Node, list[int]]] = dataclasses.field(default_factory=list)
+    shapes: list[tuple[ir.Value, ir.Shape | None]] = dataclasses.field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- region
+
+
+def attention_region(attn: Attention, order: dict[int, int]) -> list[ir.Node]:
+    """Nodes on the paths projections -> scores/context MatMuls -> output projection, in order."""
+    starts = _start_values(attn)
+    ends = [attn.scores_matmul.inputs[0], attn.scores_matmul.inputs[1], attn.context_matmul.inputs[1]]
+    nodes = _between(starts, ends)
+    nodes += _between([attn.scores_matmul.outputs[0]], [attn.context_matmul.inputs[0]])
+    nodes += _between([attn.context_matmul.outputs[0]], [attn.o.input])
+    unique = {id(n): n for n in nodes}
+    region = sorted(unique.values(), key=lambda n: order.get(id(n), -1))
+    inside = set(unique) | {id(attn.scores_matmul), id(attn.context_matmul), id(attn.o.matmul)}
+    for node in region:
+        for out in node.outputs:
+            if out.is_graph_output():
+                raise Skip(f"skipped: attention value '{out.name}' is a graph output")
+            for use in out.uses():
+                if id(use.node) not in inside and use.node.op_type != "Shape":
+                    raise Skip(
+                        f"skipped: attention value '{out.name}' is also read by {use.node.op_type} "
+                        f"'{use.node.name}' outside the attention"
+                    )
+    return region
+
+
+def _start_values(attn: Attention) -> list[ir.Value]:
+    if attn.fused_qkv:
+        return [attn.q.output]
+    return [attn.q.output, attn.k.output, attn.v.output]
+
+
+def _between(starts: Sequence[ir.Value | None], ends: Sequence[ir.Value | None]) -> list[ir.Node]:
+    """Nodes reachable forward from ``starts`` from which some value of ``ends`` is reachable."""
+    end_ids = {id(e) for e in ends if e is not None}
+    forward: dict[int, ir.Node] = {}
+    queue = deque(v for v in starts if v is not None)
+    seen: set[int] = set()
+    while queue:
+        value = queue.popleft()
+        if id(value) in seen or id(value) in end_ids:
+            continue
+        seen.add(id(value))
+        for use in value.uses():
+            node = use.node
+            if node.op_type in ("Shape", "MatMul") or id(node) in forward:
+                continue
+            forward[id(node)] = node
+            if len(forward) > _WALK_LIMIT:
+                raise Skip("skipped: the attention paths are too long to follow")
+            queue.extend(node.outputs)
+    on_path: dict[int, ir.Node] = {}
+    back = deque(e for e in ends if e is not None)
+    seen = set()
+    while back:
+        value = back.popleft()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        node = value.producer()
+        if node is None or id(node) not in forward:
+            continue
+        on_path[id(node)] = node
+        back.extend(i for i in node.inputs if i is not None)
+    return list(on_path.values())
+
+
+# ----------------------------------------------------------------------------- role propagation
+
+
+def plan_head_removal(
+    attn: Attention,
+    region: list[ir.Node],
+    heads: Sequence[int],
+    kv_heads: Sequence[int],
+    per_group: int,
+) -> HeadEdits:
+    """Propagate axis roles through ``region`` for keeping query ``heads`` and ``kv_heads``
+    (``per_group`` query heads per kept KV head); collect the edits that needs, or Skip."""
+    d = attn.head_dim
+    ctx = LayoutContext.keeping(attn.num_heads, attn.num_kv_heads, d, heads, kv_heads, per_group, attn)
+    q_mask, kv_mask = ctx.q_mask, ctx.kv_mask
+    roles: dict[int, Roles] = {}
+    if attn.fused_qkv:
+        width = np.concatenate([np.repeat(q_mask, d), np.repeat(kv_mask, d), np.repeat(kv_mask, d)])
+        roles[id(attn.q.output)] = _leading(attn.q.output, Axis("width", width))
+    else:
+        roles[id(attn.q.output)] = _leading(attn.q.output, Axis("width", np.repeat(q_mask, d)))
+        roles[id(attn.k.output)] = _leading(attn.k.output, Axis("width", np.repeat(kv_mask, d)))
+        roles[id(attn.v.output)] = _leading(attn.v.output, Axis("width", np.repeat(kv_mask, d)))
+
+    scores, context = attn.scores_matmul, attn.context_matmul
+    started_scores = started_context = False
+    for node in region:
+        if not started_scores and _reads(node, scores.outputs[0]):
+            _start_scores(ctx, attn, roles)
+            started_scores = True
+        if not started_context and _reads(node, context.outputs[0]):
+            _start_context(ctx, attn, roles)
+            started_context = True
+        _transfer(ctx, node, roles)
+    if not started_scores:
+        _start_scores(ctx, attn, roles)
+    if not started_context:
+        _start_context(ctx, attn, roles)
+
+    merged = roles.get(id(attn.o.input))
+    want = np.repeat(q_mask, d)
+    if (
+        merged is None
+        or not merged[-1].counted
+        or merged[-1].kind != "width"
+        or merged[-1].old != attn.o.in_features
+        or not np.array_equal(merged[-1].keep, want)
+    ):
+        raise Skip("skipped: the merged heads reaching the output projection were not traced")
+    ctx.record_shapes(region, roles)
+    return ctx.edits
+
+
+@dataclasses.dataclass
+class LayoutContext:
+    """What the rules know of the attention: its head counts and which heads are kept."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_mask: np.ndarray  # [num_heads], True = kept
+    kv_mask: np.ndarray  # [num_kv_heads]
+    per_group: int  # query heads kept per kept KV head
+    edits: HeadEdits = dataclasses.field(default_factory=lambda: HeadEdits())
+    scores_matmul: ir.Node | None = None
+    context_matmul: ir.Node | None = None
+
+    @classmethod
+    def keeping(
+        cls, num_heads: int, num_kv_heads: int, head_dim: int, heads: Sequence[int],
+        kv_heads: Sequence[int], per_group: int, attn: Attention | None = None,
+    ) -> LayoutContext:  # fmt: skip
+        return cls(
+            num_heads, num_kv_heads, head_dim, _mask(num_heads, heads), _mask(num_kv_heads, kv_heads),
+            per_group, HeadEdits(),
+            attn.scores_matmul if attn is not None else None,
+            attn.context_matmul if attn is not None else None,
+        )  # fmt: skip
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def rep_axis(self) -> Axis:
+        keep = np.zeros(self.group, bool)
+        keep[: self.per_group] = True
+        return Axis("rep", keep)
+
+    def record_shapes(self, region: list[ir.Node], roles: dict[int, Roles]) -> None:
+        counts = {self.num_heads, self.num_kv_heads, self.group}
+        counts |= {c * self.head_dim for c in counts}
+        counts.discard(1)
+        values = [out for node in region for out in node.outputs]
+        values += [m.outputs[0] for m in (self.scores_matmul, self.context_matmul) if m is not None]
+        for value in values:
+            shape = value.shape
+            if shape is None:
+                continue
+            r = roles.get(id(value))
+            dims = list(shape.dims)
+            if r is None or len(r) != len(dims):
+                # roles unknown: forget every static size that may count heads
+                new = [None if isinstance(x, int) and x in counts else x for x in dims]
+            else:
+                new = [
+                    axis.new if axis.counted and isinstance(x, int) and x == axis.old else x
+                    for axis, x in zip(r, dims, strict=True)
+                ]
+            if new != dims:
+                self.edits.shapes.append((value, ir.Shape(new)))
+
+
+def _mask(size: int, kept: Sequence[int]) -> np.ndarray:
+    mask = np.zeros(size, bool)
+    mask[list(kept)] = True
+    return mask
+
+
+def _leading(value: ir.Value, last: Axis) -> list[Axis]:
+    rank = value.shape.rank() if value.shape is not None else None
+    if rank is None or rank < 1:
+        raise Skip(f"skipped: projection output '{value.name}' has no known rank")
+    return [_OTHER] * (rank - 1) + [last]
+
+
+def _reads(node: ir.Node, value: ir.Value) -> bool:
+    return any(i is value for i in node.inputs)
+
+
+def _start_scores(ctx: LayoutContext, attn: Attention, roles: dict[int, Roles]) -> None:
+    q = roles.get(id(attn.scores_matmul.inputs[0]))
+    if q is None or not any(a.kind == "heads" for a in q):
+        raise Skip("skipped: the query heads axis at the scores MatMul was not traced")
+    heads = next(a for a in q if a.kind == "heads")
+    if not np.array_equal(heads.keep, ctx.q_mask):
+        raise Skip("skipped: the query heads at the scores MatMul are not the query projection's")
+    k = roles.get(id(attn.scores_matmul.inputs[1]))
+    if k is not None:
+        k_heads = [a for a in k if a.kind == "heads"]
+        if len(k_heads) != 1 or k_heads[0].new != heads.new:
+            raise Skip("skipped: the key heads at the scores MatMul do not match the query heads")
+    roles[id(attn.scores_matmul.outputs[0])] = q[:-1] + [_OTHER]
+
+
+def _start_context(ctx: LayoutContext, attn: Attention, roles: dict[int, Roles]) -> None:
+    probs = roles.get(id(attn.context_matmul.inputs[0]))
+    if probs is None:
+        raise Skip("skipped: the attention probabilities' heads axis was not traced")
+    v = roles.get(id(attn.context_matmul.inputs[1]))
+    if v is not None:
+        v_heads = [a for a in v if a.kind == "heads"]
+        if len(v_heads) != 1 or v_heads[0].new != int(ctx.q_mask.sum()):
+            raise Skip("skipped: the value heads at the context MatMul do not match the query heads")
+    roles[id(attn.context_matmul.outputs[0])] = probs[:-1] + [_DIM]
+
+
+def _transfer(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles]) -> None:
+    """Roles of ``node``'s outputs from those of its traced inputs, by the op's rule in :data:`TRANSFER`."""
+    path = [i for i, v in enumerate(node.inputs) if v is not None and id(v) in roles]
+    if not path:
+        raise Skip(f"{node.op_type} '{node.name}' on the attention path reads no traced value", node)
+    op = node.op_type
+    if not is_default_domain(node):
+        raise Skip(f"{node.domain}::{op} on the attention path", node)
+    rule = TRANSFER.get(op)
+    if rule is None:
+        raise Skip(f"{op} '{node.name}' on the attention path is not understood", node)
+    for value, out in zip(node.outputs, rule(ctx, node, roles, path), strict=True):
+        roles[id(value)] = out
+
+
+#: A rule: (context, node, roles of the values traced so far, indices of the node's traced
+#: inputs) -> the roles of each of the node's outputs. Rules record the constant edits they
+#: need in ``context.edits`` and raise Skip for what they cannot follow.
+Rule = Callable[[LayoutContext, ir.Node, dict[int, Roles], list[int]], list[Roles]]
+
+
+def _of_first(fn: Callable[[LayoutContext, ir.Node, Roles], Roles]) -> Rule:
+    """A rule for a one-output op whose roles follow from its first traced input."""
+
+    def rule(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], path: list[int]) -> list[Roles]:
+        return [fn(ctx, node, roles[id(node.inputs[path[0]])])] * len(node.outputs)
+
+    return rule
+
+
+def _split_rule(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], path: list[int]) -> list[Roles]:
+    return _split(ctx, node, roles[id(node.inputs[path[0]])])
+
+
+def _concat_rule(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], path: list[int]) -> list[Roles]:
+    return [_concat(ctx, node, roles[id(node.inputs[path[0]])], path)]
+
+
+def _elementwise_rule(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], path: list[int]) -> list[Roles]:
+    return [_elementwise(ctx, node, roles, path)] * len(node.outputs)
+
+
+# ------------------------------------------------------------------ shapes read from inputs
+
+
+def _target(node: ir.Node, index: int) -> _Target:
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None:
+        raise Skip(f"skipped: {node.op_type} '{node.name}' has no shape input")
+    arr = const_array(value)
+    if arr is not None:
+        elems = [int(x) for x in np.asarray(arr).ravel()]
+        return _Target(node, index, elems, None, [(-1, i) for i in range(len(elems))])
+    producer = value.producer()
+    if producer is None or producer.op_type != "Concat":
+        dims = static_dims(value)
+        if dims is None or len(dims) != 1 or dims[0] is None:
+            raise Skip(f"skipped: the shape input of {node.op_type} '{node.name}' has no known length")
+        return _Target(node, index, [None] * dims[0], None, [(-1, i) for i in range(dims[0])])
+    elems: list[int | None] = []
+    parts: list[tuple[int, int]] = []
+    for part_index, part in enumerate(producer.inputs):
+        arr = const_array(part)
+        if arr is not None:
+            values = [int(x) for x in np.asarray(arr).ravel()]
+            elems += values
+            parts += [(part_index, i) for i in range(len(values))]
+            continue
+        dims = static_dims(part)
+        if dims is None or len(dims) != 1 or dims[0] is None:
+            raise Skip(f"skipped: a part of the shape of {node.op_type} '{node.name}' has no known length")
+        elems += [None] * dims[0]
+        parts += [(part_index, i) for i in range(dims[0])]
+    return _Target(node, index, elems, producer, parts)
+
+
+def _rewrite(ctx: LayoutContext, target: _Target, new: list[int]) -> None:
+    if new != target.elems:
+        for old, value in zip(target.elems, new, strict=True):
+            if old is None and value is not None:
+                raise Skip(f"skipped: a run-time part of the shape of '{target.node.name}' would need a change")
+        ctx.edits.targets.append((target, new))
+
+
+def _scaled(axis: Axis, elem: int | None) -> int | None:
+    """The new value of a shape element that counts ``axis``, or the element unchanged."""
+    if elem is None or not axis.counted or elem in (-1, 0):
+        return elem
+    if elem == axis.old:
+        return axis.new
+    if elem == 1:
+        return 1
+    raise Skip(f"skipped: a shape element {elem} stands where {axis.old} ({axis.kind}) was expected")
+
+
+def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
+    target = _target(node, 1)
+    elems = target.elems
+    k = len(elems)
+    d = ctx.head_dim
+    out_dims = static_dims(node.outputs[0])
+    if out_dims is not None and len(out_dims) != k:
+        out_dims = None
+
+    def size(j: int) -> int | None:
+        if out_dims is not None and out_dims[j] is not None:
+            return out_dims[j]
+        e = elems[j]
+        return e if e is not None and e > 0 else None
+
+    if inp is not None:
+        n = len(inp)
+        # split: [.., H*d] -> [.., H, d]
+        if inp[-1].kind == "width" and k >= 2 and all(a.kind == "other" for a in inp[:-1]) and size(k - 1) == d:
+            width = inp[-1]
+            if width.old % d:
+                raise Skip(f"skipped: Reshape '{node.name}' splits {width.old} channels by head_dim {d}")
+            per_head = width.keep.reshape(-1, d)
+            if not (per_head.all(axis=1) | ~per_head.any(axis=1)).all():
+                raise Skip(f"skipped: Reshape '{node.name}' would split a head")
+            heads = Axis("heads", per_head[:, 0].copy())
+            _rewrite(ctx, target, elems[:-2] + [_scaled(heads, elems[-2]), elems[-1]])
+            return [_OTHER] * (k - 2) + [heads, _DIM]
+        # merge: [.., H, d] -> [.., H*d]
+        if n >= 2 and inp[-2].kind == "heads" and inp[-1].kind == "dim" and k < n and all(
+            a.kind == "other" for a in inp[:-2]
+        ):
+            width = Axis("width", np.repeat(inp[-2].keep, d))
+            _rewrite(ctx, target, elems[:-1] + [_scaled(width, elems[-1])])
+            return [_OTHER] * (k - 1) + [width]
+        # repeat-KV merge: [.., KV, rep, ..] -> [.., H, ..]
+        for a in range(n - 1):
+            if inp[a].kind == "heads" and inp[a + 1].kind == "rep" and k == n - 1:
+                old = inp[a].old * inp[a + 1].old
+                if old != ctx.num_heads or inp[a].new * inp[a + 1].new != int(ctx.q_mask.sum()):
+                    raise Skip(f"skipped: Reshape '{node.name}' merges KV heads into an unexpected count")
+                heads = Axis("heads", ctx.q_mask)
+                out = inp[:a] + [heads] + inp[a + 2 :]
+                _rewrite(ctx, target, [_scaled(r, e) for r, e in zip(out, elems, strict=True)])
+                return out
+        # same layout: every counted axis keeps its place
+        if k == n and all(
+            not a.counted or e in (None, -1, 0) or e == a.old for a, e in zip(inp, elems, strict=True)
+        ) and all(a.counted or e is None or e in (-1, 0) or e == size(j) for j, (a, e) in enumerate(zip(inp, elems, strict=True))):
+            _rewrite(ctx, target, [_scaled(a, e) for a, e in zip(inp, elems, strict=True)])
+            return list(inp)
+    # anything else must be computed at run time, which adapts by itself
+    if any(e is not None and e not in (-1, 0) for e in elems):
+        raise Skip(f"skipped: Reshape '{node.name}' on the attention path has a constant target whose axes were not traced")
+    return None
+
+
+def _expand(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
+    target = _target(node, 1)
+    elems = target.elems
+    k = len(elems)
+    if inp is None:
+        if any(e is not None and e != 1 for e in elems):
+            raise Skip(f"skipped: Expand '{node.name}' on an untraced layout has a constant shape")
+        return None
+    n = len(inp)
+    if k < n:
+        k = n
+        elems = [1] * (n - len(elems)) + elems  # never happens in valid ONNX
+    in_dims = static_dims(node.inputs[0]) or [None] * n
+    out: list[Axis] = [_OTHER] * (k - n)
+    for j in range(k - n, k):
+        role = inp[j - (k - n)]
+        before = out[-1] if out else None
+        e = elems[j]
+        if (
+            role.kind == "other"
+            and in_dims[j - (k - n)] == 1
+            and before is not None
+            and before.kind == "heads"
+            and e is not None
+            and e == ctx.group
+            and ctx.group > 1
+        ):
+            role = ctx.rep_axis()
+        out.append(role)
+    _rewrite(ctx, target, [_scaled(r, e) for r, e in zip(out, elems, strict=True)])
+    return out
+
+
+def _transpose(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
+    if inp is None:
+        return None
+    perm_attr = node.attributes.get("perm")
+    perm = list(perm_attr.value) if perm_attr is not None else list(range(len(inp)))[::-1]
+    if len(perm) != len(inp):
+        raise Skip(f"skipped: Transpose '{node.name}' permutes {len(perm)} axes of a rank-{len(inp)} value")
+    return [inp[p] for p in perm]
+
+
+def _axes(node: ir.Node) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = const_array(node.inputs[1])
+        if arr is None:
+            raise Skip(f"skipped: {node.op_type} '{node.name}' has axes computed at run time")
+        return [int(x) for x in np.asarray(arr).ravel()]
+    attr = node.attributes.get("axes")
+    return list(attr.value) if attr is not None else None
+
+
+def _unsqueeze(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
+    if inp is None:
+        return None
+    axes = _axes(node) or []
+    rank = len(inp) + len(axes)
+    axes = sorted(a + rank if a < 0 else a for a in axes)
+    out = list(inp)
+    for a in axes:
+        out.insert(a, _OTHER)
+    return out
+
+
+def _squeeze(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
+    if inp is None:
+        return None
+    axes = _axes(node)
+    if axes is None:
+        raise Skip(f"skipped: Squeeze '{node.name}' without axes on the attention path")
+    axes = {a + len(inp) if a < 0 else a for a in axes}
+    if any(inp[a].counted and inp[a].old > 1 for a in axes):
+        raise Skip(f"skipped: Squeeze '{node.name}' removes a heads axis")
+    return [r for i, r in enumerate(inp) if i not in axes]
+
+
+def _slice(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
+    if inp is None:
+        raise Skip(f"skipped: Slice '{node.name}' on an untraced layout")
+    starts, ends = _target(node, 1), _target(node, 2)
+    axes = _target(node, 3).elems if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(len(starts.elems)))
+    steps = _target(node, 4).elems if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(starts.elems)
+    if any(x is None for x in [*starts.elems, *ends.elems, *axes, *steps]):
+        raise Skip(f"skipped: Slice '{node.name}' on the attention path has run-time bounds")
+    out = list(inp)
+    new_starts, new_ends = list(starts.elems), list(ends.elems)
+    for i, (axis, step) in enumerate(zip(axes, steps, strict=True)):
+        axis = axis + len(inp) if axis < 0 else axis
+        role = inp[axis]
+        if not role.counted:
+            out[axis] = _OTHER
+            continue
+        start, end = _clamp(starts.elems[i], role.old), _clamp(ends.elems[i], role.old)
+        if step != 1:
+            raise Skip(f"skipped: Slice '{node.name}' steps through a heads axis")
+        if role.kind == "heads" and (start, end) == (0, role.old):
+            continue
+        if role.kind != "width":
+            raise Skip(f"skipped: Slice '{node.name}' cuts a {role.kind} axis")
+        new_starts[i] = int(role.keep[:start].sum())
+        new_ends[i] = new_starts[i] + int(role.keep[start:end].sum())
+        if ends.elems[i] >= role.old and new_ends[i] == int(role.keep.sum()):
+            new_ends[i] = ends.elems[i]  # keep "to the end" sentinels as they are
+        out[axis] = Axis("width", role.keep[start:end].copy())
+    _rewrite(ctx, starts, new_starts)
+    _rewrite(ctx, ends, new_ends)
+    return out
+
+
+def _clamp(x: int, size: int) -> int:
+    x = x + size if x < 0 else x
+    return min(max(x, 0), size)
+
+
+def _split(ctx: LayoutContext, node: ir.Node, inp: Roles) -> list[Roles]:
+    if inp is None:
+        raise Skip(f"skipped: Split '{node.name}' on an untraced layout")
+    axis_attr = node.attributes.get("axis")
+    axis = int(axis_attr.value) if axis_attr is not None else 0
+    axis = axis + len(inp) if axis < 0 else axis
+    role = inp[axis]
+    count = len(node.outputs)
+    if not role.counted:
+        return [list(inp[:axis]) + [_OTHER] + list(inp[axis + 1 :]) for _ in range(count)]
+    if role.kind != "width":
+        raise Skip(f"skipped: Split '{node.name}' splits a {role.kind} axis")
+    sizes: list[int] | None = None
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        target = _target(node, 1)
+        if any(e is None for e in target.elems):
+            raise Skip(f"skipped: Split '{node.name}' has run-time sizes")
+        sizes = [int(e) for e in target.elems]  # type: ignore[arg-type]
+    elif role.old % count == 0:
+        sizes = [role.old // count] * count
+    if sizes is None or sum(sizes) != role.old:
+        raise Skip(f"skipped: Split '{node.name}' sizes do not add up to the fused width")
+    out: list[Roles] = []
+    new_sizes = []
+    start = 0
+    for size in sizes:
+        part = role.keep[start : start + size].copy()
+        new_sizes.append(int(part.sum()))
+        out.append(list(inp[:axis]) + [Axis("width", part)] + list(inp[axis + 1 :]))
+        start += size
+    if new_sizes != sizes:
+        ctx.edits.split_sizes.append((node, new_sizes))
+    return out
+
+
+def _concat(ctx: LayoutContext, node: ir.Node, first: Roles, path: list[int]) -> Roles:
+    if first is None:
+        raise Skip(f"skipped: Concat '{node.name}' on an untraced layout")
+    axis_attr = node.attributes.get("axis")
+    axis = int(axis_attr.value) if axis_attr is not None else 0
+    axis = axis + len(first) if axis < 0 else axis
+    if first[axis].counted:
+        raise Skip(f"skipped: Concat '{node.name}' joins along a {first[axis].kind} axis")
+    for i, value in enumerate(node.inputs):
+        if i not in path and value is not None:
+            _broadcast_operand(ctx, node, i, first)
+    out = list(first)
+    out[axis] = _OTHER
+    return out
+
+
+def _elementwise(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], path: list[int]) -> Roles:
+    known = [roles[id(node.inputs[i])] for i in path]
+    out_rank = max(len(r) if r is not None else 0 for r in known)
+    rank_out = node.outputs[0].shape.rank() if node.outputs[0].shape is not None else None
+    if any(r is None for r in known):
+        for i, value in enumerate(node.inputs):
+            if i not in path and value is not None:
+                arr = const_array(value)
+                if arr is None or arr.size != 1:
+                    raise Skip(f"skipped: {node.op_type} '{node.name}' mixes an untraced layout with another tensor")
+        return None
+    result: list[Axis] = [_OTHER] * out_rank
+    for r in known:
+        offset = out_rank - len(r)  # type: ignore[arg-type]
+        for j, axis in enumerate(r):  # type: ignore[union-attr]
+            if axis.counted or axis.kind == "dim":
+                current = result[offset + j]
+                if current.counted and axis.counted and not np.array_equal(current.keep, axis.keep):
+                    if current.new != axis.new:
+                        raise Skip(f"skipped: {node.op_type} '{node.name}' combines different head sets")
+                    continue
+                result[offset + j] = axis
+    if rank_out is not None and rank_out != out_rank:
+        out_rank = max(out_rank, rank_out)
+        result = [_OTHER] * (out_rank - len(result)) + result
+    for i, value in enumerate(node.inputs):
+        if i not in path and value is not None:
+            _broadcast_operand(ctx, node, i, result)
+    if node.op_type in ("Softmax", "LogSoftmax"):
+        axis_attr = node.attributes.get("axis")
+        axis = int(axis_attr.value) if axis_attr is not None else -1
+        if result[axis].counted:
+            raise Skip(f"skipped: {node.op_type} '{node.name}' normalises over heads")
+    return result
+
+
+def _broadcast_operand(ctx: LayoutContext, node: ir.Node, index: int, roles: list[Axis]) -> None:
+    """A tensor combined with a path value: size 1 on counted axes, or a constant to slice."""
+    value = node.inputs[index]
+    if value is None:
+        return
+    arr = const_array(value)
+    dims = list(arr.shape) if arr is not None else static_dims(value)
+    if dims is None:
+        if any(a.counted for a in roles):
+            raise Skip(f"skipped: {node.op_type} '{node.name}' reads a tensor of unknown shape")
+        return
+    offset = len(roles) - len(dims)
+    sliced = arr
+    for j, size in enumerate(dims):
+        if j + offset < 0:
+            continue
+        axis = roles[j + offset]
+        if not axis.counted or size == 1:
+            continue
+        if size != axis.old or arr is None:
+            raise Skip(
+                f"skipped: {node.op_type} '{node.name}' reads '{value.name}' with {size} entries on a "
+                f"{axis.kind} axis of {axis.old}"
+            )
+        sliced = np.take(sliced, np.flatnonzero(axis.keep), axis=j)
+    if sliced is not arr and sliced is not None:
+        ctx.edits.constants.append((node, index, sliced))
+
+
+#: The transfer table: one rule per op on an attention path.
+TRANSFER: dict[str, Rule] = {
+    "Reshape": _of_first(_reshape),
+    "Expand": _of_first(_expand),
+    "Transpose": _of_first(_transpose),
+    "Unsqueeze": _of_first(_unsqueeze),
+    "Squeeze": _of_first(_squeeze),
+    "Slice": _of_first(_slice),
+    "Split": _split_rule,
+    "Concat": _concat_rule,
+    **{op: _elementwise_rule for op in sorted(AXIS_PRESERVING)},
+}
+
+
+# ----------------------------------------------------------------------------- applying edits
+
+
+def apply_edits(editor: GraphEditor, edits: HeadEdits) -> None:
+    """Make the changes :func:`plan_head_removal` collected (constants cloned where shared)."""
+    groups: dict[tuple[Any, ...], tuple[_Target, list[int], list[tuple[ir.Node, int]]]] = {}
+    for target, new in edits.targets:
+        holder = target.concat if target.concat is not None else target.node.inputs[target.index]
+        key = (id(holder), tuple(new))
+        entry = groups.setdefault(key, (target, new, []))
+        if (target.node, target.index) not in entry[2]:
+            entry[2].append((target.node, target.index))
+    for target, new, readers in groups.values():
+        if target.concat is None:
+            value = _input(target.node, target.index)
+            editor.set_constant(value, readers, np.asarray(new, np.int64))
+            continue
+        concat = _own_concat(editor, target.concat, readers)
+        by_part: dict[int, list[tuple[int, int]]] = {}
+        for (part, offset), old, value in zip(target.parts, target.elems, new, strict=True):
+            if old != value:
+                by_part.setdefault(part, []).append((offset, value))
+        for part, changes in by_part.items():
+            part_value = _input(concat, part)
+            arr = np.asarray(const_array(part_value))
+            updated = np.array(arr, copy=True).reshape(-1)
+            for offset, value in changes:
+                updated[offset] = value
+            editor.set_constant(part_value, [(concat, part)], updated.reshape(arr.shape))
+    for node, index, arr in edits.constants:
+        editor.set_constant(_input(node, index), [(node, index)], arr)
+    for node, sizes in edits.split_sizes:
+        array = np.asarray(sizes, np.int64)
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            editor.set_constant(node.inputs[1], [(node, 1)], array)
+        else:  # equal parts given by num_outputs: now unequal, so explicit sizes
+            node.attributes.pop("num_outputs", None)
+            node.resize_inputs(2)
+            node.replace_input_with(1, editor.initializer(f"{node.name or 'split'}.sizes", array))
+        editor.mark(node)
+    for value, shape in edits.shapes:
+        value.shape = shape
+
+
+def _input(node: ir.Node, index: int) -> ir.Value:
+    value = node.inputs[index]
+    if value is None:  # the plan only records inputs it has read
+        raise ValueError(f"prune-heads: input {index} of '{node.name}' is missing")
+    return value
+
+
+def _own_concat(
+    editor: GraphEditor, concat: ir.Node, readers: list[tuple[ir.Node, int]]
+) -> ir.Node:
+    """``concat`` itself when only ``readers`` use it, else a copy that only they read."""
+    out = concat.outputs[0]
+    uses = {(id(u.node), u.idx) for u in out.uses()}
+    if uses <= {(id(n), i) for n, i in readers} and not out.is_graph_output():
+        return concat
+    clone = editor.node(
+        "Concat",
+        list(concat.inputs),
+        attributes={a.name: a.value for a in concat.attributes.values()},
+        domain=concat.domain,
+        name=f"{concat.name or 'concat'}.{editor.pass_name}",
+        outputs=f"{out.name or 'shape'}.{editor.pass_name}",
+        after=concat,
+    )
+    clone.outputs[0].shape, clone.outputs[0].type = out.shape, out.type
+    for node, index in readers:
+        node.replace_input_with(index, clone.outputs[0])
+    return clone
