@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from tests.models.tiny import pre_norm_block
 from tforge import testing
 from tforge.compiler.pass_infra import PROVENANCE_KEY, SiteStats, Skip
 from tforge.compiler.pipeline import PassManager
@@ -13,7 +14,6 @@ from tforge.compiler.rewrite import GraphEditor
 from tforge.compiler.structure import BLOCK_MAP_KEY, block_map
 from tforge.errors import PreconditionError
 from tforge.runtime import spill
-from tests.models.tiny import pre_norm_block
 
 SHARED = """
 <ir_version: 10, opset_import: ["" : 18]>
