@@ -84,6 +84,22 @@ def zoo_model(
     return get
 
 
+@pytest.fixture(scope="session")
+def zoo_static_model(
+    tmp_path_factory: pytest.TempPathFactory, zoo_module: Callable[[str], torch.nn.Module]
+) -> Callable[[str], Path]:
+    """Each zoo model exported at the fixed shape ``zoo.STATIC_SHAPE`` (once per session)."""
+    folder = tmp_path_factory.mktemp("zoo-static")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = zoo.ZOO[name].export(folder, zoo_module(name), static=zoo.STATIC_SHAPE)
+        return cache[name]
+
+    return get
+
+
 def _real_export(name: str) -> Path:
     from tforge.frontends import hf_models
 

@@ -221,3 +221,37 @@ def test_every_axis_preserving_op_has_the_elementwise_rule() -> None:
     rule = TRANSFER["Add"]
     assert all(TRANSFER[op] is rule for op in AXIS_PRESERVING)
     assert {"Reshape", "Expand", "Transpose", "Unsqueeze", "Squeeze", "Slice", "Split", "Concat"} <= set(TRANSFER)
+
+
+def test_static_reshape_merges_batch_and_heads_and_splits_them_back() -> None:
+    """Static exports of batched 3-D matmuls: [B, H, S, d] -> [B*H, S, d] -> [B, H, S, d]."""
+    _, merge = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[3, 4, 5, 2] x) => (float[12, 5, 2] y) <int64[3] t> { y = Reshape (x, t) }""",
+        t=np.array([12, 5, 2], np.int64),
+    )
+    (merged,), ctx = _apply(merge, {0: [OTHER, HEADS, OTHER, DIM]})
+    assert _kinds(merged) == ["heads", "other", "dim"]
+    assert (merged[0].outer, merged[0].old, merged[0].new) == (3, 12, 6)  # type: ignore[index]
+    assert ctx.edits.targets[0][1] == [6, 5, 2]
+    _, split = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[12, 5, 2] x) => (float[3, 4, 5, 2] y) <int64[4] t> { y = Reshape (x, t) }""",
+        t=np.array([3, 4, 5, 2], np.int64),
+    )
+    (back,), ctx = _apply(split, {0: merged})
+    assert _kinds(back) == ["other", "heads", "other", "dim"] and back[1].outer == 1  # type: ignore[index]
+    assert ctx.edits.targets[0][1] == [3, 2, 5, 2]
+
+
+def test_static_reshape_merges_batch_kv_heads_and_repeat() -> None:
+    kv = Axis("heads", _mask(KV, KEEP_KV))
+    rep = _ctx().rep_axis()
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[3, 2, 2, 5, 2] x) => (float[12, 5, 2] y) <int64[3] t> { y = Reshape (x, t) }""",
+        t=np.array([12, 5, 2], np.int64),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, kv, rep, OTHER, DIM]})
+    assert out[0].kind == "heads" and out[0].new == 6  # type: ignore[index]
+    assert ctx.edits.targets[0][1] == [6, 5, 2]

@@ -36,6 +36,7 @@ LAYERS = 2
 HEADS = 4
 INTERMEDIATE = 128
 TEXT_DIMS = {0: "batch", 1: "sequence"}
+STATIC_SHAPE = (2, 6)  # batch and sequence of the fixed-shape exports
 
 
 @dataclass(frozen=True)
@@ -80,21 +81,33 @@ class ZooEntry:
         _perturb_constant_parameters(module)
         return module
 
-    def export(self, folder: str | os.PathLike[str], module: torch.nn.Module | None = None) -> Path:
-        """Export to ``folder/<name>.onnx`` and return the path."""
+    def export(
+        self,
+        folder: str | os.PathLike[str],
+        module: torch.nn.Module | None = None,
+        *,
+        static: tuple[int, int] | None = None,
+    ) -> Path:
+        """Export to ``folder/<name>.onnx`` and return the path.
+
+        ``static=(batch, seq)``: a fixed-shape export at that batch and sequence length (every
+        shape constant), written to ``folder/<name>.static-<batch>x<seq>.onnx``.
+        """
         import torch
 
         module = module if module is not None else self.module()
-        example = self.inputs(2, 7, np.random.default_rng(SEED))
+        batch, seq = static if static is not None else (2, 7)
+        example = self.inputs(batch, seq, np.random.default_rng(SEED))
         args = tuple(torch.from_numpy(example[name]) for name in self.input_names)
         model = from_torch(
             module,
             args,
             input_names=list(self.input_names),
             output_names=[self.output_name],
-            dynamic_axes=self.dynamic_axes,
+            dynamic_axes=None if static is not None else self.dynamic_axes,
         )
-        return save_model(model, Path(folder) / f"{self.name}.onnx")
+        suffix = f".static-{batch}x{seq}" if static is not None else ""
+        return save_model(model, Path(folder) / f"{self.name}{suffix}.onnx")
 
 
 def _perturb_constant_parameters(module: torch.nn.Module) -> None:

@@ -11,6 +11,7 @@ import onnx_ir as ir
 import pytest
 
 import tforge
+from tests.models import zoo
 from tforge import testing
 from tforge.compiler import verify
 from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, calibrate_model
@@ -275,6 +276,23 @@ def test_zoo_models_run_after_heads_and_ffn_pruning(zoo_name: str, zoo_model, zo
     for batch, seq in ZOO_SHAPES:
         [cmp] = verify.compare_outputs(original, model, entry.inputs(batch, seq, np.random.default_rng(3)))
         assert np.isfinite(cmp.max_abs) and cmp.cosine > 0.5, cmp
+
+
+def test_zoo_static_shape_exports_lose_heads(zoo_name: str, zoo_static_model, zoo_entries) -> None:
+    """A fixed-shape export holds every head count as a constant (batch x heads included, where
+    the exporter writes attention as a 3-D matmul): all of them are rewritten."""
+    entry = zoo_entries[zoo_name]
+    model = _canonical(zoo_static_model(zoo_name))
+    original = model.clone()
+
+    record = _prune(model, entry, "prune-heads{ratio=0.5 importance=magnitude}")
+
+    assert record["stats"]["pruned"] == entry.truth.num_layers, record["stats"]
+    for block in find_blocks(model).blocks:
+        assert block.attention is not None and block.attention.num_heads == entry.truth.num_heads // 2
+    _assert_consistent(model)
+    [cmp] = verify.compare_outputs(original, model, entry.inputs(*zoo.STATIC_SHAPE, np.random.default_rng(3)))
+    assert np.isfinite(cmp.max_abs) and cmp.cosine > 0.5, cmp
 
 
 # Fused QKV of unequal parts (Split sizes [8, 4, 4]) with grouped-query attention: 4 query heads

@@ -58,19 +58,28 @@ class Axis:
 
     ``heads``, ``rep`` and ``width`` carry a mask over their old extent (True = kept);
     ``width`` is heads x head_dim, head-major. ``dim`` is head_dim (unchanged); ``other`` is
-    anything else (batch, sequence, broadcast ones).
+    anything else (batch, sequence, broadcast ones). ``outer > 1`` is a heads axis merged with
+    the axes before it (``[B*H, S, d]``, batch-major, as static-shape exports of batched matmuls
+    write attention): ``outer`` blocks of the heads, each masked by ``keep``.
     """
 
     kind: Literal["heads", "rep", "width", "dim", "other"]
     keep: np.ndarray | None = None
+    outer: int = 1
 
     @property
     def old(self) -> int:
-        return int(self.keep.shape[0]) if self.keep is not None else -1
+        return self.outer * int(self.keep.shape[0]) if self.keep is not None else -1
 
     @property
     def new(self) -> int:
-        return int(self.keep.sum()) if self.keep is not None else -1
+        return self.outer * int(self.keep.sum()) if self.keep is not None else -1
+
+    @property
+    def full_keep(self) -> np.ndarray:
+        """The mask over the whole extent (``keep`` repeated ``outer`` times)."""
+        assert self.keep is not None  # only asked of counted axes
+        return np.tile(self.keep, self.outer)
 
     @property
     def counted(self) -> bool:
@@ -119,11 +128,11 @@ def attention_region(attn: Attention, order: dict[int, int]) -> list[ir.Node]:
     for node in region:
         for out in node.outputs:
             if out.is_graph_output():
-                raise Skip(f"skipped: attention value '{out.name}' is a graph output")
+                raise Skip(f"attention value '{out.name}' is a graph output", node)
             for use in out.uses():
                 if id(use.node) not in inside and use.node.op_type != "Shape":
                     raise Skip(
-                        f"skipped: attention value '{out.name}' is also read by {use.node.op_type} "
+                        f"attention value '{out.name}' is also read by {use.node.op_type} "
                         f"'{use.node.name}' outside the attention"
                     )
     return region
@@ -152,7 +161,7 @@ def _between(starts: Sequence[ir.Value | None], ends: Sequence[ir.Value | None])
                 continue
             forward[id(node)] = node
             if len(forward) > _WALK_LIMIT:
-                raise Skip("skipped: the attention paths are too long to follow")
+                raise Skip("the attention paths are too long to follow")
             queue.extend(node.outputs)
     on_path: dict[int, ir.Node] = {}
     back = deque(e for e in ends if e is not None)
@@ -218,7 +227,7 @@ def plan_head_removal(
         or merged[-1].old != attn.o.in_features
         or not np.array_equal(merged[-1].keep, want)
     ):
-        raise Skip("skipped: the merged heads reaching the output projection were not traced")
+        raise Skip("the merged heads reaching the output projection were not traced", attn.o.matmul)
     ctx.record_shapes(region, roles)
     return ctx.edits
 
@@ -291,7 +300,7 @@ def _mask(size: int, kept: Sequence[int]) -> np.ndarray:
 def _leading(value: ir.Value, last: Axis) -> list[Axis]:
     rank = value.shape.rank() if value.shape is not None else None
     if rank is None or rank < 1:
-        raise Skip(f"skipped: projection output '{value.name}' has no known rank")
+        raise Skip(f"projection output '{value.name}' has no known rank", value.producer())
     return [_OTHER] * (rank - 1) + [last]
 
 
@@ -302,27 +311,27 @@ def _reads(node: ir.Node, value: ir.Value) -> bool:
 def _start_scores(ctx: LayoutContext, attn: Attention, roles: dict[int, Roles]) -> None:
     q = roles.get(id(attn.scores_matmul.inputs[0]))
     if q is None or not any(a.kind == "heads" for a in q):
-        raise Skip("skipped: the query heads axis at the scores MatMul was not traced")
+        raise Skip("the query heads axis at the scores MatMul was not traced", attn.scores_matmul)
     heads = next(a for a in q if a.kind == "heads")
     if not np.array_equal(heads.keep, ctx.q_mask):
-        raise Skip("skipped: the query heads at the scores MatMul are not the query projection's")
+        raise Skip("the query heads at the scores MatMul are not the query projection's", attn.scores_matmul)
     k = roles.get(id(attn.scores_matmul.inputs[1]))
     if k is not None:
         k_heads = [a for a in k if a.kind == "heads"]
         if len(k_heads) != 1 or k_heads[0].new != heads.new:
-            raise Skip("skipped: the key heads at the scores MatMul do not match the query heads")
+            raise Skip("the key heads at the scores MatMul do not match the query heads", attn.scores_matmul)
     roles[id(attn.scores_matmul.outputs[0])] = q[:-1] + [_OTHER]
 
 
 def _start_context(ctx: LayoutContext, attn: Attention, roles: dict[int, Roles]) -> None:
     probs = roles.get(id(attn.context_matmul.inputs[0]))
     if probs is None:
-        raise Skip("skipped: the attention probabilities' heads axis was not traced")
+        raise Skip("the attention probabilities' heads axis was not traced", attn.context_matmul)
     v = roles.get(id(attn.context_matmul.inputs[1]))
     if v is not None:
         v_heads = [a for a in v if a.kind == "heads"]
         if len(v_heads) != 1 or v_heads[0].new != int(ctx.q_mask.sum()):
-            raise Skip("skipped: the value heads at the context MatMul do not match the query heads")
+            raise Skip("the value heads at the context MatMul do not match the query heads", attn.context_matmul)
     roles[id(attn.context_matmul.outputs[0])] = probs[:-1] + [_DIM]
 
 
@@ -374,7 +383,7 @@ def _elementwise_rule(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles]
 def _target(node: ir.Node, index: int) -> _Target:
     value = node.inputs[index] if index < len(node.inputs) else None
     if value is None:
-        raise Skip(f"skipped: {node.op_type} '{node.name}' has no shape input")
+        raise Skip(f"{node.op_type} '{node.name}' has no shape input", node)
     arr = const_array(value)
     if arr is not None:
         elems = [int(x) for x in np.asarray(arr).ravel()]
@@ -383,7 +392,7 @@ def _target(node: ir.Node, index: int) -> _Target:
     if producer is None or producer.op_type != "Concat":
         dims = static_dims(value)
         if dims is None or len(dims) != 1 or dims[0] is None:
-            raise Skip(f"skipped: the shape input of {node.op_type} '{node.name}' has no known length")
+            raise Skip(f"the shape input of {node.op_type} '{node.name}' has no known length", node)
         return _Target(node, index, [None] * dims[0], None, [(-1, i) for i in range(dims[0])])
     elems: list[int | None] = []
     parts: list[tuple[int, int]] = []
@@ -396,7 +405,7 @@ def _target(node: ir.Node, index: int) -> _Target:
             continue
         dims = static_dims(part)
         if dims is None or len(dims) != 1 or dims[0] is None:
-            raise Skip(f"skipped: a part of the shape of {node.op_type} '{node.name}' has no known length")
+            raise Skip(f"a part of the shape of {node.op_type} '{node.name}' has no known length", node)
         elems += [None] * dims[0]
         parts += [(part_index, i) for i in range(dims[0])]
     return _Target(node, index, elems, producer, parts)
@@ -406,7 +415,7 @@ def _rewrite(ctx: LayoutContext, target: _Target, new: list[int]) -> None:
     if new != target.elems:
         for old, value in zip(target.elems, new, strict=True):
             if old is None and value is not None:
-                raise Skip(f"skipped: a run-time part of the shape of '{target.node.name}' would need a change")
+                raise Skip(f"a run-time part of the shape of '{target.node.name}' would need a change", target.node)
         ctx.edits.targets.append((target, new))
 
 
@@ -418,7 +427,7 @@ def _scaled(axis: Axis, elem: int | None) -> int | None:
         return axis.new
     if elem == 1:
         return 1
-    raise Skip(f"skipped: a shape element {elem} stands where {axis.old} ({axis.kind}) was expected")
+    raise Skip(f"a shape element {elem} stands where {axis.old} ({axis.kind}) was expected")
 
 
 def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
@@ -442,10 +451,10 @@ def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
         if inp[-1].kind == "width" and k >= 2 and all(a.kind == "other" for a in inp[:-1]) and size(k - 1) == d:
             width = inp[-1]
             if width.old % d:
-                raise Skip(f"skipped: Reshape '{node.name}' splits {width.old} channels by head_dim {d}")
+                raise Skip(f"Reshape '{node.name}' splits {width.old} channels by head_dim {d}", node)
             per_head = width.keep.reshape(-1, d)
             if not (per_head.all(axis=1) | ~per_head.any(axis=1)).all():
-                raise Skip(f"skipped: Reshape '{node.name}' would split a head")
+                raise Skip(f"Reshape '{node.name}' would split a head", node)
             heads = Axis("heads", per_head[:, 0].copy())
             _rewrite(ctx, target, elems[:-2] + [_scaled(heads, elems[-2]), elems[-1]])
             return [_OTHER] * (k - 2) + [heads, _DIM]
@@ -461,7 +470,7 @@ def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
             if inp[a].kind == "heads" and inp[a + 1].kind == "rep" and k == n - 1:
                 old = inp[a].old * inp[a + 1].old
                 if old != ctx.num_heads or inp[a].new * inp[a + 1].new != int(ctx.q_mask.sum()):
-                    raise Skip(f"skipped: Reshape '{node.name}' merges KV heads into an unexpected count")
+                    raise Skip(f"Reshape '{node.name}' merges KV heads into an unexpected count", node)
                 heads = Axis("heads", ctx.q_mask)
                 out = inp[:a] + [heads] + inp[a + 2 :]
                 _rewrite(ctx, target, [_scaled(r, e) for r, e in zip(out, elems, strict=True)])
@@ -472,10 +481,94 @@ def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
         ) and all(a.counted or e is None or e in (-1, 0) or e == size(j) for j, (a, e) in enumerate(zip(inp, elems, strict=True))):
             _rewrite(ctx, target, [_scaled(a, e) for a, e in zip(inp, elems, strict=True)])
             return list(inp)
+        # static shapes: axes merged or split as a whole (batch x heads for a 3-D matmul)
+        regrouped = _regroup(ctx, node, inp, target)
+        if regrouped is not None:
+            return regrouped
     # anything else must be computed at run time, which adapts by itself
     if any(e is not None and e not in (-1, 0) for e in elems):
-        raise Skip(f"skipped: Reshape '{node.name}' on the attention path has a constant target whose axes were not traced")
+        raise Skip(f"Reshape '{node.name}' on the attention path has a constant target whose axes were not traced", node)
     return None
+
+
+def _regroup(ctx: LayoutContext, node: ir.Node, inp: list[Axis], target: _Target) -> Roles:
+    """A Reshape between fully static shapes that merges or splits whole groups of axes.
+
+    Input and output dims are aligned into groups of equal products. A group of one axis keeps
+    its role; ``[.., other.., heads] -> [one axis]`` merges the heads with the axes before them
+    into a composite heads axis (``outer`` = their product); ``[composite] -> [outer, heads]``
+    splits it back. None when the shapes are not all known or a group is anything else.
+    """
+    in_dims, out_dims = static_dims(node.inputs[0]), static_dims(node.outputs[0])
+    if in_dims is None or out_dims is None or None in in_dims or None in out_dims or len(in_dims) != len(inp):
+        return None
+    groups = _align(in_dims, out_dims)  # type: ignore[arg-type]
+    if groups is None:
+        return None
+    elems = list(target.elems)
+    if len(elems) != len(out_dims):
+        return None
+    out: list[Axis] = []
+    new = list(elems)
+    for (ia, ib), (oa, ob) in groups:
+        roles = inp[ia:ib]
+        counted = [a for a in roles if a.counted]
+        if not counted:
+            out += [roles[0] if ib - ia == 1 and ob - oa == 1 else _OTHER] * (ob - oa)
+            continue
+        if ib - ia == 1 and ob - oa == 1:
+            role = roles[0]
+        elif ob - oa == 1 and len(counted) == 1 and roles[-1] is counted[0] and counted[0].kind == "heads" and counted[0].outer == 1:
+            role = Axis("heads", counted[0].keep, outer=int(np.prod(in_dims[ia : ib - 1])))  # type: ignore[arg-type]
+        elif (
+            ob - oa == 1 and len(counted) == 2 and ib - ia >= 2
+            and roles[-2].kind == "heads" and roles[-1].kind == "rep" and roles[-2].outer == 1
+        ):  # fmt: skip
+            # [.., KV, rep] -> [B*H]: repeated KV heads merged with the batch (repeat-KV, 3-D matmul)
+            if roles[-2].old * roles[-1].old != ctx.num_heads or roles[-2].new * roles[-1].new != int(ctx.q_mask.sum()):
+                raise Skip(f"Reshape '{node.name}' merges KV heads into an unexpected count", node)
+            role = Axis("heads", ctx.q_mask, outer=int(np.prod(in_dims[ia : ib - 2])))  # type: ignore[arg-type]
+        elif (
+            ib - ia == 1 and ob - oa == 2 and roles[0].kind == "heads" and roles[0].outer > 1
+            and out_dims[oa] == roles[0].outer and roles[0].keep is not None
+            and out_dims[oa + 1] == roles[0].keep.shape[0]
+        ):  # fmt: skip
+            heads = Axis("heads", roles[0].keep)
+            out += [_OTHER, heads]
+            new[oa + 1] = _scaled(heads, elems[oa + 1])
+            continue
+        else:
+            return None
+        out.append(role)
+        new[oa] = _scaled(role, elems[oa])
+    _rewrite(ctx, target, new)  # type: ignore[arg-type]
+    return out
+
+
+def _align(a: list[int], b: list[int]) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
+    """Split two shapes of equal size into consecutive groups of axes with equal products."""
+    groups = []
+    i = j = 0
+    while i < len(a) or j < len(b):
+        i0, j0 = i, j
+        pa = pb = 1
+        if i < len(a):
+            pa *= a[i]
+            i += 1
+        if j < len(b):
+            pb *= b[j]
+            j += 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                pa *= a[i]
+                i += 1
+            elif pb < pa and j < len(b):
+                pb *= b[j]
+                j += 1
+            else:
+                return None
+        groups.append(((i0, i), (j0, j)))
+    return groups
 
 
 def _expand(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
@@ -484,7 +577,7 @@ def _expand(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
     k = len(elems)
     if inp is None:
         if any(e is not None and e != 1 for e in elems):
-            raise Skip(f"skipped: Expand '{node.name}' on an untraced layout has a constant shape")
+            raise Skip(f"Expand '{node.name}' on an untraced layout has a constant shape", node)
         return None
     n = len(inp)
     if k < n:
@@ -517,7 +610,7 @@ def _transpose(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
     perm_attr = node.attributes.get("perm")
     perm = list(perm_attr.value) if perm_attr is not None else list(range(len(inp)))[::-1]
     if len(perm) != len(inp):
-        raise Skip(f"skipped: Transpose '{node.name}' permutes {len(perm)} axes of a rank-{len(inp)} value")
+        raise Skip(f"Transpose '{node.name}' permutes {len(perm)} axes of a rank-{len(inp)} value", node)
     return [inp[p] for p in perm]
 
 
@@ -525,7 +618,7 @@ def _axes(node: ir.Node) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         arr = const_array(node.inputs[1])
         if arr is None:
-            raise Skip(f"skipped: {node.op_type} '{node.name}' has axes computed at run time")
+            raise Skip(f"{node.op_type} '{node.name}' has axes computed at run time", node)
         return [int(x) for x in np.asarray(arr).ravel()]
     attr = node.attributes.get("axes")
     return list(attr.value) if attr is not None else None
@@ -548,21 +641,21 @@ def _squeeze(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
         return None
     axes = _axes(node)
     if axes is None:
-        raise Skip(f"skipped: Squeeze '{node.name}' without axes on the attention path")
+        raise Skip(f"Squeeze '{node.name}' without axes on the attention path", node)
     axes = {a + len(inp) if a < 0 else a for a in axes}
     if any(inp[a].counted and inp[a].old > 1 for a in axes):
-        raise Skip(f"skipped: Squeeze '{node.name}' removes a heads axis")
+        raise Skip(f"Squeeze '{node.name}' removes a heads axis", node)
     return [r for i, r in enumerate(inp) if i not in axes]
 
 
 def _slice(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
     if inp is None:
-        raise Skip(f"skipped: Slice '{node.name}' on an untraced layout")
+        raise Skip(f"Slice '{node.name}' on an untraced layout", node)
     starts, ends = _target(node, 1), _target(node, 2)
     axes = _target(node, 3).elems if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(len(starts.elems)))
     steps = _target(node, 4).elems if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(starts.elems)
     if any(x is None for x in [*starts.elems, *ends.elems, *axes, *steps]):
-        raise Skip(f"skipped: Slice '{node.name}' on the attention path has run-time bounds")
+        raise Skip(f"Slice '{node.name}' on the attention path has run-time bounds", node)
     out = list(inp)
     new_starts, new_ends = list(starts.elems), list(ends.elems)
     for i, (axis, step) in enumerate(zip(axes, steps, strict=True)):
@@ -573,11 +666,11 @@ def _slice(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
             continue
         start, end = _clamp(starts.elems[i], role.old), _clamp(ends.elems[i], role.old)
         if step != 1:
-            raise Skip(f"skipped: Slice '{node.name}' steps through a heads axis")
+            raise Skip(f"Slice '{node.name}' steps through a heads axis", node)
         if role.kind == "heads" and (start, end) == (0, role.old):
             continue
         if role.kind != "width":
-            raise Skip(f"skipped: Slice '{node.name}' cuts a {role.kind} axis")
+            raise Skip(f"Slice '{node.name}' cuts a {role.kind} axis", node)
         new_starts[i] = int(role.keep[:start].sum())
         new_ends[i] = new_starts[i] + int(role.keep[start:end].sum())
         if ends.elems[i] >= role.old and new_ends[i] == int(role.keep.sum()):
@@ -595,7 +688,7 @@ def _clamp(x: int, size: int) -> int:
 
 def _split(ctx: LayoutContext, node: ir.Node, inp: Roles) -> list[Roles]:
     if inp is None:
-        raise Skip(f"skipped: Split '{node.name}' on an untraced layout")
+        raise Skip(f"Split '{node.name}' on an untraced layout", node)
     axis_attr = node.attributes.get("axis")
     axis = int(axis_attr.value) if axis_attr is not None else 0
     axis = axis + len(inp) if axis < 0 else axis
@@ -604,17 +697,17 @@ def _split(ctx: LayoutContext, node: ir.Node, inp: Roles) -> list[Roles]:
     if not role.counted:
         return [list(inp[:axis]) + [_OTHER] + list(inp[axis + 1 :]) for _ in range(count)]
     if role.kind != "width":
-        raise Skip(f"skipped: Split '{node.name}' splits a {role.kind} axis")
+        raise Skip(f"Split '{node.name}' splits a {role.kind} axis", node)
     sizes: list[int] | None = None
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         target = _target(node, 1)
         if any(e is None for e in target.elems):
-            raise Skip(f"skipped: Split '{node.name}' has run-time sizes")
+            raise Skip(f"Split '{node.name}' has run-time sizes", node)
         sizes = [int(e) for e in target.elems]  # type: ignore[arg-type]
     elif role.old % count == 0:
         sizes = [role.old // count] * count
     if sizes is None or sum(sizes) != role.old:
-        raise Skip(f"skipped: Split '{node.name}' sizes do not add up to the fused width")
+        raise Skip(f"Split '{node.name}' sizes do not add up to the fused width", node)
     out: list[Roles] = []
     new_sizes = []
     start = 0
@@ -630,12 +723,12 @@ def _split(ctx: LayoutContext, node: ir.Node, inp: Roles) -> list[Roles]:
 
 def _concat(ctx: LayoutContext, node: ir.Node, first: Roles, path: list[int]) -> Roles:
     if first is None:
-        raise Skip(f"skipped: Concat '{node.name}' on an untraced layout")
+        raise Skip(f"Concat '{node.name}' on an untraced layout", node)
     axis_attr = node.attributes.get("axis")
     axis = int(axis_attr.value) if axis_attr is not None else 0
     axis = axis + len(first) if axis < 0 else axis
     if first[axis].counted:
-        raise Skip(f"skipped: Concat '{node.name}' joins along a {first[axis].kind} axis")
+        raise Skip(f"Concat '{node.name}' joins along a {first[axis].kind} axis", node)
     for i, value in enumerate(node.inputs):
         if i not in path and value is not None:
             _broadcast_operand(ctx, node, i, first)
@@ -653,7 +746,7 @@ def _elementwise(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], pat
             if i not in path and value is not None:
                 arr = const_array(value)
                 if arr is None or arr.size != 1:
-                    raise Skip(f"skipped: {node.op_type} '{node.name}' mixes an untraced layout with another tensor")
+                    raise Skip(f"{node.op_type} '{node.name}' mixes an untraced layout with another tensor", node)
         return None
     result: list[Axis] = [_OTHER] * out_rank
     for r in known:
@@ -663,7 +756,7 @@ def _elementwise(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], pat
                 current = result[offset + j]
                 if current.counted and axis.counted and not np.array_equal(current.keep, axis.keep):
                     if current.new != axis.new:
-                        raise Skip(f"skipped: {node.op_type} '{node.name}' combines different head sets")
+                        raise Skip(f"{node.op_type} '{node.name}' combines different head sets", node)
                     continue
                 result[offset + j] = axis
     if rank_out is not None and rank_out != out_rank:
@@ -676,7 +769,7 @@ def _elementwise(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], pat
         axis_attr = node.attributes.get("axis")
         axis = int(axis_attr.value) if axis_attr is not None else -1
         if result[axis].counted:
-            raise Skip(f"skipped: {node.op_type} '{node.name}' normalises over heads")
+            raise Skip(f"{node.op_type} '{node.name}' normalises over heads", node)
     return result
 
 
@@ -689,7 +782,7 @@ def _broadcast_operand(ctx: LayoutContext, node: ir.Node, index: int, roles: lis
     dims = list(arr.shape) if arr is not None else static_dims(value)
     if dims is None:
         if any(a.counted for a in roles):
-            raise Skip(f"skipped: {node.op_type} '{node.name}' reads a tensor of unknown shape")
+            raise Skip(f"{node.op_type} '{node.name}' reads a tensor of unknown shape", node)
         return
     offset = len(roles) - len(dims)
     sliced = arr
@@ -701,10 +794,10 @@ def _broadcast_operand(ctx: LayoutContext, node: ir.Node, index: int, roles: lis
             continue
         if size != axis.old or arr is None:
             raise Skip(
-                f"skipped: {node.op_type} '{node.name}' reads '{value.name}' with {size} entries on a "
+                f"{node.op_type} '{node.name}' reads '{value.name}' with {size} entries on a "
                 f"{axis.kind} axis of {axis.old}"
             )
-        sliced = np.take(sliced, np.flatnonzero(axis.keep), axis=j)
+        sliced = np.take(sliced, np.flatnonzero(axis.full_keep), axis=j)
     if sliced is not arr and sliced is not None:
         ctx.edits.constants.append((node, index, sliced))
 
