@@ -273,14 +273,19 @@ def ort_max_abs_diff(
 # ----------------------------------------------------------------------------- KV-cache exports
 #
 # The layout of Hugging Face's exporter (optimum, task ``text-generation-with-past``):
-#   inputs   input_ids [batch, sequence], attention_mask [batch, total_sequence],
-#            position_ids [batch, sequence],
-#            past_key_values.N.key / .value [batch, kv_heads, past_sequence, head_dim]
-#   outputs  logits [batch, sequence, vocab],
-#            present.N.key / .value [batch, kv_heads, past_sequence + sequence, head_dim]
-# where total_sequence = past_sequence + sequence. A prompt is run with past_sequence = 0.
+#   inputs   input_ids [batch_size, sequence_length],
+#            attention_mask [batch_size, past_sequence_length + sequence_length],
+#            position_ids [batch_size, sequence_length],
+#            past_key_values.N.key / .value [batch_size, kv_heads, past_sequence_length, head_dim]
+#   outputs  logits [batch_size, sequence_length, vocab],
+#            present.N.key / .value [batch_size, kv_heads, past_sequence_length + sequence_length, head_dim]
+# with the dim names optimum gives them, so that both routes have the same interface as its
+# exports. A prompt is run with past_sequence_length = 0.
 
 CACHE_INPUTS = ("input_ids", "attention_mask", "position_ids")
+BATCH, SEQUENCE, PAST = "batch_size", "sequence_length", "past_sequence_length"
+TOTAL = f"{PAST} + {SEQUENCE}"
+_TOTAL_DIM = "total_sequence_length"  # torch.export needs an identifier; renamed to TOTAL after export
 
 
 def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -446,10 +451,10 @@ def export_causal_lm_with_cache(
         *(torch.randn(batch, kv_heads, past, head_dim, generator=generator) for _ in past_names),
     )
     axes: dict[str, dict[int, str]] = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        **{n: {0: "batch", 2: "past_sequence"} for n in past_names},
+        "input_ids": {0: BATCH, 1: SEQUENCE},
+        "attention_mask": {0: BATCH, 1: _TOTAL_DIM},
+        "position_ids": {0: BATCH, 1: SEQUENCE},
+        **{n: {0: BATCH, 2: PAST} for n in past_names},
     }
     start = time.perf_counter()
     if exporter == "dynamo":
@@ -457,6 +462,7 @@ def export_causal_lm_with_cache(
             module, example, input_names=input_names, output_names=output_names,
             dynamic_axes=axes, opset=opset,
         )
+        _rename_dims(onnx_model, {_TOTAL_DIM: TOTAL})
         path = save_model(onnx_model, out_path)
     else:
         path = _export_torchscript(
@@ -477,6 +483,19 @@ def export_causal_lm_with_cache(
     )
 
 
+def _rename_dims(model: Any, names: dict[str, str]) -> None:
+    """Rename symbolic dims on every value of the graph (inputs, outputs, intermediates)."""
+    import onnx_ir as ir
+
+    values = [*model.graph.inputs, *(o for node in model.graph.all_nodes() for o in node.outputs)]
+    for value in values:
+        if value.shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value in names for d in value.shape):
+            continue
+        value.shape = ir.Shape(
+            [ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in names else d for d in value.shape]
+        )
+
+
 def _export_torchscript(
     module: torch.nn.Module,
     example: tuple[torch.Tensor, ...],
@@ -495,9 +514,9 @@ def _export_torchscript(
     from tforge.frontends.onnx import load_onnx
 
     out_axes = {
-        **axes,
-        "logits": {0: "batch", 1: "sequence"},
-        **{n: {0: "batch", 2: "total_sequence"} for n in output_names[1:]},
+        **{name: {a: TOTAL if d == _TOTAL_DIM else d for a, d in dims.items()} for name, dims in axes.items()},
+        "logits": {0: BATCH, 1: SEQUENCE},
+        **{n: {0: BATCH, 2: TOTAL} for n in output_names[1:]},
     }
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
