@@ -150,3 +150,13 @@ def test_first_difference() -> None:
     assert generate.first_difference([1, 2, 3], [1, 2, 3]) is None
     assert generate.first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert generate.first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_side_by_side_rounds_take_turns_over_the_prompts(llama_cache) -> None:
+    other = PROMPT[::-1]
+    (result,) = generate.time_side_by_side([llama_cache.dynamo], None, 5, prompts=[PROMPT, other], runs=3, warmup=0)
+
+    first, second = (generate.greedy(llama_cache.dynamo, p, 5).tokens for p in (PROMPT, other))
+    assert result.run_tokens == [first, second, first] and result.tokens == first
+    with pytest.raises(PassConfigError, match="of one length"):
+        generate.time_side_by_side([llama_cache.dynamo], None, 5, prompts=[PROMPT, PROMPT[:3]])

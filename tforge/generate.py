@@ -440,14 +440,16 @@ class GenerationTiming:
     tokens_per_s: float
     memory_mb: float
     runs: int
-    tokens: list[int]
+    tokens: list[int]  # of the first round
+    run_tokens: list[list[int]] = dataclasses.field(default_factory=list)  # of every round
 
 
 def time_side_by_side(
     models: Sequence[Any],
-    prompt: Sequence[int],
+    prompt: Sequence[int] | None,
     new_tokens: int,
     *,
+    prompts: Sequence[Sequence[int]] | None = None,
     names: Sequence[str] | None = None,
     runs: int = 3,
     warmup: int = 1,
@@ -456,8 +458,14 @@ def time_side_by_side(
 ) -> list[GenerationTiming]:
     """Generate ``new_tokens`` greedily (no stop at end of text) from ``prompt`` with every
     model, round robin: each round runs every model once, starting from a different one, so
-    load on the machine hits them alike. Sessions are opened one after another with their
-    memory measured; at least one warm-up generation per model precedes the timed rounds."""
+    load on the machine hits them alike. With ``prompts`` (instead of ``prompt``) round ``r``
+    uses ``prompts[r % len(prompts)]`` for every model. Sessions are opened one after another
+    with their memory measured; at least one warm-up generation per model precedes the rounds."""
+    if (prompt is None) == (prompts is None):
+        raise PassConfigError("generate bench: give either one prompt or a list of prompts")
+    rounds = [list(prompt)] if prompt is not None else [list(p) for p in prompts or ()]
+    if not rounds or any(len(p) != len(rounds[0]) for p in rounds):
+        raise PassConfigError("generate bench: the prompts must be non-empty and of one length")
     if runs < 1 or warmup < 0:
         raise PassConfigError(f"generate bench: need runs >= 1 and warmup >= 0, got {runs} and {warmup}")
     if not models:
@@ -471,7 +479,7 @@ def time_side_by_side(
         session = open_session(model, threads=threads)
         layout = cache_layout(session)
         for _ in range(max(warmup, 1)):
-            greedy(session, prompt, new_tokens, layout=layout)
+            greedy(session, rounds[0], new_tokens, layout=layout)
         sessions.append(session)
         layouts.append(layout)
         memory.append(rss_mb()[0] - before)
@@ -479,14 +487,14 @@ def time_side_by_side(
             progress(f"{name}: session open, {memory[-1]:.0f} MB")
     prefill: list[list[float]] = [[] for _ in models]
     decode: list[list[float]] = [[] for _ in models]
-    outputs: list[list[int]] = [[] for _ in models]
+    outputs: list[list[list[int]]] = [[] for _ in models]
     for round_ in range(runs):
         for offset in range(len(models)):
             i = (round_ + offset) % len(models)
-            result = greedy(sessions[i], prompt, new_tokens, layout=layouts[i])
+            result = greedy(sessions[i], rounds[round_ % len(rounds)], new_tokens, layout=layouts[i])
             prefill[i].append(result.prefill_ms)
             decode[i].extend(result.decode_ms)
-            outputs[i] = result.tokens
+            outputs[i].append(result.tokens)
         if progress:
             progress(f"round {round_ + 1}/{runs} done")
     out = []
@@ -496,8 +504,8 @@ def time_side_by_side(
         out.append(
             GenerationTiming(
                 name=name,
-                prompt_tokens=len(prompt),
-                new_tokens=len(outputs[i]),
+                prompt_tokens=len(rounds[0]),
+                new_tokens=len(outputs[i][0]),
                 prefill_ms=float(np.median(prefill[i])),
                 decode_ms=median,
                 decode_p10_ms=float(np.percentile(steps, 10)),
@@ -505,7 +513,8 @@ def time_side_by_side(
                 tokens_per_s=1e3 / median if median > 0 else float("nan"),
                 memory_mb=memory[i],
                 runs=runs,
-                tokens=outputs[i],
+                tokens=outputs[i][0],
+                run_tokens=outputs[i],
             )
         )
     return out
