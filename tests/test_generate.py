@@ -160,3 +160,22 @@ def test_side_by_side_rounds_take_turns_over_the_prompts(llama_cache) -> None:
     assert result.run_tokens == [first, second, first] and result.tokens == first
     with pytest.raises(PassConfigError, match="of one length"):
         generate.time_side_by_side([llama_cache.dynamo], None, 5, prompts=[PROMPT, PROMPT[:3]])
+
+
+def test_a_symbolic_head_size_comes_from_dims_or_the_genai_config(llama_cache, tmp_path: Path) -> None:
+    from tforge.backends import genai
+
+    model = load_onnx(llama_cache.dynamo)  # onnxruntime-genai's builder names the head size kv_cache_dim
+    for value in [*model.graph.inputs[3:], *model.graph.outputs[1:]]:
+        value.shape = ir.Shape([*value.shape[:3], ir.SymbolicDim("kv_cache_dim")])
+    path = save_model(model, tmp_path / "symbolic" / "model.onnx")
+    declared = genai._graph_io(path)  # the graph's own shapes (ORT's session may infer some)
+
+    with pytest.raises(UnsupportedModelError, match="symbolic size 'kv_cache_dim' on axis 3"):
+        generate.cache_layout(declared)
+    layout = generate.cache_layout(declared, dims={"kv_cache_dim": 8})
+    assert {(c.heads, c.head_dim, c.past_axis) for c in layout.cache} == {(2, 8, 2)}
+
+    genai.write_genai_folder(path, path.parent, hf_config=llama_cache.model.config.to_dict())
+    assert generate.cache_layout(declared) == layout
+    assert generate.greedy(path, PROMPT, 6).tokens == generate.greedy(llama_cache.dynamo, PROMPT, 6).tokens

@@ -121,12 +121,17 @@ def _shape_with_past(c: CacheTensor, batch: int, past: int) -> list[int]:
     return shape
 
 
-def cache_layout(session: Any) -> CacheLayout:
+def cache_layout(session: Any, *, dims: Mapping[str, int] | None = None) -> CacheLayout:
     """The cache layout of an ``onnxruntime.InferenceSession`` (see the module docstring).
 
+    Head counts and head sizes are read from the cache inputs' static dims. A symbolic one
+    (onnxruntime-genai's builder writes ``kv_cache_dim`` for the head size) takes its value
+    from ``dims`` (by dim name, or by role: ``num_key_value_heads``, ``head_size``), else from the
+    ``genai_config.json`` beside the model file.
+
     Raises ``UnsupportedModelError`` naming the input or output that does not fit: a graph
-    with no cache inputs, a cache input whose head count or head size is not static, a past
-    input with no matching present output, or an input that generation cannot fill.
+    with no cache inputs, a cache size that cannot be known, a past input with no matching
+    present output, or an input that generation cannot fill.
     """
     where = getattr(session, "_model_path", None) or "model"
     inputs = {i.name: i for i in session.get_inputs()}
@@ -154,22 +159,34 @@ def cache_layout(session: Any) -> CacheLayout:
         n for n, o in outputs.items() if len(o.shape or ()) == 4 and n != "logits"
     ]
     pairs = _pair_cache(where, past_names, present_names)
+    sizes = {**_sizes_beside(where), **dict(dims or {})}
     cache = []
     for past, present in pairs:
         info = inputs[past]
         dtype = _dtype(where, past, info.type)
         if dtype not in (np.float32, np.float16, np.float64):
             raise UnsupportedModelError(f"{where}: cache input {past} is {info.type}, expected a float tensor")
-        shape = list(info.shape)
-        # [batch, heads, past, head_dim]: batch is axis 0, the past length the other symbolic axis
-        dynamic = [a for a in range(1, 4) if not isinstance(shape[a], int)]
-        if len(dynamic) != 1:
+        shape, grown = list(info.shape), list(outputs[present].shape or ())
+        # [batch, heads, past, head_dim]: the past axis is the one that grows from input to output
+        # (its dim differs); without names that say so, the only symbolic axis after the batch
+        axis = _past_axis(shape, grown)
+        if axis is None:
             raise UnsupportedModelError(
-                f"{where}: cache input {past} has shape {shape}; expected [batch, kv_heads, past, "
-                "head_dim] with static head counts and one dynamic past axis"
+                f"{where}: cache input {past} has shape {shape} and its output {present} {grown}; expected "
+                "[batch, kv_heads, past, head_dim] with one past axis that grows"
             )
-        axis = dynamic[0]
-        heads, head_dim = (shape[a] for a in range(1, 4) if a != axis)
+        static = []
+        for a in (a for a in range(1, 4) if a != axis):
+            size = next((d for d in (shape[a], grown[a] if len(grown) == 4 else None) if isinstance(d, int)), None)
+            if size is None:  # symbolic on both sides
+                size = sizes.get(shape[a], sizes.get(_ROLE.get(a, "")))
+            if not isinstance(size, int):
+                raise UnsupportedModelError(
+                    f"{where}: cache input {past} has a symbolic size {shape[a]!r} on axis {a}; give it "
+                    f"(dims={{{shape[a]!r}: N}}), or keep the genai_config.json its builder wrote beside the model"
+                )
+            static.append(size)
+        heads, head_dim = static
         cache.append(CacheTensor(past, present, int(heads), int(head_dim), axis, np.dtype(dtype)))
 
     logits = "logits" if "logits" in outputs else next(
@@ -194,6 +211,33 @@ def cache_layout(session: Any) -> CacheLayout:
 
 
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+_ROLE = {1: "num_key_value_heads", 3: "head_size"}  # keys of genai_config.json, by axis
+
+
+def _past_axis(shape: list[Any], grown: list[Any]) -> int | None:
+    if len(grown) == 4:
+        differs = [
+            a for a in range(1, 4)
+            if not isinstance(shape[a], int) and not isinstance(grown[a], int) and shape[a] != grown[a]
+        ]
+        if len(differs) == 1:
+            return differs[0]
+    dynamic = [a for a in range(1, 4) if not isinstance(shape[a], int)]
+    return dynamic[0] if len(dynamic) == 1 else None
+
+
+def _sizes_beside(where: str) -> dict[str, int]:
+    """Cache sizes from a ``genai_config.json`` next to the model file (as the builder ships it)."""
+    import json
+
+    config = Path(where).parent / "genai_config.json"
+    if where == "model" or not config.is_file():
+        return {}
+    try:
+        decoder = json.loads(config.read_text())["model"]["decoder"]
+        return {k: int(decoder[k]) for k in _ROLE.values() if k in decoder}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _dtype(where: str, name: str, ort_type: str) -> type:

@@ -154,7 +154,17 @@ def _hf_folder(work: Path) -> Path:
     the GGUF by transformers' save_pretrained; the model builder reads this offline."""
 
     def build(out: Path) -> None:
-        model = hf_models.load_smollm2_causal_lm()
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        loaded = hf_models.load_smollm2_causal_lm()
+        # transformers refuses to save a model loaded from GGUF (it keeps the GGUF quantizer
+        # attached, though the weights are already dequantised): copy them into a plain model
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
         model.save_pretrained(out)
         hf_models.smollm2_tokenizer().save_pretrained(out)
 

@@ -60,7 +60,12 @@ def genai_config(
     """
     from tforge import generate
 
-    layout = generate.cache_layout(_graph_io(model))
+    # sizes the graph leaves symbolic (as the builder's kv_cache_dim) come from the config
+    fallback = {}
+    if hf_config.get("num_attention_heads") and hf_config.get("hidden_size"):
+        fallback["head_size"] = int(hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"])
+        fallback["num_key_value_heads"] = int(hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"])
+    layout = generate.cache_layout(_graph_io(model), dims=fallback)
     keys, values = layout.cache[0::2], layout.cache[1::2]
     if len(keys) != len(values) or not keys:
         raise UnsupportedModelError(
@@ -195,7 +200,7 @@ def _graph_io(model: Any) -> Any:
     import onnx
 
     proto = onnx.load(os.fspath(model), load_external_data=False)
-    return _ProtoIO(proto)
+    return _ProtoIO(proto, os.fspath(model))
 
 
 class _Arg:
@@ -211,7 +216,8 @@ class _Arg:
 class _ProtoIO:
     """The part of an ORT session's interface ``cache_layout`` uses, over an ONNX proto."""
 
-    def __init__(self, proto: Any) -> None:
+    def __init__(self, proto: Any, path: str) -> None:
+        self._model_path = path  # as on an ORT session: where messages and genai_config.json lookups point
         initializers = {t.name for t in proto.graph.initializer}
         self._inputs = [_Arg(v) for v in proto.graph.input if v.name not in initializers]
         self._outputs = [_Arg(v) for v in proto.graph.output]
