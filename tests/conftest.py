@@ -90,7 +90,11 @@ def _real_export(name: str) -> Path:
     path = MODEL_CACHE / f"{name}.onnx"
     script = REPO / "tools" / "export_models.py"
     if not hf_models.is_current(path, *([script] if script.exists() else [])):
-        exporter = {"minilm": hf_models.export_minilm, "smollm2": hf_models.export_smollm2}[name]
+        exporter = {
+            "minilm": hf_models.export_minilm,
+            "smollm2": hf_models.export_smollm2,
+            "smollm2-kv": hf_models.export_smollm2_kv,
+        }[name]
         exporter(path)
     return path
 
@@ -105,6 +109,12 @@ def minilm_onnx() -> Path:
 def smollm2_onnx() -> Path:
     """SmolLM2-135M exported by tools/export_models.py's code (input input_ids -> logits)."""
     return _real_export("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_kv_onnx() -> Path:
+    """SmolLM2-135M with a KV cache (dynamo route), as tools/export_models.py --models smollm2-kv."""
+    return _real_export("smollm2-kv")
 
 
 @pytest.fixture(scope="session")

@@ -169,7 +169,7 @@ def test_a_symbolic_head_size_comes_from_dims_or_the_genai_config(llama_cache, t
     for value in [*model.graph.inputs[3:], *model.graph.outputs[1:]]:
         value.shape = ir.Shape([*value.shape[:3], ir.SymbolicDim("kv_cache_dim")])
     path = save_model(model, tmp_path / "symbolic" / "model.onnx")
-    declared = genai._graph_io(path)  # the graph's own shapes (ORT's session may infer some)
+    declared = generate.graph_io(path)  # the graph's own shapes (ORT's session may infer some)
 
     with pytest.raises(UnsupportedModelError, match="symbolic size 'kv_cache_dim' on axis 3"):
         generate.cache_layout(declared)

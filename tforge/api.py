@@ -340,7 +340,7 @@ def bench_generate(
     if prompt is None:
         if prompt_length < 1:
             raise PassConfigError(f"bench: the prompt length must be >= 1, got {prompt_length}")
-        vocab = gen.cache_layout(gen.open_session(models[0], threads=threads)).vocab
+        vocab = gen.cache_layout(gen.graph_io(models[0])).vocab
         if vocab is None:
             raise UnsupportedModelError(
                 f"bench: {names[0] if names else models[0]} has no static vocabulary size in its "

@@ -40,6 +40,7 @@ __all__ = [
     "cache_layout",
     "first_difference",
     "greedy",
+    "graph_io",
     "greedy_recompute",
     "load_text_tokenizer",
     "open_session",
@@ -263,6 +264,47 @@ def _pair_cache(where: str, past: list[str], present: list[str]) -> list[tuple[s
 
 
 # ----------------------------------------------------------------------------- sessions
+
+
+def graph_io(model: Any) -> Any:
+    """What :func:`cache_layout` reads: an ORT session as it is, else the declared inputs and
+    outputs of the ONNX file ``model`` (parsed with ``onnx``, external weights left unread), with
+    no session opened."""
+    if hasattr(model, "get_inputs"):
+        return model
+    import onnx
+
+    if not Path(model).is_file():
+        raise UnsupportedModelError(f"{model}: no such model file; pass an .onnx file")
+
+    proto = onnx.load(os.fspath(model), load_external_data=False)
+    return _ProtoIO(proto, os.fspath(model))
+
+
+class _Arg:
+    _TYPES = {1: "tensor(float)", 10: "tensor(float16)", 11: "tensor(double)", 7: "tensor(int64)", 6: "tensor(int32)"}
+
+    def __init__(self, value: Any) -> None:
+        tensor = value.type.tensor_type
+        self.name = value.name
+        self.type = self._TYPES.get(tensor.elem_type, f"tensor(elem_type {tensor.elem_type})")
+        self.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+
+
+class _ProtoIO:
+    """The part of an ORT session's interface ``cache_layout`` uses, over an ONNX proto."""
+
+    def __init__(self, proto: Any, path: str) -> None:
+        self._model_path = path  # as on an ORT session: where messages and genai_config.json lookups point
+        initializers = {t.name for t in proto.graph.initializer}
+        self._inputs = [_Arg(v) for v in proto.graph.input if v.name not in initializers]
+        self._outputs = [_Arg(v) for v in proto.graph.output]
+
+    def get_inputs(self) -> list[_Arg]:
+        return self._inputs
+
+    def get_outputs(self) -> list[_Arg]:
+        return self._outputs
 
 
 def open_session(model: Any, *, threads: int | None = None, optimize: bool = True) -> Any:

@@ -65,7 +65,7 @@ def genai_config(
     if hf_config.get("num_attention_heads") and hf_config.get("hidden_size"):
         fallback["head_size"] = int(hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"])
         fallback["num_key_value_heads"] = int(hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"])
-    layout = generate.cache_layout(_graph_io(model), dims=fallback)
+    layout = generate.cache_layout(generate.graph_io(model), dims=fallback)
     keys, values = layout.cache[0::2], layout.cache[1::2]
     if len(keys) != len(values) or not keys:
         raise UnsupportedModelError(
@@ -190,43 +190,6 @@ def write_genai_folder(
         _write_tokenizer(Path(tokenizer), out)
     logger.info("genai: wrote %s for %s", path, target)
     return path
-
-
-def _graph_io(model: Any) -> Any:
-    """Something ``cache_layout`` reads: an ORT session as is, else an input/output view of the
-    graph loaded without its weights."""
-    if hasattr(model, "get_inputs"):
-        return model
-    import onnx
-
-    proto = onnx.load(os.fspath(model), load_external_data=False)
-    return _ProtoIO(proto, os.fspath(model))
-
-
-class _Arg:
-    _TYPES = {1: "tensor(float)", 10: "tensor(float16)", 11: "tensor(double)", 7: "tensor(int64)", 6: "tensor(int32)"}
-
-    def __init__(self, value: Any) -> None:
-        tensor = value.type.tensor_type
-        self.name = value.name
-        self.type = self._TYPES.get(tensor.elem_type, f"tensor(elem_type {tensor.elem_type})")
-        self.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
-
-
-class _ProtoIO:
-    """The part of an ORT session's interface ``cache_layout`` uses, over an ONNX proto."""
-
-    def __init__(self, proto: Any, path: str) -> None:
-        self._model_path = path  # as on an ORT session: where messages and genai_config.json lookups point
-        initializers = {t.name for t in proto.graph.initializer}
-        self._inputs = [_Arg(v) for v in proto.graph.input if v.name not in initializers]
-        self._outputs = [_Arg(v) for v in proto.graph.output]
-
-    def get_inputs(self) -> list[_Arg]:
-        return self._inputs
-
-    def get_outputs(self) -> list[_Arg]:
-        return self._outputs
 
 
 def _layer_pattern(names: Sequence[str]) -> str:
