@@ -106,7 +106,11 @@ def _real_export(name: str) -> Path:
     path = MODEL_CACHE / f"{name}.onnx"
     script = REPO / "tools" / "export_models.py"
     if not hf_models.is_current(path, *([script] if script.exists() else [])):
-        exporter = {"minilm": hf_models.export_minilm, "smollm2": hf_models.export_smollm2}[name]
+        exporter = {
+            "minilm": hf_models.export_minilm,
+            "smollm2": hf_models.export_smollm2,
+            "smollm2-kv": hf_models.export_smollm2_kv,
+        }[name]
         exporter(path)
     return path
 
@@ -121,3 +125,35 @@ def minilm_onnx() -> Path:
 def smollm2_onnx() -> Path:
     """SmolLM2-135M exported by tools/export_models.py's code (input input_ids -> logits)."""
     return _real_export("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_kv_onnx() -> Path:
+    """SmolLM2-135M with a KV cache (dynamo route), as tools/export_models.py --models smollm2-kv."""
+    return _real_export("smollm2-kv")
+
+
+@pytest.fixture(scope="session")
+def llama_cache(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A random-initialised LLaMA with grouped-query attention (2 layers, 4 heads, 2 KV heads,
+    vocab 96), exported with a KV cache by both routes: ``.dynamo`` / ``.torchscript`` (paths),
+    ``.reports`` (the export checks) and ``.model`` (the transformers module)."""
+    from types import SimpleNamespace
+
+    from tforge.frontends import hf_models
+
+    folder = tmp_path_factory.mktemp("llama-cache")
+    model = hf_models.random_llama()
+    reports = {
+        exporter: hf_models.export_causal_lm_with_cache(
+            model, folder / f"llama-{exporter}.onnx", exporter=exporter
+        )
+        for exporter in ("dynamo", "torchscript")
+    }
+    return SimpleNamespace(
+        model=model,
+        reports=reports,
+        dynamo=reports["dynamo"].path,
+        torchscript=reports["torchscript"].path,
+        folder=folder,
+    )

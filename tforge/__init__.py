@@ -1,10 +1,22 @@
 """tforge: a compression compiler for exported transformer models.
 
 The public API mirrors the command line: :func:`load`, :func:`compile`, :func:`inspect`,
-:func:`bench`; pipelines are run by :class:`PassManager` and described by :class:`Report`.
+:func:`bench`, :func:`bench_generate` (``tforge bench --generate``), :func:`generate_text`
+(``tforge generate``; the generation loop itself is the module :mod:`tforge.generate`); pipelines are run by :class:`PassManager` and described by :class:`Report`.
 """
 
-from tforge.api import BenchResult, CompileResult, bench, compile, inspect, load
+from tforge.api import (
+    BenchResult,
+    CompileResult,
+    GenerateBenchResult,
+    GenerateResult,
+    bench,
+    bench_generate,
+    compile,
+    generate_text,
+    inspect,
+    load,
+)
 from tforge.compiler.pass_infra import Pass, PassResult, Property
 from tforge.compiler.pipeline import NumericsCheck, PassManager, Report
 from tforge.compiler.registry import all_passes, register_pass
@@ -22,6 +34,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BenchResult",
     "CompileResult",
+    "GenerateBenchResult",
+    "GenerateResult",
     "NumericsCheck",
     "Pass",
     "PassConfigError",
@@ -36,7 +50,9 @@ __all__ = [
     "VerificationError",
     "all_passes",
     "bench",
+    "bench_generate",
     "compile",
+    "generate_text",
     "inspect",
     "load",
     "register_pass",

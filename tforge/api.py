@@ -233,3 +233,135 @@ def symbol_values(model: ir.Model, shapes: Mapping[str, str]) -> dict[str, int]:
             if isinstance(dim, ir.SymbolicDim) and dim.value:
                 values[dim.value] = size
     return values
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    """Text generated greedily from a prompt, with its tokens and timings."""
+
+    text: str
+    prompt_tokens: list[int]
+    tokens: list[int]
+    prefill_ms: float
+    decode_ms_per_token: float
+    stopped: str  # "length" or "eos"
+
+
+def generate_text(
+    model: PathLike | Any,
+    prompt: str | Sequence[int],
+    *,
+    tokenizer: PathLike | Any | None = None,
+    max_new_tokens: int = 32,
+    stop_at_eos: bool = True,
+    threads: int | None = None,
+) -> GenerateResult:
+    """Greedy generation with a KV-cache graph (a path or an ORT session; ``tforge generate``):
+    the prompt is prefilled with an empty cache, then one token a step with the cache fed back.
+
+    ``prompt`` is text (``tokenizer`` is then a folder with tokenizer.json, a tokenizer.json or
+    a .gguf file, or a loaded :class:`tforge.generate.TextTokenizer`) or token ids; ``text`` is
+    the continuation only (empty when no tokenizer is given).
+    """
+    from tforge import generate as gen
+
+    tok = _text_tokenizer(tokenizer) if tokenizer is not None else None
+    if isinstance(prompt, str):
+        if tok is None:
+            raise PassConfigError("generate: a text prompt needs a tokenizer; pass tokenizer=PATH")
+        ids = tok.encode(prompt)
+    else:
+        ids = list(prompt)
+    eos = tok.eos_ids if tok is not None and stop_at_eos else ()
+    result = gen.greedy(model, ids, max_new_tokens, eos_ids=eos, threads=threads)
+    text = _continuation(tok, ids, result.tokens) if tok is not None else ""
+    return GenerateResult(text, ids, result.tokens, result.prefill_ms, result.decode_ms_per_token, result.stopped)
+
+
+def _text_tokenizer(tokenizer: PathLike | Any) -> Any:
+    from tforge import generate as gen
+
+    if isinstance(tokenizer, gen.TextTokenizer):
+        return tokenizer
+    return gen.load_text_tokenizer(tokenizer)
+
+
+def _continuation(tok: Any, prompt: Sequence[int], tokens: Sequence[int]) -> str:
+    """The text the new tokens add to the prompt. Decoding them alone can lose the space that
+    joins them to the prompt (SentencePiece, byte-level BPE), so the prompt's text is cut off
+    the decoded whole instead."""
+    whole, head = tok.decode([*prompt, *tokens]), tok.decode(prompt)
+    return whole[len(head):] if whole.startswith(head) else tok.decode(tokens)
+
+
+@dataclasses.dataclass
+class GenerateBenchResult:
+    """One model of an interleaved generation benchmark (see ``bench_generate``)."""
+
+    model: str
+    prompt_tokens: int
+    new_tokens: int
+    prefill_ms: float
+    decode_ms: float
+    decode_p10_ms: float
+    decode_p90_ms: float
+    tokens_per_s: float
+    ratio: float  # decode ms/token relative to the first model
+    memory_mb: float
+    peak_rss_mb: float  # of the whole process, after every model ran
+    runs: int
+    same_tokens: bool  # greedy tokens equal to the first model's
+    first_difference: int | None  # first position where they differ
+    tokens: list[int]
+
+
+def bench_generate(
+    models: Sequence[PathLike | Any],
+    *,
+    names: Sequence[str] | None = None,
+    prompt: Sequence[int] | None = None,
+    prompt_length: int = 128,
+    new_tokens: int = 64,
+    runs: int = 3,
+    warmup: int = 1,
+    threads: int | None = None,
+    seed: int = 0,
+) -> list[GenerateBenchResult]:
+    """Time greedy generation of KV-cache graphs side by side, interleaved in one process:
+    prefill latency at the prompt's length, decode ms per token (median over every step of
+    every run) and tokens/s, memory per model, and the greedy tokens compared with the first
+    model's. Without ``prompt``, ``prompt_length`` random ids of the first model's vocabulary
+    (seeded) are used; generation does not stop at end of text, so every run has
+    ``new_tokens`` tokens.
+    """
+    from tforge import generate as gen
+
+    if not models:
+        raise PassConfigError("bench: no models given")
+    if prompt is None:
+        if prompt_length < 1:
+            raise PassConfigError(f"bench: the prompt length must be >= 1, got {prompt_length}")
+        vocab = gen.cache_layout(gen.graph_io(models[0])).vocab
+        if vocab is None:
+            raise UnsupportedModelError(
+                f"bench: {names[0] if names else models[0]} has no static vocabulary size in its "
+                "logits; give the prompt's token ids"
+            )
+        prompt = np.random.default_rng(seed).integers(0, vocab, size=prompt_length).tolist()
+    labels = list(names) if names is not None else [str(m) for m in models]
+    timings = gen.time_side_by_side(
+        models, list(prompt), new_tokens, names=labels, runs=runs, warmup=warmup, threads=threads
+    )
+    peak = gen.rss_mb()[1]
+    base, first = timings[0].decode_ms, timings[0].tokens
+    return [
+        GenerateBenchResult(
+            model=t.name, prompt_tokens=t.prompt_tokens, new_tokens=t.new_tokens,
+            prefill_ms=t.prefill_ms, decode_ms=t.decode_ms, decode_p10_ms=t.decode_p10_ms,
+            decode_p90_ms=t.decode_p90_ms, tokens_per_s=t.tokens_per_s,
+            ratio=t.decode_ms / base if base else float("nan"), memory_mb=t.memory_mb,
+            peak_rss_mb=peak, runs=t.runs, same_tokens=t.tokens == first,
+            first_difference=gen.first_difference(first, t.tokens), tokens=t.tokens,
+        )
+        for t in timings
+    ]

@@ -1,4 +1,4 @@
-"""``tforge compile | inspect | passes | bench``.
+"""``tforge compile | inspect | passes | bench | generate``.
 
 Exit codes: 0 success; 1 user error (one line on stderr, traceback with -v); 2 usage;
 70 internal error (also writes ``tforge-crash.json`` with the pipeline and traceback).
@@ -8,6 +8,7 @@ Requested output goes to stdout; logs and progress go to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +38,8 @@ _EPILOG = """examples:
   tforge compile model.onnx --preset w8a8 --calib-text text.txt --tokenizer TOKENIZER_DIR -o model.int8.onnx
   tforge inspect model.onnx --json
   tforge bench model.onnx model.canon.onnx --input-shape input_ids=1x128
+  tforge bench --generate kv.onnx kv.int8.onnx --prompt-length 128 --new-tokens 64 --threads 2
+  tforge generate kv.onnx --tokenizer model.gguf --prompt "The history of" --max-new-tokens 32
   tforge passes
 """
 
@@ -122,10 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("inputs", nargs="+", metavar="MODEL")
     b.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=DIMS",
                    help="shape of a generated input, e.g. input_ids=1x128 (default: batch 2, other dims 16)")
-    b.add_argument("--runs", type=int, default=20)
-    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--generate", action="store_true",
+                   help="KV-cache models: time greedy generation (prefill, decode ms/token, tokens/s, memory) "
+                        "and compare the tokens with the first model's")
+    b.add_argument("--prompt-length", type=int, default=128, metavar="N",
+                   help="--generate: prompt tokens (random ids, or the start of --prompt-text's second half)")
+    b.add_argument("--new-tokens", type=int, default=64, metavar="N", help="--generate: tokens generated per run")
+    b.add_argument("--tokenizer", metavar="PATH",
+                   help="--generate: tokenizer (folder with tokenizer.json, or .gguf) for a text prompt")
+    b.add_argument("--prompt-text", metavar="FILE",
+                   help="--generate: the prompt is the first --prompt-length tokens of this file's second half "
+                        "(needs --tokenizer; default with --tokenizer: the WikiText-2 test split tforge ships)")
+    b.add_argument("--runs", type=int, default=None, help="timed runs (default 20; with --generate 3 generations)")
+    b.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3; with --generate 1)")
     b.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
     b.add_argument("--json", action="store_true")
+
+    g = sub.add_parser("generate", help="generate text greedily with a KV-cache model")
+    g.add_argument("input", metavar="MODEL", help="an .onnx decoder with past/present KV-cache tensors")
+    g.add_argument("--tokenizer", required=True, metavar="PATH",
+                   help="a folder with tokenizer.json, a tokenizer.json file, or a .gguf file")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    g.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
     return parser
 
 
@@ -397,6 +420,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import tforge
     from tforge.api import symbol_values
 
+    if args.generate:
+        return _bench_generate(args)
+    if args.tokenizer or args.prompt_text:
+        raise PassConfigError("bench: --tokenizer and --prompt-text are for --generate; add --generate")
+    args.runs = 20 if args.runs is None else args.runs
+    args.warmup = 3 if args.warmup is None else args.warmup
     if args.runs < 1 or args.warmup < 0:
         raise PassConfigError("bench: --runs must be >= 1 and --warmup >= 0")
     models = [tforge.load(path) for path in args.inputs]
@@ -412,7 +441,80 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"compile": _cmd_compile, "inspect": _cmd_inspect, "passes": _cmd_passes, "bench": _cmd_bench}
+def _bench_generate(args: argparse.Namespace) -> int:
+    import tforge
+
+    if args.input_shape:
+        raise PassConfigError("bench --generate: the shapes come from --prompt-length; drop --input-shape")
+    runs = 3 if args.runs is None else args.runs
+    warmup = 1 if args.warmup is None else args.warmup
+    if runs < 1 or warmup < 0 or args.new_tokens < 1 or args.prompt_length < 1:
+        raise PassConfigError("bench --generate: need --runs >= 1, --warmup >= 0, --new-tokens >= 1, --prompt-length >= 1")
+    prompt = None
+    if args.prompt_text and not args.tokenizer:
+        raise PassConfigError("bench --generate: --prompt-text needs --tokenizer to turn it into tokens")
+    if args.tokenizer:
+        prompt = _text_prompt(args.tokenizer, args.prompt_text, args.prompt_length)
+    results = tforge.bench_generate(
+        args.inputs, names=args.inputs, prompt=prompt, prompt_length=args.prompt_length,
+        new_tokens=args.new_tokens, runs=runs, warmup=warmup, threads=args.threads,
+    )
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+        return EXIT_OK
+    width = max(len(r.model) for r in results)
+    print(f"{'model':<{width}}  {'prefill ms':>10}  {'decode ms/tok':>13}  {'p10-p90':>13}  {'tok/s':>7}  "
+          f"{'ratio':>6}  {'memory MB':>9}  tokens vs first")
+    for r in results:
+        same = "same" if r.same_tokens else f"differ from position {r.first_difference}"
+        print(f"{r.model:<{width}}  {r.prefill_ms:10.2f}  {r.decode_ms:13.2f}  "
+              f"{f'{r.decode_p10_ms:.2f}-{r.decode_p90_ms:.2f}':>13}  {r.tokens_per_s:7.1f}  {r.ratio:6.3f}  "
+              f"{r.memory_mb:9.0f}  {same}")
+    first = results[0]
+    print(f"prompt {first.prompt_tokens} tokens, {first.new_tokens} new tokens, {first.runs} interleaved runs; "
+          f"decode = median over every step; peak RSS of the process {first.peak_rss_mb:.0f} MB")
+    return EXIT_OK
+
+
+def _text_prompt(tokenizer: str, text_path: str | None, length: int) -> list[int]:
+    """The first ``length`` tokens of the second half of a text (default: WikiText-2's test split)."""
+    from tforge import evaluate
+    from tforge import generate as gen
+    from tforge.data import WIKITEXT
+
+    tok = gen.load_text_tokenizer(tokenizer)
+    text = evaluate.text_half(evaluate.read_text(text_path or WIKITEXT), "second")
+    ids = evaluate.tokenize_lines(tok.encode, text, length)
+    if len(ids) < length:
+        raise PassConfigError(f"bench --generate: {text_path or WIKITEXT} gives only {len(ids)} tokens, {length} asked")
+    return ids[:length]
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import tforge
+
+    if args.max_new_tokens < 1:
+        raise PassConfigError(f"generate: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    result = tforge.generate_text(
+        args.input, args.prompt, tokenizer=args.tokenizer, max_new_tokens=args.max_new_tokens,
+        stop_at_eos=not args.ignore_eos, threads=args.threads,
+    )
+    print(result.text)
+    logger.info(
+        "%d prompt tokens, %d new tokens (stopped at %s); prefill %.1f ms, decode %.2f ms/token",
+        len(result.prompt_tokens), len(result.tokens), "end of text" if result.stopped == "eos" else "the limit",
+        result.prefill_ms, result.decode_ms_per_token,
+    )
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "compile": _cmd_compile,
+    "inspect": _cmd_inspect,
+    "passes": _cmd_passes,
+    "bench": _cmd_bench,
+    "generate": _cmd_generate,
+}
 
 
 if __name__ == "__main__":

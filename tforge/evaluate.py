@@ -8,7 +8,9 @@ every model variant the same way:
 - encoders: :func:`encode_sentences` (one padded batch), :func:`mean_pool` (mean over the attention
   mask, L2-normalised), :func:`sentence_embeddings` (batches through any ``run``),
   :func:`row_cosines`;
-- decoders: :func:`token_windows`, :func:`nll_sum` (log-softmax in float64), :func:`perplexity`.
+- decoders: :func:`token_windows`, :func:`nll_sum` (log-softmax in float64), :func:`perplexity`,
+  :func:`window_perplexity` (a graph without cache), :func:`cache_perplexity` (a KV-cache graph,
+  each window prefilled from an empty cache).
 
 A ``run`` is any callable from a feed dict to the model's first output, e.g.
 ``lambda feeds: session.run(None, feeds)[0]``.
@@ -31,6 +33,7 @@ from tforge.errors import UnsupportedModelError
 __all__ = [
     "EmbeddingAgreement",
     "agreement",
+    "cache_perplexity",
     "encode_sentences",
     "mean_pool",
     "nll_sum",
@@ -224,3 +227,19 @@ def window_perplexity(run: Run, windows: Iterable[np.ndarray], *, input_name: st
         total += nll_sum(logits[0, :-1], ids[0, 1:])
         tokens += ids.shape[1] - 1
     return perplexity(total, tokens)
+
+
+def cache_perplexity(session: Any, windows: Iterable[np.ndarray]) -> float:
+    """:func:`window_perplexity` of a KV-cache graph (an ``onnxruntime.InferenceSession``, or a
+    path): each window is one prefill from an empty cache (past length 0), with the mask and
+    positions the graph takes, as :func:`tforge.generate.cache_layout` reads them."""
+    from tforge import generate
+
+    session = generate.open_session(session)
+    layout = generate.cache_layout(session)
+
+    def run(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        (logits,) = session.run([layout.logits], layout.prefill_feeds(feeds["input_ids"]))
+        return logits
+
+    return window_perplexity(run, windows)

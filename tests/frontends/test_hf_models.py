@@ -87,3 +87,15 @@ def test_smollm2_export_matches_torch_on_real_text(smollm2_onnx: Path) -> None:
     ids = hf_models.smollm2_tokenizer()(hf_models.SENTENCE)["input_ids"]
     feeds = {"input_ids": np.array([ids, ids[::-1]], dtype=np.int64)}
     assert _ort_vs_torch(smollm2_onnx, hf_models.load_smollm2_torch(), feeds) < 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_cache_generation_equals_the_export_without_cache(smollm2_kv_onnx: Path, smollm2_onnx: Path) -> None:
+    from tforge import generate
+
+    ids = hf_models.smollm2_tokenizer()(hf_models.SENTENCE)["input_ids"]
+    cached = generate.greedy(smollm2_kv_onnx, ids, 8, keep_logits=True)
+    plain = generate.greedy_recompute(smollm2_onnx, ids, 8)  # the graph without cache inputs
+
+    assert cached.tokens == plain.tokens
+    assert max(float(np.abs(a - b).max()) for a, b in zip(cached.logits, plain.logits, strict=True)) < 1e-3

@@ -144,12 +144,23 @@ def load_minilm_torch() -> torch.nn.Module:
     return LastHiddenState(model).eval()
 
 
-def load_smollm2_torch() -> torch.nn.Module:
-    """SmolLM2 dequantised to float32, wrapped so that ``forward(input_ids)`` returns logits
-    with no KV cache (the graph then has one input and one output)."""
+def load_smollm2_causal_lm() -> Any:
+    """SmolLM2 as a ``transformers`` causal LM, dequantised to float32, in eval mode."""
     _offline()
     import torch
     from transformers import AutoModelForCausalLM
+
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+def load_smollm2_torch() -> torch.nn.Module:
+    """SmolLM2 dequantised to float32, wrapped so that ``forward(input_ids)`` returns logits
+    with no KV cache (the graph then has one input and one output)."""
+    import torch
 
     class Logits(torch.nn.Module):
         def __init__(self, model: torch.nn.Module) -> None:
@@ -159,11 +170,7 @@ def load_smollm2_torch() -> torch.nn.Module:
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
             return self.model(input_ids=input_ids, use_cache=False).logits
 
-    gguf = smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    return Logits(model).eval()
+    return Logits(load_smollm2_causal_lm()).eval()
 
 
 def export_minilm(out_path: str | os.PathLike[str]) -> ExportReport:
@@ -261,3 +268,343 @@ def ort_max_abs_diff(
             "the export is wrong, re-export it"
         )
     return float(np.max(np.abs(actual.astype(np.float64) - expected)))
+
+
+# ----------------------------------------------------------------------------- KV-cache exports
+#
+# The layout of Hugging Face's exporter (optimum, task ``text-generation-with-past``):
+#   inputs   input_ids [batch_size, sequence_length],
+#            attention_mask [batch_size, past_sequence_length + sequence_length],
+#            position_ids [batch_size, sequence_length],
+#            past_key_values.N.key / .value [batch_size, kv_heads, past_sequence_length, head_dim]
+#   outputs  logits [batch_size, sequence_length, vocab],
+#            present.N.key / .value [batch_size, kv_heads, past_sequence_length + sequence_length, head_dim]
+# with the dim names optimum gives them, so that both routes have the same interface as its
+# exports. A prompt is run with past_sequence_length = 0.
+
+CACHE_INPUTS = ("input_ids", "attention_mask", "position_ids")
+BATCH, SEQUENCE, PAST = "batch_size", "sequence_length", "past_sequence_length"
+TOTAL = f"{PAST} + {SEQUENCE}"
+_TOTAL_DIM = "total_sequence_length"  # torch.export needs an identifier; renamed to TOTAL after export
+
+
+def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Names of the past inputs and of the present outputs, layer by layer, key before value."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return past, present
+
+
+@dataclass(frozen=True)
+class CacheExportReport:
+    """A KV-cache export and how faithful it is: ORT (optimisations off) against PyTorch on a
+    prefill with an empty cache, then on one decode step fed the cache that prefill returned."""
+
+    name: str
+    path: Path
+    seconds: float
+    exporter: str  # "dynamo" or "torchscript"
+    prefill_max_abs_diff: float  # over logits and every present tensor
+    decode_max_abs_diff: float
+    tokens: int  # prompt length of the check
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(self.prefill_max_abs_diff, self.decode_max_abs_diff)
+
+
+def random_llama(
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 64,
+    vocab: int = 96,
+    max_positions: int = 256,
+    seed: int = 0,
+) -> Any:
+    """A random-initialised ``LlamaForCausalLM`` (grouped-query attention when ``kv_heads <
+    heads``), float32 and in eval mode: a small stand-in for SmolLM2 in tests."""
+    _offline()
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if heads % kv_heads or hidden % heads:
+        raise ValueError(
+            f"random_llama: need heads % kv_heads == 0 and hidden % heads == 0, got "
+            f"hidden={hidden} heads={heads} kv_heads={kv_heads}"
+        )
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    # Random init leaves the norms at 1 and the logits nearly flat; spread them so that greedy
+    # decoding has clear winners (ties would make "same tokens" a matter of rounding).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            else:
+                scale = 3.0 if name.startswith("lm_head") else 1.0
+                param.normal_(0.0, scale * param.shape[-1] ** -0.5)
+    return model.eval()
+
+
+def cache_module(model: Any) -> torch.nn.Module:
+    """Wrap a ``transformers`` causal LM so that its forward is the cache layout above:
+    ``forward(input_ids, attention_mask, position_ids, *past)`` with the flat past tensors
+    (key, value of layer 0, then layer 1, ...) returning ``(logits, *present)``.
+
+    The flat tensors become a ``DynamicCache`` going in and flat tensors again coming out, so
+    both exporters see plain tensors and the graph's inputs are exactly the cache layout.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    class CacheLM(torch.nn.Module):
+        def __init__(self, lm: Any) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            position_ids: torch.Tensor,
+            *past: torch.Tensor,
+        ) -> tuple[torch.Tensor, ...]:
+            pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+            cache = DynamicCache(ddp_cache_data=pairs, config=self.lm.config)
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            present: list[torch.Tensor] = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return CacheLM(model).eval()
+
+
+def _cache_geometry(model: Any) -> tuple[int, int, int]:
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def export_causal_lm_with_cache(
+    model: Any,
+    out_path: str | os.PathLike[str],
+    *,
+    exporter: str = "dynamo",
+    check_ids: Any = None,
+    name: str = "causal-lm",
+    opset: int | None = None,
+) -> CacheExportReport:
+    """Export a ``transformers`` causal LM with a KV cache in Hugging Face's layout (see above),
+    dynamic in batch, sequence and past length, and check it against PyTorch.
+
+    ``exporter="dynamo"`` uses ``torch.onnx.export(dynamo=True)`` (tforge's frontend);
+    ``"torchscript"`` the TorchScript tracer (``dynamo=False``), which is what Hugging Face's
+    exporter produces. ``check_ids`` is the prompt of the check (a list of token ids; default
+    12 random ids): a batch of it and its reverse is prefilled with an empty cache, then one
+    greedy token per row is decoded with the cache that prefill returned.
+    """
+    import torch
+
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"export_causal_lm_with_cache: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    layers, kv_heads, head_dim = _cache_geometry(model)
+    module = cache_module(model)
+    past_names, present_names = cache_names(layers)
+    input_names = [*CACHE_INPUTS, *past_names]
+    output_names = ["logits", *present_names]
+    # Distinct example sizes, batch above 1: torch.export specialises a dim whose example is 1
+    # and unifies dims whose examples are equal.
+    batch, seq, past = 2, 3, 5
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    example = (
+        torch.randint(0, vocab, (batch, seq), generator=generator),
+        torch.ones(batch, past + seq, dtype=torch.int64),
+        torch.arange(past, past + seq).repeat(batch, 1),
+        *(torch.randn(batch, kv_heads, past, head_dim, generator=generator) for _ in past_names),
+    )
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: BATCH, 1: SEQUENCE},
+        "attention_mask": {0: BATCH, 1: _TOTAL_DIM},
+        "position_ids": {0: BATCH, 1: SEQUENCE},
+        **{n: {0: BATCH, 2: PAST} for n in past_names},
+    }
+    start = time.perf_counter()
+    if exporter == "dynamo":
+        onnx_model = from_torch(
+            module, example, input_names=input_names, output_names=output_names,
+            dynamic_axes=axes, opset=opset,
+        )
+        _rename_dims(onnx_model, {_TOTAL_DIM: TOTAL})
+        path = save_model(onnx_model, out_path)
+    else:
+        path = _export_torchscript(
+            module, example, out_path, input_names, output_names, axes, opset or 18
+        )
+    seconds = time.perf_counter() - start
+
+    if check_ids is None:
+        check_ids = torch.randint(3, vocab, (12,), generator=generator).tolist()
+    prefill_diff, decode_diff = _check_cache_export(path, module, list(check_ids), past_names, kv_heads, head_dim)
+    logger.info(
+        "%s: exported (%s) to %s in %.1f s, max |ORT - torch| prefill %.3g, decode %.3g",
+        name, exporter, path, seconds, prefill_diff, decode_diff,
+    )
+    return CacheExportReport(
+        name, Path(path), seconds, exporter, prefill_diff, decode_diff, len(check_ids),
+        layers, kv_heads, head_dim,
+    )
+
+
+def _rename_dims(model: Any, names: dict[str, str]) -> None:
+    """Rename symbolic dims on every value of the graph (inputs, outputs, intermediates)."""
+    import onnx_ir as ir
+
+    values = [*model.graph.inputs, *(o for node in model.graph.all_nodes() for o in node.outputs)]
+    for value in values:
+        if value.shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value in names for d in value.shape):
+            continue
+        value.shape = ir.Shape(
+            [ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in names else d for d in value.shape]
+        )
+
+
+def _export_torchscript(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    out_path: str | os.PathLike[str],
+    input_names: list[str],
+    output_names: list[str],
+    axes: dict[str, dict[int, str]],
+    opset: int,
+) -> Path:
+    """The TorchScript exporter into a temporary file, then tforge's atomic save."""
+    import tempfile
+    import warnings
+
+    import torch
+
+    from tforge.frontends.onnx import load_onnx
+
+    out_axes = {
+        **{name: {a: TOTAL if d == _TOTAL_DIM else d for a, d in dims.items()} for name, dims in axes.items()},
+        "logits": {0: BATCH, 1: SEQUENCE},
+        **{n: {0: BATCH, 2: TOTAL} for n in output_names[1:]},
+    }
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as folder:
+        tmp = Path(folder) / "model.onnx"
+        with warnings.catch_warnings():
+            # the tracer warns at every Python branch on a tensor; the check below is the proof
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(
+                    module, example, str(tmp), input_names=input_names, output_names=output_names,
+                    dynamic_axes=out_axes, opset_version=opset, dynamo=False,
+                )
+            except Exception as err:
+                raise UnsupportedModelError(
+                    f"{type(module.lm).__name__}: TorchScript ONNX export failed: "
+                    f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                    "try exporter='dynamo'"
+                ) from err
+        model = load_onnx(tmp)
+        model.meta.pop("tforge.source_path", None)  # the temporary file is not the source
+        return save_model(model, out)
+
+
+def _check_cache_export(
+    path: Path,
+    module: torch.nn.Module,
+    ids: list[int],
+    past_names: list[str],
+    kv_heads: int,
+    head_dim: int,
+) -> tuple[float, float]:
+    """Max |ORT - torch| over all outputs of a prefill (empty past) and one decode step."""
+    import torch
+
+    from tforge.backends.ort import create_session
+
+    if len(ids) < 2:
+        raise ValueError("export check: the prompt needs at least 2 tokens")
+    session = create_session(path, optimize=False)
+    prompt = np.array([ids, ids[::-1]], dtype=np.int64)
+    batch, seq = prompt.shape
+    empty = np.zeros((batch, kv_heads, 0, head_dim), np.float32)
+    prefill = {
+        "input_ids": prompt,
+        "attention_mask": np.ones((batch, seq), np.int64),
+        "position_ids": np.tile(np.arange(seq, dtype=np.int64), (batch, 1)),
+        **{n: empty for n in past_names},
+    }
+
+    def torch_run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            return [t.numpy() for t in module(*(torch.from_numpy(v) for v in feeds.values()))]
+
+    def diff(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
+        shapes = [a.shape for a in actual], [e.shape for e in expected]
+        if shapes[0] != shapes[1]:
+            raise VerificationError(
+                f"{path}: ORT output shapes {shapes[0]} differ from torch {shapes[1]}; the export is wrong"
+            )
+        return max(float(np.max(np.abs(a.astype(np.float64) - e))) for a, e in zip(actual, expected, strict=True))
+
+    ort_prefill, torch_prefill = session.run(None, prefill), torch_run(prefill)
+    prefill_diff = diff(ort_prefill, torch_prefill)
+    next_ids = torch_prefill[0][:, -1].argmax(-1).reshape(batch, 1).astype(np.int64)
+    step = {
+        "input_ids": next_ids,
+        "attention_mask": np.ones((batch, seq + 1), np.int64),
+        "position_ids": np.full((batch, 1), seq, np.int64),
+    }
+    ort_decode = session.run(None, {**step, **dict(zip(past_names, ort_prefill[1:], strict=True))})
+    torch_decode = torch_run({**step, **dict(zip(past_names, torch_prefill[1:], strict=True))})
+    return prefill_diff, diff(ort_decode, torch_decode)
+
+
+def export_smollm2_kv(out_path: str | os.PathLike[str]) -> CacheExportReport:
+    """SmolLM2 with a KV cache through ``torch.onnx.export(dynamo=True)``; checked on ``SENTENCE``."""
+    ids = smollm2_tokenizer()(SENTENCE)["input_ids"]
+    return export_causal_lm_with_cache(
+        load_smollm2_causal_lm(), out_path, exporter="dynamo", check_ids=ids, name="smollm2-kv"
+    )
+
+
+def export_smollm2_kv_torchscript(out_path: str | os.PathLike[str]) -> CacheExportReport:
+    """SmolLM2 with a KV cache through the TorchScript exporter (what Hugging Face's exporter
+    produces); checked on ``SENTENCE``."""
+    ids = smollm2_tokenizer()(SENTENCE)["input_ids"]
+    return export_causal_lm_with_cache(
+        load_smollm2_causal_lm(), out_path, exporter="torchscript", check_ids=ids,
+        name="smollm2-kv-torchscript",
+    )

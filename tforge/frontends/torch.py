@@ -44,7 +44,8 @@ def from_torch(
     becomes one ``torch.export.Dim`` per name, so axes sharing a name are constrained equal (the
     batch of ``input_ids`` and ``attention_mask``) and the ONNX inputs carry those names as
     symbolic dims. An ExportedProgram already fixed its dynamic dims in ``torch.export``, so
-    ``dynamic_axes`` is refused for it rather than silently ignored.
+    ``dynamic_axes`` is refused for it rather than silently ignored. A ``forward(a, *rest)``
+    takes any number of trailing tensors (name them with ``input_names``), such as a KV cache.
     """
     import torch
 
@@ -79,6 +80,10 @@ def from_torch(
             list(input_names) if input_names is not None else _forward_arg_names(source, len(args))
         )
         dynamic_shapes = _dynamic_shapes(where, args, names, dynamic_axes) if dynamic_axes else None
+        varargs_at = _varargs_position(source)
+        if dynamic_shapes is not None and varargs_at is not None and len(args) > varargs_at:
+            # torch.export wants the shapes of forward(*args) as one nested tuple
+            dynamic_shapes = (*dynamic_shapes[:varargs_at], tuple(dynamic_shapes[varargs_at:]))
     else:
         raise UnsupportedModelError(
             f"{where}: cannot export a {type(source).__name__}; pass an nn.Module, a "
@@ -156,6 +161,17 @@ def _forward_arg_names(module: torch.nn.Module, count: int) -> list[str]:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     return params[:count] + [f"input_{i}" for i in range(len(params), count)]
+
+
+def _varargs_position(module: torch.nn.Module) -> int | None:
+    """Index of ``forward``'s ``*args`` among its positional parameters, or None without one."""
+    positional = 0
+    for p in inspect.signature(module.forward).parameters.values():
+        if p.kind == p.VAR_POSITIONAL:
+            return positional
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return None
 
 
 def _dynamic_shapes(
