@@ -9,10 +9,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from tforge import evaluate, generate
-from tforge.backends.ort import save_model
+from tforge import evaluate
 from tforge.errors import PassConfigError, UnsupportedModelError
 from tforge.frontends.onnx import load_onnx
+from tforge.runtime import generate
+from tforge.runtime.save import save_model
 
 PROMPT = [5, 17, 42, 8, 90, 33, 61, 12, 7]
 LOGITS_ATOL = 2e-5  # float32 logits of magnitude ~10 after 2 layers

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import tforge
-from tforge import generate
 from tforge.cli import main
+from tforge.runtime import generate
 
 WORDS = ["<pad>", "<s>", "</s>", *(f"w{i}" for i in range(3, 96))]
 

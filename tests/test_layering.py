@@ -36,7 +36,6 @@ LAYERS = {
     "tforge.evaluate": 6,
     "tforge.presets": 6,
     "tforge.testing": 6,
-    "tforge.generate": 6,
     "tforge": 6,
 }
 #: Imports that cross layers on purpose, with why.

@@ -2,7 +2,8 @@
 
 The public API mirrors the command line: :func:`load`, :func:`compile`, :func:`inspect`,
 :func:`bench`, :func:`bench_generate` (``tforge bench --generate``), :func:`generate_text`
-(``tforge generate``; the generation loop itself is the module :mod:`tforge.generate`); pipelines are run by :class:`PassManager` and described by :class:`Report`.
+(``tforge generate``; the generation loop itself is the module :mod:`tforge.runtime.generate`);
+pipelines are run by :class:`PassManager` and described by :class:`Report`.
 """
 
 from tforge.api import (
@@ -17,6 +18,7 @@ from tforge.api import (
     inspect,
     load,
 )
+from tforge.compiler.calibration import CalibrationData
 from tforge.compiler.pass_infra import Pass, PassResult, Property
 from tforge.compiler.pipeline import NumericsCheck, PassManager, Report
 from tforge.compiler.registry import all_passes, register_pass
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BenchResult",
+    "CalibrationData",
     "CompileResult",
     "GenerateBenchResult",
     "GenerateResult",

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tforge.compiler import structure
+from tforge.compiler.calibration import CalibrationData
 from tforge.compiler.pass_infra import Pass, Property, model_properties
 from tforge.compiler.pipeline import NumericsCheck, PassManager, Report
 from tforge.errors import PassConfigError, UnsupportedModelError
@@ -75,7 +76,7 @@ def compile(  # noqa: A001 - mirrors the `tforge compile` command
     passes: str | Sequence[str | Pass] = "canonicalize",
     *,
     output: PathLike | None = None,
-    calibration: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
+    calibration: CalibrationData | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
     input_shapes: Mapping[str, str] | None = None,
     verify_each: bool = False,
     dump_dir: PathLike | None = None,
@@ -86,7 +87,9 @@ def compile(  # noqa: A001 - mirrors the `tforge compile` command
 ) -> CompileResult:
     """Run a pipeline on a model (mutated in place) and optionally save the result atomically.
 
-    ``calibration`` is a list of input feeds (or one feed) for passes that calibrate;
+    ``calibration``: the data of the passes that run the model on data (``calibrate``,
+    ``linear-attention``): a :class:`CalibrationData` (text file and tokenizer, or an .npz: the
+    CLI's ``--calib-text/--tokenizer/--calib-npz``), or a list of input feeds (or one feed);
     ``input_shapes`` (``{"input_ids": "8x128"}``) is forwarded to ``canonicalize``.
     ``strict`` makes a model without recognised transformer blocks a ``PreconditionError``.
     """
@@ -99,10 +102,13 @@ def compile(  # noqa: A001 - mirrors the `tforge compile` command
         check_numerics=NumericsCheck() if check_numerics is True else (check_numerics or None),
         progress=progress,
         strict=strict,
+        calibration=calibration if isinstance(calibration, CalibrationData) else None,
     )
     if input_shapes:
         pm.passes = _with_input_shapes(pm.passes, dict(input_shapes))
-    if calibration is not None:
+    if isinstance(calibration, CalibrationData):
+        _check_reads_data(pm.passes)
+    elif calibration is not None:
         feeds = [calibration] if isinstance(calibration, Mapping) else list(calibration)
         model.meta["tforge.calibration_feeds"] = feeds
     report = pm.run(model)
@@ -135,22 +141,27 @@ def _with_calibration(
     npz: PathLike | None = None,
     samples: int | None = None,
 ) -> list[Pass]:
-    """Fill the data options of every ``calibrate`` pass (the CLI's --calib-* flags)."""
+    """Fill the data options of every ``calibrate`` pass (the CLI's --calib-* flags), so that the
+    report shows them; other passes read the same data from the pipeline (``CalibrationData``)."""
     from tforge.passes.calibrate import Calibrate
 
     given = {"text": text, "tokenizer": tokenizer, "npz": npz, "samples": samples}
     options = {k: (v if isinstance(v, int) else os.fspath(v)) for k, v in given.items() if v is not None}
     if not options:
         return list(passes)
-    if not any(isinstance(p, Calibrate) for p in passes):
-        raise PassConfigError(
-            "calibration data is read by 'calibrate', which is not in the pipeline; "
-            "add it after 'canonicalize'"
-        )
+    _check_reads_data(passes)
     try:
         return [dataclasses.replace(p, **options) if isinstance(p, Calibrate) else p for p in passes]
     except ValueError as e:
         raise PassConfigError(f"calibrate: {e}") from None
+
+
+def _check_reads_data(passes: Sequence[Pass]) -> None:
+    if not any(p.reads_calibration_data for p in passes):
+        raise PassConfigError(
+            "calibration data is read by 'calibrate', which is not in the pipeline (nor any other "
+            "pass that runs on data, such as 'linear-attention'); add 'calibrate' after 'canonicalize'"
+        )
 
 
 def inspect(model: ir.Model | PathLike, *, canonicalize: bool = True) -> structure.BlockMap:
@@ -260,10 +271,10 @@ def generate_text(
     the prompt is prefilled with an empty cache, then one token a step with the cache fed back.
 
     ``prompt`` is text (``tokenizer`` is then a folder with tokenizer.json, a tokenizer.json or
-    a .gguf file, or a loaded :class:`tforge.generate.TextTokenizer`) or token ids; ``text`` is
+    a .gguf file, or a loaded :class:`tforge.runtime.generate.TextTokenizer`) or token ids; ``text`` is
     the continuation only (empty when no tokenizer is given).
     """
-    from tforge import generate as gen
+    from tforge.runtime import generate as gen
 
     tok = _text_tokenizer(tokenizer) if tokenizer is not None else None
     if isinstance(prompt, str):
@@ -279,7 +290,7 @@ def generate_text(
 
 
 def _text_tokenizer(tokenizer: PathLike | Any) -> Any:
-    from tforge import generate as gen
+    from tforge.runtime import generate as gen
 
     if isinstance(tokenizer, gen.TextTokenizer):
         return tokenizer
@@ -334,7 +345,7 @@ def bench_generate(
     (seeded) are used; generation does not stop at end of text, so every run has
     ``new_tokens`` tokens.
     """
-    from tforge import generate as gen
+    from tforge.runtime import generate as gen
 
     if not models:
         raise PassConfigError("bench: no models given")

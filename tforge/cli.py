@@ -286,8 +286,16 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     model = tforge.load(args.input)
     from tforge.compiler.pipeline import PassManager
 
+    data = None
+    if any(v is not None for v in (args.calib_text, args.tokenizer, args.calib_npz)):
+        from tforge.compiler.calibration import CalibrationData
+
+        data = CalibrationData(
+            text=args.calib_text, tokenizer=args.tokenizer, npz=args.calib_npz, samples=args.calib_samples
+        )
     pm = PassManager.parse(
         args.passes,
+        calibration=data,
         verify_each=args.verify_each,
         dump_dir=args.dump_dir,
         print_ir_after=args.print_ir_after,
@@ -479,8 +487,8 @@ def _bench_generate(args: argparse.Namespace) -> int:
 def _text_prompt(tokenizer: str, text_path: str | None, length: int) -> list[int]:
     """The first ``length`` tokens of the second half of a text (default: WikiText-2's test split)."""
     from tforge import evaluate
-    from tforge import generate as gen
     from tforge.data import WIKITEXT
+    from tforge.runtime import generate as gen
 
     tok = gen.load_text_tokenizer(tokenizer)
     text = evaluate.text_half(evaluate.read_text(text_path or WIKITEXT), "second")

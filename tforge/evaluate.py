@@ -232,8 +232,8 @@ def window_perplexity(run: Run, windows: Iterable[np.ndarray], *, input_name: st
 def cache_perplexity(session: Any, windows: Iterable[np.ndarray]) -> float:
     """:func:`window_perplexity` of a KV-cache graph (an ``onnxruntime.InferenceSession``, or a
     path): each window is one prefill from an empty cache (past length 0), with the mask and
-    positions the graph takes, as :func:`tforge.generate.cache_layout` reads them."""
-    from tforge import generate
+    positions the graph takes, as :func:`tforge.runtime.generate.cache_layout` reads them."""
+    from tforge.runtime import generate
 
     session = generate.open_session(session)
     layout = generate.cache_layout(session)

@@ -49,10 +49,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tforge import evaluate, generate  # noqa: E402
+from tforge import evaluate  # noqa: E402
 from tforge.data import WIKITEXT  # noqa: E402
 from tforge.errors import TforgeError  # noqa: E402
 from tforge.frontends import hf_models  # noqa: E402
+from tforge.runtime import generate  # noqa: E402
 
 ROWS = ("fp32", "fp32-dynamo", "ort-int8", "ort-int4", "genai-fp32", "genai-int4")
 DEFAULT_WORK = REPO / ".cache" / "bench_decode"

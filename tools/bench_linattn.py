@@ -155,7 +155,7 @@ def _convert(
     model.meta[FEEDS_KEY] = calibration
     t0 = time.perf_counter()
     result = LinearAttention(
-        feature_map=feature_map, layers=layers, samples=len(calibration), fit_seconds=fit_seconds,
+        feature_map=feature_map, layers=layers, capture_samples=len(calibration), fit_seconds=fit_seconds,
         fit_queries=fit_queries,
     )(model)  # fmt: skip
     converted = [row["layer"] for row in result.details["layers"] if row["converted"]]

@@ -1,5 +1,5 @@
 """A tforge cache graph run by onnxruntime-genai: the folder and its genai_config.json, and the
-generator's greedy tokens equal to tforge.generate's (skipped without onnxruntime-genai)."""
+generator's greedy tokens equal to tforge.runtime.generate's (skipped without onnxruntime-genai)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tforge import generate
 from tforge.backends import genai
-from tforge.backends.ort import save_model
 from tforge.errors import UnsupportedModelError
 from tforge.frontends.onnx import load_onnx
+from tforge.runtime import generate
+from tforge.runtime.save import save_model
 
 PROMPT = [5, 17, 42, 8, 90, 33, 61, 12, 7]
 

@@ -228,7 +228,7 @@ def test_activation_aware_has_lower_output_error_than_plain(rng: np.random.Gener
     aware.meta[STATS_KEY] = plain.meta[STATS_KEY]
     original = plain.clone()
 
-    plain_result = Svd(rank=8, blocks_only=False)(plain)
+    plain_result = Svd(rank=8, method="plain", blocks_only=False)(plain)
     aware_result = Svd(rank=8, method="activation", blocks_only=False)(aware)
 
     plain_error = plain_result.details["layers"][0]["relative_output_error"]

@@ -3,7 +3,7 @@
 onnxruntime-genai runs a decoder from a folder holding the ONNX file, a ``genai_config.json``
 that names the graph's token inputs and its past/present tensors (as ``printf`` patterns over the
 layer index) with the cache geometry, and the tokenizer files. :func:`write_genai_folder`
-writes that folder for any cache graph :func:`tforge.generate.cache_layout` accepts: the names
+writes that folder for any cache graph :func:`tforge.runtime.generate.cache_layout` accepts: the names
 and head sizes come from the graph, the rest (query heads, hidden size, context length, special
 token ids) from the model's Hugging Face config. The model file is hard-linked into the folder
 (copied across file systems), with its external data.
@@ -58,7 +58,7 @@ def genai_config(
     ``bos_token_id`` / ``pad_token_id`` / ``model_type`` are read from it; the graph's own
     numbers (layers, KV heads, head size, vocabulary) must agree with it.
     """
-    from tforge import generate
+    from tforge.runtime import generate
 
     # sizes the graph leaves symbolic (as the builder's kv_cache_dim) come from the config
     fallback = {}
@@ -138,7 +138,7 @@ def genai_config(
         },
         "search": {
             "diversity_penalty": 0.0,
-            "do_sample": False,  # greedy, as tforge.generate
+            "do_sample": False,  # greedy, as tforge.runtime.generate
             "early_stopping": True,
             "length_penalty": 1.0,
             "max_length": int(max_length or context),

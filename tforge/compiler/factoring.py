@@ -36,6 +36,7 @@ __all__ = [
     "eligible_groups",
     "lower_low_rank",
     "mark_factor",
+    "scope_inputs",
 ]
 
 
@@ -88,6 +89,27 @@ class WeightGroup:
                 return None
             part = cs.gram if full else cs.sum_sq
             total = part.copy() if total is None else total + part
+            count += cs.count
+        return None if total is None else total / count
+
+
+    def input_mean(self, stats: CalibrationStats | None, lin: Linear) -> np.ndarray | None:
+        """``E[x]`` of one reader's input, or None without channel sums."""
+        cs = stats.get(lin.input.name or "") if stats is not None else None
+        if cs is None or cs.count == 0 or cs.sum is None:
+            return None
+        return cs.mean
+
+    def mean(self, stats: CalibrationStats | None) -> np.ndarray | None:
+        """Token-weighted ``E[x]`` over the readers' inputs, or None without channel sums."""
+        if stats is None:
+            return None
+        total, count = None, 0
+        for lin in self.linears:
+            cs = stats.get(lin.input.name or "")
+            if cs is None or cs.count == 0 or cs.sum is None:
+                return None
+            total = cs.sum.copy() if total is None else total + cs.sum
             count += cs.count
         return None if total is None else total / count
 
@@ -151,6 +173,20 @@ def eligible_groups(
             continue
         groups.append(group)
     return groups, total
+
+
+def scope_inputs(model: ir.Model, *, exclude: Sequence[str], blocks_only: bool) -> set[str]:
+    """Names of the inputs of the linears a factorization pass may rewrite (for Gram requests)."""
+    bm = block_map(model)
+    scope = _in_scope(bm, blocks_only)
+    return {
+        lin.input.name
+        for lin in bm.linears
+        if id(lin) in scope
+        and lin.input.name
+        and FACTOR_KEY not in lin.matmul.metadata_props
+        and not any(pattern == lin.name or pattern in lin.name for pattern in exclude)
+    }
 
 
 def _check_linear(lin: Linear, exclude: Sequence[str]) -> None:
@@ -241,11 +277,17 @@ def check_second_moments(model: ir.Model, pass_name: str, method: str) -> None:
         )
 
 
-def check_common_options(pass_name: str, ratio: float | None, exclude: Sequence[str], method: str) -> None:
+def check_common_options(
+    pass_name: str,
+    ratio: float | None,
+    exclude: Sequence[str],
+    method: str,
+    methods: Sequence[str] = ("plain", "activation"),
+) -> None:
     """Option checks shared by the factorization passes (raise PassConfigError)."""
     if ratio is not None and not 0.0 < ratio < 1.0:
         raise PassConfigError(f"{pass_name}: ratio must be in (0, 1), got {ratio}")
     if any(not pattern for pattern in exclude):
         raise PassConfigError(f"{pass_name}: exclude holds an empty name, which would match every linear")
-    if method not in ("plain", "activation"):
-        raise PassConfigError(f"{pass_name}: method must be plain or activation, got {method!r}")
+    if method not in methods:
+        raise PassConfigError(f"{pass_name}: method must be {' or '.join(methods)}, got {method!r}")

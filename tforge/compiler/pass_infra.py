@@ -167,9 +167,25 @@ class Pass(onnx_ir.passes.InPlacePass):
     def run(self, model: ir.Model) -> PassResult:
         raise NotImplementedError
 
+    #: True for passes that run the model on the pipeline's calibration data (``calibrate``, and
+    #: passes that measure or fit on activations): the CLI's --calib-* flags need one of them.
+    reads_calibration_data: ClassVar[bool] = False
+    #: True for a pass that collects calibration statistics (``calibrate``): before it runs, the
+    #: pass manager asks the passes after it which Gram matrices they can use (``gram_wanted``).
+    collects_statistics: ClassVar[bool] = False
+
     def check(self, model: ir.Model) -> None:
         """Raise PreconditionError when this model cannot be handled by the pass."""
         del model
+
+    def gram_wanted(self, model: ir.Model) -> set[str]:
+        """Names of the values whose second moment ``E[x x^T]`` this pass would use on ``model``.
+
+        ``calibrate`` (with ``gram`` left unset) collects them for the passes after it, so that a
+        pass that can do better with Gram matrices gets them without the user asking.
+        """
+        del model
+        return set()
 
     # onnx_ir's entry points. ``requires`` is a property set here, so __call__ is redefined
     # instead of relying on PassBase.__call__ calling ``self.requires(model)``.

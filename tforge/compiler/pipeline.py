@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tforge.compiler import registry
+from tforge.compiler.calibration import DATA_KEY, GRAM_REQUEST_KEY, CalibrationData
 from tforge.compiler.pass_infra import (
     Pass,
     PassResult,
@@ -286,8 +287,11 @@ class PassManager:
         check_numerics: NumericsCheck | None = None,
         progress: Callable[[str], None] | None = None,
         strict: bool = False,
+        calibration: CalibrationData | None = None,
     ) -> None:
         self.passes = list(passes)
+        # the pipeline's calibration data, read by calibrate and every pass that runs on data
+        self.calibration = calibration
         # strict: a model whose transformer structure is not (fully) recognised is an error
         # instead of a pipeline whose block passes silently skip every site.
         self.strict = strict
@@ -333,6 +337,8 @@ class PassManager:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             printer.write_dump(model, self.dump_dir, 0, "input", banner="IR before the pipeline")
         structure_checked = False
+        if self.calibration is not None:
+            model.meta[DATA_KEY] = self.calibration
         for index, p in enumerate(self.passes, start=1):
             if self.strict and not structure_checked and Property.CANONICAL in p.requires:
                 _check_structure(model, before=p.name)
@@ -340,6 +346,8 @@ class PassManager:
             self.progress(f"[{index}/{total}] {p.spec()} ...")
             nodes_before = _count_nodes(model)
             t0 = time.perf_counter()
+            if p.collects_statistics:
+                model.meta[GRAM_REQUEST_KEY] = self._gram_wanted(model, index)
             try:
                 result = p(model)
             except TforgeError:
@@ -350,6 +358,7 @@ class PassManager:
                     f"{p.name}: internal error {type(e).__name__}: {e} (passes run before it: {ran})"
                 ) from e
             seconds = time.perf_counter() - t0
+            model.meta.pop(GRAM_REQUEST_KEY, None)
             properties -= p.invalidates
             properties |= p.establishes
             record = PassRecord(
@@ -391,6 +400,15 @@ class PassManager:
             report.numerics = self._compare(original, model, self.check_numerics)
         report.total_seconds = time.perf_counter() - started
         return report
+
+    def _gram_wanted(self, model: ir.Model, index: int) -> set[str]:
+        """What the passes after pass ``index`` (1-based), up to the next collector, can use."""
+        wanted: set[str] = set()
+        for later in self.passes[index:]:
+            if later.collects_statistics:
+                break
+            wanted |= later.gram_wanted(model)
+        return wanted
 
     def _should_print(self, p: Pass, result: PassResult) -> bool:
         return (

@@ -552,7 +552,7 @@ def _check_cache_export(
     """Max |ORT - torch| over all outputs of a prefill (empty past) and one decode step."""
     import torch
 
-    from tforge.backends.ort import create_session
+    from tforge.runtime.ort import create_session
 
     if len(ids) < 2:
         raise ValueError("export check: the prompt needs at least 2 tokens")

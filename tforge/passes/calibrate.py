@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
 from tforge.compiler.calibration import (
-    FEEDS_KEY,
+    DATA_KEY,
+    GRAM_REQUEST_KEY,
     STALE_STATISTICS_KEY,
     STATS_KEY,
     calibrate_model,
+    has_pipeline_data,
     npz_feeds,
+    pipeline_feeds,
     text_feeds,
 )
 from tforge.compiler.pass_infra import Pass, PassResult, Property
@@ -31,6 +34,37 @@ from tforge.compiler.registry import register_pass
 from tforge.errors import PassConfigError, PreconditionError
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_SAMPLES = 64
+#: tokens per channel of the widest Gram matrix that unset ``samples`` reads at least
+GRAM_TOKENS_PER_CHANNEL = 16
+MAX_AUTO_SAMPLES = 1024
+
+
+def _widest(model: ir.Model, names: bool | set[str]) -> int:
+    """The largest channel count among the values whose Gram matrices are collected."""
+    widest = 0
+    for node in model.graph:
+        for out in node.outputs:
+            if (names is True or out.name in names) and out.shape is not None and out.shape.rank():  # type: ignore[operator]
+                last = out.shape[-1]
+                if isinstance(last, int):
+                    widest = max(widest, last)
+    return widest
+
+
+def _until_enough(
+    feeds: Iterable[Mapping[str, np.ndarray]], samples: int, tokens: int, most: int
+) -> Iterator[Mapping[str, np.ndarray]]:
+    """At least ``samples`` feeds, then more until ``tokens`` real tokens are read (at most ``most``)."""
+    seen = 0
+    for i, feed in enumerate(feeds):
+        if i >= most or (i >= samples and seen >= tokens):
+            return
+        yield feed
+        mask = feed.get("attention_mask")
+        ids = feed.get("input_ids")
+        seen += int(np.asarray(mask).sum()) if mask is not None else int(np.asarray(ids).size) if ids is not None else 0
 
 
 @register_pass("calibrate")
@@ -41,17 +75,22 @@ class Calibrate(Pass):
     text: str = ""  # text file; calibration reads its first half
     tokenizer: str = ""  # folder with tokenizer.json, or a .gguf file
     npz: str = ""  # arrays named after the inputs, samples on axis 0
-    samples: int = 64
-    # also accumulate E[x x^T] of every linear input (C^2 floats each): pruning refits and
-    # activation-aware SVD need it, int8 calibration does not
-    gram: bool = False
+    # unset: 64, and more when Gram matrices are collected, until they rest on enough tokens
+    # (GRAM_TOKENS_PER_CHANNEL x their width, at most MAX_AUTO_SAMPLES samples)
+    samples: int | None = None
+    # also accumulate E[x x^T] (C^2 floats each) of every linear input (true), of none (false), or
+    # (unset) of exactly the inputs the passes after this one can use: pruning refits and
+    # activation-aware SVD ask for theirs, int8 quantization asks for none
+    gram: bool | None = None
     seq_len: int = 128
 
     requires: ClassVar = frozenset({Property.CANONICAL})
     establishes: ClassVar = frozenset({Property.CALIBRATED})
+    reads_calibration_data: ClassVar = True
+    collects_statistics: ClassVar = True
 
     def __post_init__(self) -> None:
-        if self.samples < 1:
+        if self.samples is not None and self.samples < 1:
             raise PassConfigError(f"calibrate: samples must be at least 1, got {self.samples}")
         if self.seq_len < 2:
             raise PassConfigError(f"calibrate: seq-len must be at least 2, got {self.seq_len}")
@@ -63,30 +102,47 @@ class Calibrate(Pass):
             )
 
     def check(self, model: ir.Model) -> None:
-        if not self.npz and not self.text and not model.meta.get(FEEDS_KEY):
+        if not self.npz and not self.text and not has_pipeline_data(model):
             raise PreconditionError(
                 "calibrate: no calibration data; add --calib-text FILE --tokenizer PATH "
                 "(a folder with tokenizer.json or a .gguf file) or --calib-npz FILE to "
                 "'tforge compile', or pass calibration=[feeds] to tforge.compile"
             )
 
-    def _feeds(self, model: ir.Model) -> tuple[str, Iterable[Mapping[str, np.ndarray]]]:
+    def _feeds(self, model: ir.Model, samples: int) -> tuple[str, Iterable[Mapping[str, np.ndarray]]]:
         if self.npz:
             if self.text:
                 logger.info("calibrate: both npz= and text= are given; using the .npz")
-            return f"npz '{self.npz}'", npz_feeds(self.npz, model, samples=self.samples)
+            return f"npz '{self.npz}'", npz_feeds(self.npz, model, samples=samples)
         if self.text:
-            feeds = text_feeds(
-                model, self.text, self.tokenizer, samples=self.samples, seq_len=self.seq_len
-            )
+            feeds = text_feeds(model, self.text, self.tokenizer, samples=samples, seq_len=self.seq_len)
             return f"text '{self.text}'", feeds
-        given = model.meta[FEEDS_KEY]
-        return "the feeds given to tforge.compile", list(given)[: self.samples]
+        found = pipeline_feeds(model, samples=samples, seq_len=self.seq_len)
+        if found is None:  # check() ran first
+            raise PreconditionError("calibrate: no calibration data")
+        return found
 
     def run(self, model: ir.Model) -> PassResult:
-        source, feeds = self._feeds(model)
+        gram: bool | set[str] = self.gram if self.gram is not None else set(model.meta.get(GRAM_REQUEST_KEY, ()))
+        data = model.meta.get(DATA_KEY)
+        explicit = self.samples is not None or (data is not None and data.samples is not None and not self.npz and not self.text)
+        min_tokens = 0
+        if gram and not explicit:
+            # a [C, C] second moment from fewer than a few C tokens is rank-deficient, and the
+            # refits and whitenings that read it fit noise (prune-ffn 25% on MiniLM: cosine 0.959
+            # from 64 sentences, 0.98 from 768)
+            min_tokens = GRAM_TOKENS_PER_CHANNEL * _widest(model, gram)
+        samples = self.samples if self.samples is not None else DEFAULT_SAMPLES
+        source, feeds = self._feeds(model, MAX_AUTO_SAMPLES if min_tokens else samples)
+        if min_tokens:
+            feeds = _until_enough(feeds, samples, min_tokens, MAX_AUTO_SAMPLES)
+            logger.info(
+                "calibrate: at least %d tokens for the Gram matrices (at most %d samples)", min_tokens, MAX_AUTO_SAMPLES
+            )
         logger.info("calibrate: reading %s", source)
-        stats = calibrate_model(model, feeds, gram=self.gram)
+        if gram and gram is not True:
+            logger.info("calibrate: Gram matrices of %d activations, for the passes after it", len(gram))
+        stats = calibrate_model(model, feeds, gram=gram)
         model.meta[STATS_KEY] = stats
         model.meta.pop(STALE_STATISTICS_KEY, None)
         return PassResult(

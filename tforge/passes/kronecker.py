@@ -53,6 +53,7 @@ from tforge.compiler.factoring import (
     check_common_options,
     check_second_moments,
     eligible_groups,
+    scope_inputs,
 )
 from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats
 from tforge.compiler.registry import register_pass
@@ -121,6 +122,10 @@ class Kronecker(Pass):
 
     def check(self, model: ir.Model) -> None:
         check_second_moments(model, self.name, self.method)
+
+    def gram_wanted(self, model: ir.Model) -> set[str]:
+        # method=activation whitens by them; both methods weigh their budget options by them
+        return scope_inputs(model, exclude=self.exclude, blocks_only=self.blocks_only)
 
     def run(self, model: ir.Model) -> PassResult:
         stats = SiteStats()

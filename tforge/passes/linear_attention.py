@@ -43,8 +43,10 @@ constant ``s`` is the product of the scalar ``Mul``/``Div`` between the scores a
   bound the number of steps, hence the result, depends on the machine's speed and load: for a
   reproducible fit give ``fit-steps`` and a ``fit-seconds`` large enough never to stop first.
 
-Calibration data are read like ``calibrate`` reads them: ``npz=``, ``text=`` with ``tokenizer=``
-(first half of the file), or the feeds given to ``tforge.compile(calibration=...)``. The pass
+Calibration data are the pipeline's (``tforge compile --calib-text FILE --tokenizer PATH`` or
+``--calib-npz FILE``, ``tforge.compile(calibration=...)``): the pass has no data options of its
+own; ``capture-samples`` says how many of those samples it captures (Q, K, V and the softmax
+weights of every layer, which is memory-heavy). The pass
 changes the function; its ``details`` report the per-layer errors.
 """
 
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
@@ -61,7 +64,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from tforge.compiler.attention_paths import score_chain
-from tforge.compiler.calibration import FEEDS_KEY, npz_feeds, text_feeds
+from tforge.compiler.calibration import has_pipeline_data, pipeline_feeds
 from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import GraphEditor, Scope
@@ -370,8 +373,8 @@ class LinearAttention(Pass):
     """Convert softmax attention layers to linear attention (elu+1, relu or fitted Hedgehog maps).
 
     ``layers=N`` / ``fraction=F`` / ``budget=E`` convert the layers with the smallest measured
-    error first (needs calibration data: ``text=`` + ``tokenizer=``, ``npz=`` or the feeds given
-    to ``tforge.compile``); ``indices=`` restricts the candidates; nothing: every layer.
+    error first (needs the pipeline's calibration data); ``indices=`` restricts the candidates;
+    nothing: every layer.
     ``causal-impl``: ``chunked`` (``chunk`` positions a block) or ``ort-op`` (ONNX Runtime's
     LinearAttention contrib op, falling back to chunked when unavailable).
     """
@@ -390,14 +393,11 @@ class LinearAttention(Pass):
     fit_queries: int = 32  # query rows per sequence in the fitting loss; 0 = all
     features: int = 0  # hedgehog features per half; 0 = head_dim
     seed: int = 0
-    text: str = ""
-    tokenizer: str = ""
-    npz: str = ""
-    samples: int = 8
-    seq_len: int = 128
+    capture_samples: int = 8  # of the pipeline's calibration samples
 
     requires: ClassVar = frozenset({Property.CANONICAL})
     invalidates: ClassVar = frozenset({Property.CALIBRATED})
+    reads_calibration_data: ClassVar = True
 
     def __post_init__(self) -> None:
         given = [n for n in ("layers", "fraction", "budget") if getattr(self, n) is not None]
@@ -415,12 +415,10 @@ class LinearAttention(Pass):
             raise PassConfigError(f"linear-attention: chunk must be at least 1, got {self.chunk}")
         if self.eps <= 0:
             raise PassConfigError(f"linear-attention: eps must be positive, got {self.eps}")
-        if self.samples < 1 or self.seq_len < 2:
-            raise PassConfigError("linear-attention: samples must be >= 1 and seq-len >= 2")
+        if self.capture_samples < 1:
+            raise PassConfigError(f"linear-attention: capture-samples must be >= 1, got {self.capture_samples}")
         if self.fit_seconds <= 0 or min(self.fit_steps, self.features, self.fit_queries) < 0:
             raise PassConfigError("linear-attention: fit-seconds must be positive; fit-steps, fit-queries, features >= 0")
-        if bool(self.text) != bool(self.tokenizer):
-            raise PassConfigError("linear-attention: text= and tokenizer= go together (text calibration needs both)")
 
     @property
     def selects(self) -> bool:
@@ -431,7 +429,7 @@ class LinearAttention(Pass):
         return self.selects or self.feature_map == "fitted"
 
     def _has_data(self, model: ir.Model) -> bool:
-        return bool(self.npz or self.text or model.meta.get(FEEDS_KEY))
+        return has_pipeline_data(model)
 
     def check(self, model: ir.Model) -> None:
         if self.needs_data and not self._has_data(model):
@@ -441,8 +439,9 @@ class LinearAttention(Pass):
                 else "selecting layers by error"
             )
             raise PreconditionError(
-                f"linear-attention: {why} needs calibration data; give text= and tokenizer=, npz=, "
-                "or calibration=[feeds] to tforge.compile (or use indices= with feature-map=elu)"
+                f"linear-attention: {why} needs calibration data; add --calib-text FILE --tokenizer PATH "
+                "or --calib-npz FILE to 'tforge compile', or calibration= to tforge.compile "
+                "(or use indices= with feature-map=elu)"
             )
         opset = model.opset_imports.get("", 0)
         if opset < _MIN_OPSET:
@@ -544,13 +543,10 @@ class LinearAttention(Pass):
         return [layer for layer in layers if id(layer) in chosen]
 
     def _feeds(self, model: ir.Model) -> Iterable[Mapping[str, np.ndarray]]:
-        if self.npz:
-            return npz_feeds(self.npz, model, samples=self.samples)
-        if self.text:
-            return text_feeds(
-                model, self.text, self.tokenizer, samples=self.samples, seq_len=self.seq_len
-            )
-        return list(model.meta[FEEDS_KEY])[: self.samples]
+        found = pipeline_feeds(model, samples=self.capture_samples, seq_len=128)
+        if found is None:  # check() ran first
+            raise PreconditionError("linear-attention: no calibration data")
+        return itertools.islice(found[1], self.capture_samples)  # the pipeline's count may be larger
 
     def _measure(self, model: ir.Model, layers: list[_Layer], kind: str) -> None:
         """Capture each layer's Q, K, V and softmax weights; fit maps; measure each layer's error."""

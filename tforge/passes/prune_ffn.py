@@ -58,7 +58,8 @@ class PruneFfn(Pass):
     (weight norms), ``activation`` (expected output energy through down) or ``obs`` (greedy
     removal of the channel whose loss after refitting the rest is smallest, from the Gram
     matrix). ``compensate`` folds the removed channels' mean into down's bias and, with
-    ``refit`` and a Gram matrix (``calibrate{gram=true}``), refits down's kept rows. Everything
+    ``refit`` and a Gram matrix (which ``calibrate`` collects for this pass by itself), refits
+down's kept rows. Everything
     but ``magnitude`` reads the statistics of ``calibrate``; they are dropped afterwards (every
     later activation changes).
     """
@@ -86,6 +87,12 @@ class PruneFfn(Pass):
 
     def check(self, model: ir.Model) -> None:
         pruning.require_stats(model, self.name, self.importance)
+
+    def gram_wanted(self, model: ir.Model) -> set[str]:
+        """The down projections' inputs: refits and importance=obs read their Gram matrices."""
+        if not (self.importance == "obs" or (self.compensate and self.refit)):
+            return set()
+        return {b.ffn.down.input.name for b in block_map(model).blocks if b.ffn is not None and b.ffn.down.input.name}
 
     def run(self, model: ir.Model) -> PassResult:
         stats = SiteStats()

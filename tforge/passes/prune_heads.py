@@ -105,6 +105,16 @@ class PruneHeads(Pass):
     def check(self, model: ir.Model) -> None:
         pruning.require_stats(model, self.name, self.importance)
 
+    def gram_wanted(self, model: ir.Model) -> set[str]:
+        """The output projections' inputs: refits and importance=obs read their Gram matrices."""
+        if not (self.importance == "obs" or (self.compensate and self.refit)):
+            return set()
+        return {
+            b.attention.o.input.name
+            for b in block_map(model).blocks
+            if b.attention is not None and b.attention.o.input.name
+        }
+
     def run(self, model: ir.Model) -> PassResult:
         stats = SiteStats()
         blocks = block_map(model)

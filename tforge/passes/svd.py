@@ -2,7 +2,10 @@
 
 The factors come from a truncated SVD of ``W`` (``method=plain``) or of ``L^T W`` with
 ``L L^T = E[x x^T]`` (``method=activation``, the output error on calibration data is what is
-minimised; see :mod:`tforge.passes.math.factorization`). Ranks are chosen one of three ways:
+minimised; see :mod:`tforge.passes.math.factorization`). The default, ``method=auto``, is
+activation-aware wherever ``calibrate`` collected the input's ``E[x x^T]`` (which it does by
+itself when ``svd`` follows it: the pass asks for those Gram matrices) and plain elsewhere; each
+layer's details say which was used. Ranks are chosen one of three ways:
 
 - ``rank=R``: the same rank everywhere (clipped to the weight's smaller side);
 - ``energy=E``: per layer, the smallest rank keeping a fraction ``E`` of the output energy
@@ -45,6 +48,7 @@ from tforge.compiler.factoring import (
     check_second_moments,
     eligible_groups,
     lower_low_rank,
+    scope_inputs,
 )
 from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats
 from tforge.compiler.registry import register_pass
@@ -67,11 +71,14 @@ class Svd(Pass):
     rank: int | None = None
     ratio: float | None = None  # fraction of the parameters of the linears in scope to remove
     energy: float | None = None  # per layer, fraction of the output energy to keep
-    method: Literal["plain", "activation"] = "plain"
+    # auto: activation-aware where calibrate collected E[x x^T] of the input, else plain
+    method: Literal["plain", "activation", "auto"] = "auto"
     multiple: int = 8  # ranks chosen by ratio or energy are multiples of this
     exclude: tuple[str, ...] = ()  # weight names, or substrings of them, to leave alone
     blocks_only: bool = True  # only the linears of recognised attention blocks and FFNs
     ridge: float = fz.DEFAULT_RIDGE  # relative ridge on E[x x^T] before its Cholesky factor
+    # activation-aware: whiten by the covariance and fold the mean's error into the bias
+    center: bool = True
 
     requires: ClassVar = frozenset({Property.CANONICAL})
     # Outputs of factorised linears move, and so do activations after them.
@@ -91,10 +98,14 @@ class Svd(Pass):
             raise PassConfigError(f"svd: multiple must be at least 1, got {self.multiple}")
         if not self.ridge > 0.0:
             raise PassConfigError(f"svd: ridge must be > 0, got {self.ridge}")
-        check_common_options("svd", self.ratio, self.exclude, self.method)
+        check_common_options("svd", self.ratio, self.exclude, self.method, ("plain", "activation", "auto"))
 
     def check(self, model: ir.Model) -> None:
         check_second_moments(model, self.name, self.method)
+
+    def gram_wanted(self, model: ir.Model) -> set[str]:
+        # activation-aware factors need them; plain ones measure their errors (the budget) by them
+        return scope_inputs(model, exclude=self.exclude, blocks_only=self.blocks_only)
 
     def run(self, model: ir.Model) -> PassResult:
         stats = SiteStats()
@@ -103,6 +114,8 @@ class Svd(Pass):
         )
         calibration = attached_stats(model)
         spectra: list[tuple[WeightGroup, fz.LowRankSpectrum]] = []
+        methods: dict[int, str] = {}
+        centered: set[int] = set()
         for group in groups:
             moment = group.second_moment(calibration, full=True)
             if moment is None:
@@ -110,7 +123,22 @@ class Svd(Pass):
             if self.method == "activation" and (moment is None or moment.ndim != 2):
                 stats.skip("no E[x x^T] for its input (calibrate with gram=true)", group.weight, count=len(group.linears))
                 continue
-            spectra.append((group, fz.low_rank_spectrum(group.array(), self.method, moment, ridge=self.ridge)))
+            method = self.method
+            if method == "auto":  # activation-aware where the Gram matrix is there
+                method = "activation" if moment is not None and moment.ndim == 2 else "plain"
+            methods[id(group)] = method
+            w = group.array()
+            mean = group.mean(calibration) if self.center and method == "activation" else None
+            if mean is not None and moment is not None:
+                # E||x dW||^2 = tr(dW^T C dW) + ||mean dW||^2: truncate for the covariance C and
+                # remove the mean's part exactly through the bias (below); errors stay relative
+                # to the whole output energy
+                spectrum = fz.low_rank_spectrum(w, method, moment - np.outer(mean, mean), ridge=self.ridge)
+                spectrum = dataclasses.replace(spectrum, energy=fz.output_energy(w, moment))
+                centered.add(id(group))
+            else:
+                spectrum = fz.low_rank_spectrum(w, method, moment, ridge=self.ridge)
+            spectra.append((group, spectrum))
         ranks = self._choose_ranks(model, spectra, total, stats)
 
         editor = GraphEditor(model, self.name)
@@ -121,7 +149,17 @@ class Svd(Pass):
                 continue
             a, b = spectrum.factors(rank)
             k, n = group.shape
+            # read before the lowering: each MatMul then reads the rank-r intermediate instead
+            shifts = (
+                [(lin, group.input_mean(calibration, lin)) for lin in group.linears]
+                if id(group) in centered
+                else []
+            )
+            residual = group.array() - a @ b if shifts else None
             lower_low_rank(editor, group, a, b)
+            for lin, mu in shifts:
+                if mu is not None and residual is not None:
+                    editor.add_to_bias(lin, mu @ residual)
             after = fz.low_rank_params(k, n, rank)
             removed += group.params - after
             stats["factorised"] += len(group.linears)
@@ -131,6 +169,7 @@ class Svd(Pass):
                     "linears": [lin.matmul.name for lin in group.linears],
                     "shape": [k, n],
                     "rank": rank,
+                    "method": methods[id(group)] + (" (centered)" if id(group) in centered else ""),
                     "params_before": group.params,
                     "params_after": after,
                     "relative_output_error": spectrum.relative_error(rank),

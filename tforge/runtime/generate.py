@@ -317,7 +317,7 @@ def open_session(model: Any, *, threads: int | None = None, optimize: bool = Tru
         return model
     if isinstance(model, str | os.PathLike) and not Path(model).is_file():
         raise UnsupportedModelError(f"{model}: no such model file; pass an .onnx file")
-    from tforge.backends.ort import create_session
+    from tforge.runtime.ort import create_session
 
     return create_session(model, optimize=optimize, threads=threads, spin=False)
 
