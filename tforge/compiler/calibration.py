@@ -74,6 +74,8 @@ class CalibrationData:
     npz: str | None = None
     samples: int | None = None
     seq_len: int | None = None
+    workers: int | None = None  # calibrate in shards on this many Ray workers
+    cluster: str | None = None  # a running Ray cluster's address (ray://HOST:PORT); default: local
 
     def __post_init__(self) -> None:
         if bool(self.text) != bool(self.tokenizer):
@@ -84,6 +86,8 @@ class CalibrationData:
             )
         if self.samples is not None and self.samples < 1:
             raise PassConfigError(f"calibration: samples must be at least 1, got {self.samples}")
+        if self.workers is not None and self.workers < 1:
+            raise PassConfigError(f"calibration: workers must be at least 1, got {self.workers}")
 
     @property
     def empty(self) -> bool:

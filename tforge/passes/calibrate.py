@@ -83,6 +83,9 @@ class Calibrate(Pass):
     # activation-aware SVD ask for theirs, int8 quantization asks for none
     gram: bool | None = None
     seq_len: int = 128
+    # >0: shards of the samples on this many Ray workers (tforge[ray]); the statistics are the same
+    workers: int = 0
+    cluster: str = ""  # a running Ray cluster (ray://HOST:PORT); default: a local one with `workers` CPUs
 
     requires: ClassVar = frozenset({Property.CANONICAL})
     establishes: ClassVar = frozenset({Property.CALIBRATED})
@@ -94,6 +97,8 @@ class Calibrate(Pass):
             raise PassConfigError(f"calibrate: samples must be at least 1, got {self.samples}")
         if self.seq_len < 2:
             raise PassConfigError(f"calibrate: seq-len must be at least 2, got {self.seq_len}")
+        if self.workers < 0:
+            raise PassConfigError(f"calibrate: workers must be >= 0, got {self.workers}")
         if bool(self.text) != bool(self.tokenizer):
             given, needed = ("text", "tokenizer") if self.text else ("tokenizer", "text")
             raise PassConfigError(
@@ -142,7 +147,14 @@ class Calibrate(Pass):
         logger.info("calibrate: reading %s", source)
         if gram and gram is not True:
             logger.info("calibrate: Gram matrices of %d activations, for the passes after it", len(gram))
-        stats = calibrate_model(model, feeds, gram=gram)
+        workers = self.workers or (data.workers if data is not None and data.workers else 0)
+        address = self.cluster or (data.cluster if data is not None and data.cluster else "")
+        if workers or address:
+            from tforge.compiler.distributed import calibrate_sharded
+
+            stats = calibrate_sharded(model, feeds, workers=workers or 1, address=address or None, gram=gram)
+        else:
+            stats = calibrate_model(model, feeds, gram=gram)
         model.meta[STATS_KEY] = stats
         model.meta.pop(STALE_STATISTICS_KEY, None)
         return PassResult(

@@ -26,7 +26,7 @@ from tforge.runtime.spill import initializer_bytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PROTO_WEIGHT_LIMIT", "SOURCE_PATH_KEY", "external_data_files", "save_model"]
+__all__ = ["PROTO_WEIGHT_LIMIT", "SOURCE_PATH_KEY", "external_data_files", "inlined_external_tensors", "save_model"]
 
 #: Model metadata (``model.meta``): the file a model was loaded from, which saving never overwrites.
 SOURCE_PATH_KEY = "tforge.source_path"
@@ -85,7 +85,7 @@ def save_model(
             # onnx_ir streams ExternalTensors file to file and restores the model's tensors.
             ir.save(model, staged, external_data=data_name, size_threshold_bytes=size_threshold)
         else:
-            with _inlined_external_tensors(model):
+            with inlined_external_tensors(model):
                 ir.save(model, staged)
         staged_data = staging / data_name
         placed_data = staged_data.exists() and staged_data.stat().st_size > 0  # else unused
@@ -123,7 +123,7 @@ def _refuse_aliasing(model: ir.Model, targets: Sequence[Path]) -> None:
 
 
 @contextmanager
-def _inlined_external_tensors(model: ir.Model) -> Iterator[None]:
+def inlined_external_tensors(model: ir.Model) -> Iterator[None]:
     """Temporarily hold ExternalTensors in memory so a single-file save embeds them.
 
     Serialised as-is they would keep a location relative to their old folder, which is wrong
