@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -27,8 +28,13 @@ FUZZ = settings(
 
 
 @pytest.fixture(autouse=True)
-def _quiet() -> None:
-    logging.getLogger("tforge").setLevel(logging.WARNING)
+def _quiet() -> Iterator[None]:
+    """Only warnings from tforge while fuzzing; the level is restored for the tests after these."""
+    tforge_logger = logging.getLogger("tforge")
+    level = tforge_logger.level
+    tforge_logger.setLevel(logging.WARNING)
+    yield
+    tforge_logger.setLevel(level)
 
 
 @FUZZ

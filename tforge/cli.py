@@ -230,6 +230,9 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
+    # The command line owns its verbosity: a level set on tforge's logger by code that ran
+    # before main() (an embedding program, a test) must not hide the progress it asked for.
+    logging.getLogger("tforge").setLevel(logging.NOTSET)
     for noisy in ("onnxscript", "onnx_ir", "torch", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
 
