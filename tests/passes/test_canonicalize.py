@@ -164,3 +164,33 @@ def test_nan_guard_kept_in_float16() -> None:
     result = Canonicalize()(model)
     assert not result.stats["softmax NaN guard dropped"]
 
+
+
+ROTATE_HALF = """
+<ir_version: 10, opset_import: ["" : 18]>
+rotate (float[B, 8] x) => (float[B, 8] y)
+<int64[1] zero, int64[1] half, int64[1] full, int64[1] last>
+{
+    lo = Slice (x, zero, half, last)
+    lo_neg = Neg (lo)
+    hi = Slice (x, half, full, last)
+    y = Concat <axis = -1> (hi, lo_neg)
+}
+"""
+
+
+def test_halves_of_the_last_axis_become_one_split(rng: np.random.Generator) -> None:
+    """Rotary's rotate_half: two Slices of one value's halves -> Split (found per value, not per pair),
+    placed before the first Slice because a reader of the first half (Neg) sits between them."""
+    model = testing.model_from_onnx_text(
+        ROTATE_HALF,
+        zero=np.array([0], np.int64), half=np.array([4], np.int64),
+        full=np.array([8], np.int64), last=np.array([-1], np.int64),
+    )  # fmt: skip
+    original = model.clone()
+
+    Canonicalize()(model)
+
+    assert [n.op_type for n in model.graph] == ["Split", "Neg", "Concat"]
+    feeds = {"x": rng.normal(size=(3, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(run(model, feeds), run(original, feeds))
