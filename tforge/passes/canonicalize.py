@@ -170,7 +170,7 @@ def _optimize(model: ir.Model, size_limit: int) -> None:
             _constant_folding.FoldConstantsPass(
                 shape_inference=True, input_size_limit=size_limit, output_size_limit=size_limit
             ),
-            rewriter.RewritePass(single),
+            rewriter.RewritePass([_OpGuardedRule(r) for r in single]),
             common_passes.RemoveUnusedNodesPass(),
             common_passes.RemoveUnusedFunctionsPass(),
             common_passes.RemoveUnusedOpsetsPass(),
@@ -194,6 +194,30 @@ def _optimize(model: ir.Model, size_limit: int) -> None:
         common_passes.NameFixPass(),
     ]
     ir.passes.Sequential(*passes)(model)
+
+
+class _OpGuardedRule:
+    """A single-output rewrite rule that is not tried on a node of another op type.
+
+    onnxscript's rule set tries every rule on every node (46 rules x 7,600 nodes per step on
+    SmolLM2's TorchScript cache export: 4 of canonicalize's 6 s), and each try builds a match
+    state before it compares op types. A single-output pattern matches only at a node of its
+    output op, so checking that first changes no result: same rules, same order, same nodes.
+    """
+
+    def __init__(self, rule: object) -> None:
+        self._rule = rule
+        target = getattr(rule, "_target_pattern", None)
+        identifier = target.output_nodes[0].op_identifier() if target is not None else None
+        self._op_type = identifier[1] if identifier is not None else None  # None: tried everywhere
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._rule, name)
+
+    def try_rewrite(self, model: ir.Model, graph: object, node: ir.Node, **kwargs: object) -> object:
+        if self._op_type is not None and node.op_type != self._op_type:
+            return None
+        return self._rule.try_rewrite(model, graph, node, **kwargs)  # type: ignore[attr-defined]
 
 
 def _slices_to_split(model: ir.Model) -> int:
