@@ -7,6 +7,8 @@
 - a test with a ``zoo_name`` argument runs once per zoo model, unless it parametrizes it itself.
 - ``minilm_onnx`` / ``smollm2_onnx``: real pretrained exports in ``.cache/models`` (reused when
   current); tests using them must be marked ``@pytest.mark.slow``.
+- ``llama_cache``: a random tiny LLaMA exported with a KV cache; ``tokenizer_dir``: a word-level
+  tokenizer over its 96-token vocabulary (``WORDS``: token ``i`` is ``WORDS[i]``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CACHE = REPO / ".cache" / "models"
+#: the vocabulary of ``tokenizer_dir``, the 96 ids of ``llama_cache``'s random LLaMA
+WORDS = ["<pad>", "<s>", "</s>", *(f"w{i}" for i in range(3, 96))]
 
 
 @pytest.fixture
@@ -159,3 +163,19 @@ def llama_cache(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
         torchscript=reports["torchscript"].path,
         folder=folder,
     )
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a word-level ``tokenizer.json`` over ``WORDS`` (whitespace-split, unknown
+    words to ``<pad>``; ``<pad>``, ``<s>``, ``</s>`` special): text for ``llama_cache``'s models."""
+    import tokenizers
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    tok = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    folder = tmp_path_factory.mktemp("tok")
+    tok.save(str(folder / "tokenizer.json"))
+    return folder

@@ -9,25 +9,9 @@ from pathlib import Path
 import pytest
 
 import tforge
+from tests.conftest import WORDS  # the vocabulary of the `tokenizer_dir` fixture
 from tforge.cli import main
 from tforge.runtime import generate
-
-WORDS = ["<pad>", "<s>", "</s>", *(f"w{i}" for i in range(3, 96))]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import tokenizers
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-
-    tok = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
-    folder = tmp_path_factory.mktemp("tok")
-    tok.save(str(folder / "tokenizer.json"))
-    return folder
-
 
 PROMPT_TEXT = "w5 w17 w42 w8 w90 w33 w61 w12 w7"
 PROMPT_IDS = [5, 17, 42, 8, 90, 33, 61, 12, 7]

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tforge.errors import PassConfigError, PreconditionError, UnsupportedModelError
+from tforge.runtime.generate import CacheLayout, cache_layout
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ __all__ = [
     "DATA_KEY",
     "FEEDS_KEY",
     "GRAM_REQUEST_KEY",
+    "DEFAULT_DECODE_STEPS",
+    "CacheWindow",
     "CalibrationData",
     "has_pipeline_data",
     "pipeline_feeds",
@@ -41,6 +44,7 @@ __all__ = [
     "attached_stats",
     "calibrate_model",
     "default_values",
+    "feed_tokens",
     "missing_stats_reason",
     "npz_feeds",
     "text_feeds",
@@ -101,11 +105,13 @@ def has_pipeline_data(model: ir.Model) -> bool:
 
 
 def pipeline_feeds(
-    model: ir.Model, *, samples: int, seq_len: int
+    model: ir.Model, *, samples: int, seq_len: int, decode_steps: int | None = None
 ) -> tuple[str, Iterable[Mapping[str, np.ndarray]]] | None:
     """The pipeline's calibration feeds (a label for logs, the feeds), or None when none were given.
 
     ``samples``/``seq_len`` are the reader's defaults; the pipeline's own counts win.
+    ``decode_steps`` is :func:`text_feeds`' (KV-cache graphs only; default
+    :data:`DEFAULT_DECODE_STEPS`).
     """
     data = model.meta.get(DATA_KEY)
     if data is not None and not data.empty:
@@ -113,7 +119,8 @@ def pipeline_feeds(
         if data.npz:
             return f"npz '{data.npz}'", npz_feeds(data.npz, model, samples=count)
         return f"text '{data.text}'", text_feeds(
-            model, data.text, data.tokenizer, samples=count, seq_len=data.seq_len or seq_len
+            model, data.text, data.tokenizer, samples=count, seq_len=data.seq_len or seq_len,
+            decode_steps=DEFAULT_DECODE_STEPS if decode_steps is None else decode_steps,
         )
     given = model.meta.get(FEEDS_KEY)
     if given:
@@ -413,6 +420,35 @@ MASK_INPUT = "attention_mask"
 _PROGRESS_EVERY = 16  # samples between two progress lines
 
 
+class CacheWindow(dict):  # type: ignore[type-arg]
+    """One calibration sample of a KV-cache graph: a prefill feed that carries the tokens after it.
+
+    As a mapping it is the prefill's feed (``input_ids``, ``attention_mask``, ``position_ids`` of
+    the window's first tokens and an empty past), so a reader that knows nothing of decoding
+    (``linear-attention``'s capture, ``prepare_feeds``) runs the prefill alone. :func:`calibrate_model`
+    runs the prefill, then decodes ``decode_ids`` [batch, steps] one token a step, teacher-forced,
+    feeding each step's ``present`` outputs back as the next step's past (``layout`` says which).
+    A dict subclass, so that it pickles as it is to Ray workers (``compiler/distributed.py``).
+    """
+
+    def __init__(self, feed: Feed, decode_ids: np.ndarray, layout: CacheLayout) -> None:
+        super().__init__(feed)
+        self.decode_ids = np.asarray(decode_ids)
+        self.layout = layout
+        if self.decode_ids.ndim != 2:
+            raise ValueError(f"CacheWindow: decode ids must be [batch, steps], got shape {self.decode_ids.shape}")
+
+
+def feed_tokens(feed: Feed) -> int:
+    """Real tokens a sample runs: the attention mask's ones (or the ``input_ids``), plus the
+    decode steps of a :class:`CacheWindow`."""
+    mask = _mask_of(feed)
+    count = int(mask.sum()) if mask is not None else _token_count(feed)
+    if isinstance(feed, CacheWindow):
+        count += int(feed.decode_ids.size)
+    return count
+
+
 def default_values(model: ir.Model) -> list[str]:
     """The input of every linear of the block map, deduplicated, in graph order."""
     from tforge.compiler.structure import block_map
@@ -450,6 +486,11 @@ def calibrate_model(
     [batch, seq, C] (or flattened [batch*seq, C]) activation where the mask is 0 are padding
     and are left out. ``gram`` (True for all, or a set of value names) also accumulates the
     [C, C] matrix of sums of x x^T, which least-squares refits and activation-aware SVD need.
+
+    A :class:`CacheWindow` feed (text calibration of a KV-cache graph) is run as a prefill and
+    then one run per decode step, ``present`` fed back as the past; every run's activations are
+    reduced, so the statistics cover both phases. Memory stays bounded by one sample: a step's
+    past and present are the only caches alive.
     """
     if progress_every <= 0:
         raise ValueError(f"calibrate_model: progress_every must be positive, got {progress_every}")
@@ -477,20 +518,25 @@ def calibrate_model(
             "calibrate the values that flow from the graph inputs"
         )
     computed = [n for n in names if n not in graph_inputs]
+    # The first feed says whether decode steps follow (text feeds of a cache graph); their
+    # session must also return the present key/values that become the next step's past.
+    stream = iter(feeds)
+    first = next(stream, None)
+    cache = first.layout if isinstance(first, CacheWindow) else None
+    presents = [c.present for c in cache.cache if c.present not in computed] if cache is not None else []
+    exposed = [*computed, *presents]
     session = None
-    if computed:
-        session = session_exposing(model, computed, optimize=optimize)
+    if exposed:
+        session = session_exposing(model, exposed, optimize=optimize)
         logger.debug("calibration: session exposes %d activations", len(computed))
 
     with_gram = set(names) if gram is True else set(gram or ())
     stats: dict[str, ChannelStats] = {}
     unmasked: set[str] = set()
     samples = tokens = 0
-    started = last = time.perf_counter()
-    for feed in feeds:
-        samples += 1
-        mask = _mask_of(feed)
-        tokens += int(mask.sum()) if mask is not None else _token_count(feed)
+
+    def reduce_run(feed: Feed, mask: np.ndarray | None) -> dict[str, Any]:
+        """Reduce one run's activations; returns the present outputs (cache feeds only)."""
         for name in names:
             if name in graph_inputs:
                 if name not in feed:
@@ -499,12 +545,27 @@ def calibrate_model(
                         f"it has {', '.join(feed)}"
                     )
                 _reduce(stats, name, np.asarray(feed[name]), mask, unmasked, bins, name in with_gram)
-        if session is not None:
-            outputs = _run(session, feed, computed, samples)
-            for i, name in enumerate(computed):
-                _reduce(stats, name, outputs[i], mask, unmasked, bins, name in with_gram)
-                outputs[i] = None  # drop each activation as soon as it is reduced
-            del outputs
+        if session is None:
+            return {}
+        outputs = _run(session, feed, exposed, samples)
+        for i, name in enumerate(computed):
+            _reduce(stats, name, outputs[i], mask, unmasked, bins, name in with_gram)
+            outputs[i] = None  # drop each activation as soon as it is reduced
+        return dict(zip(exposed[len(computed) :], outputs[len(computed) :], strict=True))
+
+    started = last = time.perf_counter()
+    for feed in itertools.chain([first], stream) if first is not None else ():
+        samples += 1
+        tokens += feed_tokens(feed)
+        if isinstance(feed, CacheWindow):
+            if feed.layout != cache:
+                raise PassConfigError(
+                    f"calibration: sample {samples} decodes with another cache layout than the "
+                    "first sample; give the feeds of one model"
+                )
+            _run_window(feed, reduce_run)
+        else:
+            reduce_run(feed, _mask_of(feed))
         if samples % progress_every == 0:
             now = time.perf_counter()
             report(
@@ -536,6 +597,21 @@ def calibrate_model(
     for st in stats.values():
         st.flush()
     return CalibrationStats(stats={n: stats[n] for n in names}, samples=samples)
+
+
+def _run_window(window: CacheWindow, reduce_run: Callable[[Feed, np.ndarray | None], dict[str, Any]]) -> None:
+    """The prefill of a :class:`CacheWindow`, then its decode steps, each fed the last present."""
+    layout = window.layout
+    # The prefill's mask is all ones over its rows (windows are never padded), so it is the
+    # padding mask of the activations as for any feed.
+    present = reduce_run(window, _mask_of(window))
+    past = int(np.asarray(window[layout.input_ids]).shape[1])
+    for step in range(window.decode_ids.shape[1]):
+        feed = layout.step_feeds(window.decode_ids[:, step : step + 1], past)
+        feed.update({c.past: present[c.present] for c in layout.cache})
+        # A step's attention mask covers past + new tokens, not the activations' rows: no mask.
+        present = reduce_run(feed, None)
+        past += 1
 
 
 def _run(session: Any, feed: Feed, names: list[str], index: int) -> list[Any]:
@@ -605,24 +681,55 @@ def _reduce(
 # ----------------------------------------------------------------------------- data sources
 
 _TEXT_INPUTS = ("input_ids", MASK_INPUT, "token_type_ids", "position_ids")
+#: tokens at the end of each window of a KV-cache graph decoded one at a time after the prefill
+DEFAULT_DECODE_STEPS = 8
 _SENTENCE_END = re.compile(r"(?<=\s[.!?])\s+(?=\S)")
 _MIN_SENTENCE_WORDS = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class _TextLayout:
-    """What a text model's inputs look like: which optional inputs exist, static dims, dtypes."""
+    """What a text model's inputs look like: which optional inputs exist, static dims, dtypes,
+    and for a KV-cache graph its cache (read by ``runtime.generate.cache_layout``)."""
 
     dtypes: dict[str, np.dtype]
     batch: int
     seq: int
     static_seq: bool
     vocab: int | None
+    cache: CacheLayout | None = None
 
     @property
     def windows(self) -> bool:
-        """Decoders (no attention mask input) get contiguous windows; encoders get sentences."""
-        return MASK_INPUT not in self.dtypes
+        """Decoders (no attention mask input, or a KV cache) get contiguous windows; encoders get
+        sentences."""
+        return MASK_INPUT not in self.dtypes or self.cache is not None
+
+
+class _ModelIO:
+    """The part of an ORT session's interface ``cache_layout`` reads (``get_inputs``,
+    ``get_outputs``: name, ORT type string, dims as int, name or None), over the declared inputs
+    and outputs of an ``onnx_ir`` model, so that no session is opened to read the layout."""
+
+    class _Arg:
+        def __init__(self, value: ir.Value) -> None:
+            self.name = value.name
+            self.type = f"tensor({value.dtype.name.lower()})" if value.dtype is not None else "tensor(undefined)"
+            self.shape = [d if isinstance(d, int) else d.value for d in (value.shape or ())]
+
+    def __init__(self, model: ir.Model) -> None:
+        source = model.meta.get("tforge.source_path")
+        if source:  # messages name the file, and a genai_config.json beside it gives symbolic sizes
+            self._model_path = str(source)
+        graph = model.graph
+        self._inputs = [self._Arg(v) for v in graph.inputs if v.name not in graph.initializers]
+        self._outputs = [self._Arg(v) for v in graph.outputs]
+
+    def get_inputs(self) -> list[_Arg]:
+        return self._inputs
+
+    def get_outputs(self) -> list[_Arg]:
+        return self._outputs
 
 
 class _Tokenizer:
@@ -725,10 +832,20 @@ def _text_layout(model: ir.Model, seq_len: int) -> _TextLayout:
             f"{', '.join(inputs)}; give the inputs in an .npz with --calib-npz"
         )
     other = [n for n in inputs if n not in _TEXT_INPUTS]
-    if other:
+    cache = None
+    if other and all(inputs[n].shape is not None and inputs[n].shape.rank() == 4 for n in other):
+        # Rank-4 inputs besides the token inputs: a KV cache, which the feeds fill themselves.
+        try:
+            cache = cache_layout(_ModelIO(model))
+        except UnsupportedModelError as e:
+            raise PassConfigError(
+                f"calibrate: the model's input(s) {', '.join(other)} look like a KV cache, but text "
+                f"calibration cannot feed them ({e}); give all inputs in an .npz with --calib-npz"
+            ) from None
+    elif other:
         raise PassConfigError(
-            f"calibrate: text calibration can feed {', '.join(_TEXT_INPUTS)}, but the model also has "
-            f"input(s) {', '.join(other)}; give all inputs in an .npz with --calib-npz"
+            f"calibrate: text calibration can feed {', '.join(_TEXT_INPUTS)} and a KV cache, but the "
+            f"model also has input(s) {', '.join(other)}; give all inputs in an .npz with --calib-npz"
         )
     dtypes = {}
     for name, value in inputs.items():
@@ -744,6 +861,13 @@ def _text_layout(model: ir.Model, seq_len: int) -> _TextLayout:
         )
     batch = dims[0] if dims and isinstance(dims[0], int) else 1
     seq = dims[1] if dims and isinstance(dims[1], int) else seq_len
+    static_seq = len(dims) == 2 and isinstance(dims[1], int)
+    if cache is not None and static_seq:
+        raise PassConfigError(
+            f"calibrate: the KV-cache graph's input_ids have a fixed length of {seq} tokens, so it "
+            "cannot decode one token a step; calibrate the graph before fixing its shapes, or give "
+            "all inputs in an .npz with --calib-npz"
+        )
     if seq != seq_len:
         logger.info(
             "calibration: input_ids has a fixed length of %d tokens; using it instead of %d",
@@ -754,8 +878,9 @@ def _text_layout(model: ir.Model, seq_len: int) -> _TextLayout:
         dtypes=dtypes,
         batch=batch,
         seq=seq,
-        static_seq=len(dims) == 2 and isinstance(dims[1], int),
+        static_seq=static_seq,
         vocab=_embedding_rows(inputs["input_ids"]),
+        cache=cache,
     )
 
 
@@ -777,6 +902,7 @@ def text_feeds(
     seq_len: int,
     half: Literal["first", "second", "all"] = "first",
     mode: Literal["auto", "sentences", "windows"] = "auto",
+    decode_steps: int = DEFAULT_DECODE_STEPS,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Feeds for a text model from real text, produced lazily (one sample in memory at a time).
 
@@ -788,11 +914,23 @@ def text_feeds(
     windows of the running text. A fixed batch or sequence length in the model's ``input_ids``
     overrides 1 and ``seq_len``. ``token_type_ids`` are zeros and ``position_ids`` count from 0.
     Files and the tokenizer are checked now; the text is tokenized while the feeds are consumed.
+
+    A KV-cache graph (inputs ``past_*`` [batch, kv_heads, past, head_dim] and outputs
+    ``present_*``, as ``runtime.generate.cache_layout`` reads them) is calibrated as it is used:
+    each ``seq_len``-token window is a :class:`CacheWindow`, whose first
+    ``seq_len - decode_steps`` tokens are prefilled from an empty cache (past length 0), and whose
+    last ``decode_steps`` tokens (at most ``seq_len - 1``) are then decoded one a step,
+    teacher-forced, by :func:`calibrate_model`, each step's ``present`` fed back as the next
+    step's past, the attention mask covering past + new tokens and the positions continuing.
+    So the statistics include decode-step activations, and a window reads the same
+    ``seq_len`` tokens it would in a graph without a cache; ``decode_steps=0`` is prefill only.
     """
     if samples <= 0 or seq_len <= 1:
         raise ValueError(
             f"text_feeds: samples must be >= 1 and seq_len >= 2, got {samples} and {seq_len}"
         )
+    if decode_steps < 0:
+        raise ValueError(f"text_feeds: decode_steps must be >= 0, got {decode_steps}")
     if mode not in ("auto", "sentences", "windows"):
         raise ValueError(f"text_feeds: mode must be 'auto', 'sentences' or 'windows', got {mode!r}")
     layout = _text_layout(model, seq_len)
@@ -804,7 +942,10 @@ def text_feeds(
         if windows
         else _sentences(text, tokenizer, layout.seq)
     )
-    return _batched(rows, layout, tokenizer, samples, str(text_path))
+    if layout.cache is not None and not windows:
+        raise ValueError("text_feeds: a KV-cache graph is calibrated on windows, not sentences")
+    steps = min(decode_steps, layout.seq - 1) if layout.cache is not None else 0
+    return _batched(rows, layout, tokenizer, samples, str(text_path), steps)
 
 
 def _sentences(text: str, tokenizer: _Tokenizer, seq: int) -> Iterator[list[int]]:
@@ -831,7 +972,12 @@ def _windows(text: str, tokenizer: _Tokenizer, seq: int) -> Iterator[list[int]]:
 
 
 def _batched(
-    rows: Iterator[list[int]], layout: _TextLayout, tokenizer: _Tokenizer, samples: int, source: str
+    rows: Iterator[list[int]],
+    layout: _TextLayout,
+    tokenizer: _Tokenizer,
+    samples: int,
+    source: str,
+    decode_steps: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     made = 0
     while made < samples:
@@ -855,6 +1001,12 @@ def _batched(
                 f"calibrate: tokenizer {tokenizer.label} produced token id {top}, but the model's "
                 f"embedding has {layout.vocab} rows; pass the tokenizer that belongs to this model"
             )
+        if layout.cache is not None:
+            # Windows are never padded (every row is `width` real tokens); see text_feeds.
+            prefill = width - decode_steps
+            made += 1
+            yield CacheWindow(layout.cache.prefill_feeds(ids[:, :prefill]), ids[:, prefill:], layout.cache)
+            continue
         feed = {"input_ids": ids.astype(layout.dtypes["input_ids"], copy=False)}
         if MASK_INPUT in layout.dtypes:
             feed[MASK_INPUT] = mask.astype(layout.dtypes[MASK_INPUT], copy=False)

@@ -5,7 +5,9 @@ The statistics of every linear's input (:mod:`tforge.compiler.calibration`) go t
 is not touched. Data comes from, in this order: an ``.npz`` of input arrays (``npz=``), a text
 file and the model's tokenizer (``text=`` and ``tokenizer=``; the first half of the file, by
 character offset, so that evaluation on the second half never sees calibration text), or the
-feeds given to ``tforge.compile(..., calibration=...)``.
+feeds given to ``tforge.compile(..., calibration=...)``. A KV-cache graph calibrated from text
+is run as it is deployed: each window is prefilled from an empty cache, then its last
+``decode-steps`` tokens are decoded one a step with the cache fed back (see ``text_feeds``).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import onnx_ir as ir
 
 from tforge.compiler.calibration import (
     DATA_KEY,
+    DEFAULT_DECODE_STEPS,
     GRAM_REQUEST_KEY,
     STALE_STATISTICS_KEY,
     STATS_KEY,
     calibrate_model,
+    feed_tokens,
     has_pipeline_data,
     npz_feeds,
     pipeline_feeds,
@@ -62,9 +66,7 @@ def _until_enough(
         if i >= most or (i >= samples and seen >= tokens):
             return
         yield feed
-        mask = feed.get("attention_mask")
-        ids = feed.get("input_ids")
-        seen += int(np.asarray(mask).sum()) if mask is not None else int(np.asarray(ids).size) if ids is not None else 0
+        seen += feed_tokens(feed)  # decode steps of a KV-cache window included
 
 
 @register_pass("calibrate")
@@ -83,6 +85,9 @@ class Calibrate(Pass):
     # activation-aware SVD ask for theirs, int8 quantization asks for none
     gram: bool | None = None
     seq_len: int = 128
+    # KV-cache graphs from text: the last tokens of each seq-len window decoded one a step after
+    # the prefill of the others, so the statistics cover decoding too (0: prefill only)
+    decode_steps: int = DEFAULT_DECODE_STEPS
     # >0: shards of the samples on this many Ray workers (tforge[ray]); the statistics are the same
     workers: int = 0
     cluster: str = ""  # a running Ray cluster (ray://HOST:PORT); default: a local one with `workers` CPUs
@@ -97,6 +102,8 @@ class Calibrate(Pass):
             raise PassConfigError(f"calibrate: samples must be at least 1, got {self.samples}")
         if self.seq_len < 2:
             raise PassConfigError(f"calibrate: seq-len must be at least 2, got {self.seq_len}")
+        if self.decode_steps < 0:
+            raise PassConfigError(f"calibrate: decode-steps must be >= 0, got {self.decode_steps}")
         if self.workers < 0:
             raise PassConfigError(f"calibrate: workers must be >= 0, got {self.workers}")
         if bool(self.text) != bool(self.tokenizer):
@@ -120,9 +127,12 @@ class Calibrate(Pass):
                 logger.info("calibrate: both npz= and text= are given; using the .npz")
             return f"npz '{self.npz}'", npz_feeds(self.npz, model, samples=samples)
         if self.text:
-            feeds = text_feeds(model, self.text, self.tokenizer, samples=samples, seq_len=self.seq_len)
+            feeds = text_feeds(
+                model, self.text, self.tokenizer, samples=samples, seq_len=self.seq_len,
+                decode_steps=self.decode_steps,
+            )
             return f"text '{self.text}'", feeds
-        found = pipeline_feeds(model, samples=samples, seq_len=self.seq_len)
+        found = pipeline_feeds(model, samples=samples, seq_len=self.seq_len, decode_steps=self.decode_steps)
         if found is None:  # check() ran first
             raise PreconditionError("calibrate: no calibration data")
         return found

@@ -227,10 +227,11 @@ class Quantize(Pass):
                 stats.skip("unusable calibration statistics", x, count=len(linears))
                 logger.debug("quantize: input %s skipped: %s", x.name, error)
                 continue
-            if plan.mode == "dynamic-per-token" and _width(x) is None:
+            width = _width(x) or _contracted(linears[0])
+            if plan.mode == "dynamic-per-token" and width is None:
                 stats.skip("per-token input has no static last dimension", x, count=len(linears))
                 continue
-            quantized_input = self._quantize_input(editor, x, plan, len(linears))
+            quantized_input = self._quantize_input(editor, x, plan, len(linears), width)
             for lin in linears:
                 entry = self._lower(editor, lin, quantized_input)
                 if plan.sqnr_db is not None:
@@ -282,7 +283,9 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------ input side
 
-    def _quantize_input(self, editor: GraphEditor, x: ir.Value, plan: _Plan, readers: int) -> _QuantizedInput:
+    def _quantize_input(
+        self, editor: GraphEditor, x: ir.Value, plan: _Plan, readers: int, width: int | None
+    ) -> _QuantizedInput:
         base = x.name or "x"
         editor.place_after(x)
         if plan.mode == "none":
@@ -307,9 +310,9 @@ class Quantize(Pass):
             return _QuantizedInput(
                 plan.mode, float_input=x, q=dq.outputs[0], scale=dq.outputs[1], zero_point=dq.outputs[2]
             )
-        return self._quantize_per_token(editor, x)
+        return self._quantize_per_token(editor, x, width)
 
-    def _quantize_per_token(self, editor: GraphEditor, x: ir.Value) -> _QuantizedInput:
+    def _quantize_per_token(self, editor: GraphEditor, x: ir.Value, width: int | None) -> _QuantizedInput:
         """Row scale ``s = max(max(x_row), -min(x_row), tiny) / 127``; codes ``round(x / s) + 128``.
 
         The quantization itself is one per-axis ``QuantizeLinear`` over the rows of a 2-D view of
@@ -318,10 +321,9 @@ class Quantize(Pass):
         CPU provider (about 1.3-1.7x faster than ``Abs``, ``ReduceMax``, ``Div``, ``QuantizeLinear``).
         """
         base = x.name or "x"
-        width = _width(x)
-        if width is None or x.shape is None:
+        if width is None:
             raise PassError(f"quantize: per-token input '{base}' has no static last dimension; this is a bug")
-        rank = len(x.shape)
+        rank = len(x.shape) if x.shape is not None else None
         row_shape = _row_shape(x.shape)
         reduced = []
         axes = editor.initializer(f"{base}.row_axes", np.array([-1], np.int64)) if editor.opset >= 18 else None
@@ -355,7 +357,7 @@ class Quantize(Pass):
         _annotate(count.outputs[0], ir.DataType.INT64, ir.Shape([1]))
         _annotate(zps.outputs[0], ir.DataType.UINT8, ir.Shape([None]))
         _annotate(q_rows.outputs[0], ir.DataType.UINT8, rows.outputs[0].shape)
-        _annotate(x_shape.outputs[0], ir.DataType.INT64, ir.Shape([rank]))
+        _annotate(x_shape.outputs[0], ir.DataType.INT64, ir.Shape([rank]))  # [None]: rank unknown
         _annotate(q.outputs[0], ir.DataType.UINT8, x.shape)
         return _QuantizedInput(
             "dynamic-per-token", float_input=x, q=q.outputs[0], scale=scale.outputs[0], zero_point=zp
@@ -475,6 +477,18 @@ def _width(value: ir.Value) -> int | None:
     if value.shape is None or len(value.shape) == 0 or not isinstance(value.shape[-1], int):
         return None
     return int(value.shape[-1])
+
+
+def _contracted(lin: Linear) -> int | None:
+    """The channels ``lin`` contracts, from its constant [K, N] weight: MatMul(x, W) runs only
+    when x's last axis is K, so this is x's static width even where shape inference lost it.
+    (TorchScript exports of attention merge the heads with ``Reshape(x, [b, s, -1])`` whose input
+    shape is computed at run time through the repeat-kv ``Expand``; ONNX shape inference leaves
+    the o_proj input as [?, ?, ?] although heads x head_dim is fixed.)"""
+    shape = lin.weight.shape
+    if shape is None or len(shape) != 2 or not isinstance(shape[0], int):
+        return None
+    return int(shape[0])
 
 
 def _annotate(value: ir.Value, dtype: ir.DataType, shape: ir.Shape | None) -> None:
