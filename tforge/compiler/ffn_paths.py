@@ -20,7 +20,7 @@ from tforge.compiler.ops import is_pointwise
 from tforge.compiler.pass_infra import Skip
 from tforge.compiler.structure import FFN, BlockMap, const_array, static_dims
 
-__all__ = ["Intermediate", "ffn_intermediate"]
+__all__ = ["Intermediate", "check_rescalable_up_down", "ffn_intermediate"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -97,3 +97,33 @@ def _walk(ffn: FFN) -> Intermediate:
         if any(id(use.node) not in inside for use in value.uses()):
             raise Skip(f"FFN activation '{value.name}' is also read outside the FFN", value.producer())
     return found
+
+
+def check_rescalable_up_down(ffn: FFN, block_map: BlockMap | None = None) -> None:
+    """:class:`Skip` unless ``down``'s input is ``relu(up)`` or ``act(gate) * up``, read by nothing else.
+
+    Scaling up's columns by ``1/s`` then scales down's input by ``1/s`` exactly, so ``s`` can
+    move into down's rows: the path is linear in ``up``, or positively homogeneous (ReLU)
+    without a gate. Both smoothquant and quantize-weights' AWQ move scales across this site.
+    """
+    if ffn.gate is None and ffn.activation != "relu":
+        raise Skip(f"up->down: {ffn.activation} is not positively homogeneous", ffn.down.matmul)
+    down_in = ffn.down.input
+    up_out = ffn.up.output
+    node = down_in.producer()
+    if not _single_reader(down_in) or not _single_reader(up_out) or node is None:
+        raise Skip("up->down: an intermediate activation is also read elsewhere", ffn.down.matmul)
+    try:
+        ffn_intermediate(ffn, block_map)
+    except Skip as why:
+        raise Skip(f"up->down: {why.reason}", why.at) from None
+    if ffn.gate is None:
+        if node.op_type != "Relu" or node.inputs[0] is not up_out:
+            raise Skip("up->down: down's input is not relu(up)", node)
+        return
+    if node.op_type != "Mul" or sum(1 for i in node.inputs if i is up_out) != 1:
+        raise Skip("up->down: down's input is not act(gate) * up", node)
+
+
+def _single_reader(value: ir.Value) -> bool:
+    return len(list(value.uses())) == 1 and not value.is_graph_output()

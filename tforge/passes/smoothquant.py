@@ -38,7 +38,7 @@ from tforge.compiler.calibration import (
     attached_stats,
     require_stats,
 )
-from tforge.compiler.ffn_paths import ffn_intermediate
+from tforge.compiler.ffn_paths import check_rescalable_up_down
 from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rescale import check_norm_scalable, scale_norm_output, scale_stats
@@ -179,7 +179,7 @@ class SmoothQuant(Pass):
         rows: list[dict[str, Any]],
     ) -> None:
         try:
-            _check_up_down(ffn, blocks)
+            check_rescalable_up_down(ffn, blocks)
             site = _Site("up->down", ffn.down.matmul, ffn.down.input.name or "", _weights([ffn.down]))
             scale = self._scales(site, calib, rows)
         except Skip as skip:
@@ -260,32 +260,3 @@ def _weights(linears: Sequence[Linear]) -> list[np.ndarray]:
             raise ValueError(f"smoothquant: weight of '{lin.name}' is not a constant")
         out.append(np.asarray(w, np.float64))
     return out
-
-
-def _single_reader(value: ir.Value) -> bool:
-    return len(list(value.uses())) == 1 and not value.is_graph_output()
-
-
-def _check_up_down(ffn: FFN, blocks: BlockMap) -> None:
-    """Skip unless ``down``'s input is ``relu(up)`` or ``act(gate) * up`` with nothing else reading.
-
-    Scaling up's columns by ``1/s`` scales the intermediate by ``1/s`` only on such a path: it
-    is linear in ``up``, or positively homogeneous (ReLU) without a gate.
-    """
-    if ffn.gate is None and ffn.activation != "relu":
-        raise Skip(f"up->down: {ffn.activation} is not positively homogeneous", ffn.down.matmul)
-    down_in = ffn.down.input
-    up_out = ffn.up.output
-    node = down_in.producer()
-    if not _single_reader(down_in) or not _single_reader(up_out) or node is None:
-        raise Skip("up->down: an intermediate activation is also read elsewhere", ffn.down.matmul)
-    try:
-        ffn_intermediate(ffn, blocks)
-    except Skip as why:
-        raise Skip(f"up->down: {why.reason}", why.at) from None
-    if ffn.gate is None:
-        if node.op_type != "Relu" or node.inputs[0] is not up_out:
-            raise Skip("up->down: down's input is not relu(up)", node)
-        return
-    if node.op_type != "Mul" or sum(1 for i in node.inputs if i is up_out) != 1:
-        raise Skip("up->down: down's input is not act(gate) * up", node)
