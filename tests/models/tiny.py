@@ -47,3 +47,26 @@ block (float[BATCH, 4, 8] x) => (float[BATCH, 4, 8] y)
     y = Add (r, d)
 }
 """
+
+
+#: the MiniLM tokenizer's vocabulary, so text calibration with that tokenizer can feed ``text_encoder``
+MINILM_VOCAB = 30522
+
+
+def text_encoder(width: int, inner: int, out: int, vocab: int = MINILM_VOCAB) -> str:
+    """An embedding, a masked ReLU MLP (two linears): the smallest model text calibration feeds."""
+    return f"""
+<ir_version: 10, opset_import: ["" : 18]>
+encoder (int64[B, S] input_ids, int64[B, S] attention_mask) => (float[B, S, {out}] y)
+<float[{vocab}, {width}] emb, float[{width}, {inner}] w1, float[{inner}, {out}] w2, int64[1] last>
+{{
+    e = Gather <axis = 0> (emb, input_ids)
+    m = Cast <to = 1> (attention_mask)
+    mu = Unsqueeze (m, last)
+    h = Mul (e, mu)
+    a = MatMul (h, w1)
+    r = Relu (a)
+    y = MatMul (r, w2)
+}}
+"""
+

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 
 import tforge
-from tests.models import zoo
+from tests.models import tiny, zoo
 from tforge import data as tforge_data
 from tforge import testing
 from tforge.cli import main
@@ -25,22 +25,9 @@ from tforge.passes.calibrate import Calibrate
 from tforge.runtime.save import save_model
 
 WIKITEXT = tforge_data.WIKITEXT
-VOCAB = 30522
+VOCAB = tiny.MINILM_VOCAB
 
-ENCODER = f"""
-<ir_version: 10, opset_import: ["" : 18]>
-encoder (int64[B, S] input_ids, int64[B, S] attention_mask) => (float[B, S, 4] y)
-<float[{VOCAB}, 8] emb, float[8, 8] w1, float[8, 4] w2, int64[1] last>
-{{
-    e = Gather <axis = 0> (emb, input_ids)
-    m = Cast <to = 1> (attention_mask)
-    mu = Unsqueeze (m, last)
-    h = Mul (e, mu)
-    a = MatMul (h, w1)
-    r = Relu (a)
-    y = MatMul (r, w2)
-}}
-"""
+ENCODER = tiny.text_encoder(8, 8, 4)
 
 
 def _feeds(name: str, count: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
