@@ -14,9 +14,19 @@ import onnx_ir as ir
 import pytest
 
 from tforge import testing
-from tforge.compiler.head_layout import TRANSFER, Axis, LayoutContext, Roles
+from tforge.compiler.head_layout import (
+    TRANSFER,
+    Axis,
+    LayoutContext,
+    Roles,
+    _rewrite,
+    _target,
+    apply_edits,
+)
 from tforge.compiler.ops import AXIS_PRESERVING
 from tforge.compiler.pass_infra import Skip
+from tforge.compiler.rewrite import GraphEditor
+from tforge.compiler.structure import const_array
 
 H, KV, D = 4, 2, 2
 KEEP_Q = [0, 2]  # one query head kept in each KV group: GQA stays valid, 1 per group
@@ -255,3 +265,86 @@ def test_static_reshape_merges_batch_kv_heads_and_repeat() -> None:
     (out,), ctx = _apply(node, {0: [OTHER, kv, rep, OTHER, DIM]})
     assert out[0].kind == "heads" and out[0].new == 6  # type: ignore[index]
     assert ctx.edits.targets[0][1] == [6, 5, 2]
+
+
+# TorchScript's repeat-KV: expand(x, [b, kv, n_rep, s, d]) with -1 meaning "keep" is written
+# Where(Equal(s, -1), 1, s) on s = Reshape(Concat(Shape parts, [2], ...), [-1]).
+TS_EXPAND = """<ir_version: 10, opset_import: ["" : 18]>
+g (float[B, 2, 1, S, 2] x, int64[1] b, int64[1] kv, int64[1] s) => (float[B, 2, 2, S, 2] y)
+<int64[1] rep, int64[1] d, int64[1] flat, int64[1] n5, int64 minus>
+{
+    cat = Concat <axis = 0> (b, kv, rep, s, d)
+    shp = Reshape (cat, flat)
+    ones = ConstantOfShape <value = int64[1] {1}> (n5)
+    neg = Mul (ones, minus)
+    eq = Equal (shp, neg)
+    t = Where (eq, ones, shp)
+    y = Expand (x, t)
+}
+"""
+
+
+def _ts_expand(d: int = 2) -> ir.Node:
+    model = testing.model_from_onnx_text(
+        TS_EXPAND, rep=np.array([2], np.int64), d=np.array([d], np.int64), flat=np.array([-1], np.int64),
+        n5=np.array([5], np.int64), minus=np.array(-1, np.int64),
+    )  # fmt: skip
+    return next(n for n in model.graph if n.op_type == "Expand")
+
+
+def test_expand_through_torchscript_shape_arithmetic_finds_and_rewrites_the_repeat() -> None:
+    node = _ts_expand()
+    kv = Axis("heads", _mask(KV, KEEP_KV))
+    (out,), ctx = _apply(node, {0: [OTHER, kv, OTHER, OTHER, DIM]})
+    assert _kinds(out) == ["other", "heads", "rep", "other", "dim"]
+    [(target, new)] = ctx.edits.targets
+    assert new == [None, None, 1, None, 2] and target.source is not None
+    # applied on the Concat under the chain: the repeat constant becomes 1, nothing else moves
+    model = node.graph
+    apply_edits(GraphEditor(_owner(node), "test"), ctx.edits)
+    concat = next(n for n in model if n.op_type == "Concat")
+    assert const_array(concat.inputs[2]).tolist() == [1]
+    assert node.inputs[1].producer().op_type == "Where"  # the chain still feeds the Expand
+
+
+def _owner(node: ir.Node) -> ir.Model:
+    return ir.Model(node.graph, ir_version=10)
+
+
+def test_expand_through_shape_arithmetic_refuses_a_value_it_would_replace() -> None:
+    """A rewrite to -1 would select Where's other branch: refused, not written."""
+    node = _ts_expand()
+    kv = Axis("heads", _mask(KV, KEEP_KV))
+    target = _target(node, 1)
+    assert target.avoid == [None, None, -1, None, -1]
+    with pytest.raises(Skip, match="which the shape arithmetic before it replaces"):
+        _rewrite(_ctx(), target, [None, None, -1, None, 2])
+    (out,), _ = _apply(node, {0: [OTHER, kv, OTHER, OTHER, DIM]}, _ctx([0, 1, 2, 3], [0, 1], 2))
+    assert _kinds(out) == ["other", "heads", "rep", "other", "dim"]
+
+
+def test_run_time_merge_of_repeated_kv_heads_skips_a_changed_repeat() -> None:
+    kv = Axis("heads", _mask(KV, KEEP_KV))
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 2, 2, S, 2] x, int64[4] t) => (float[B, 4, S, 2] y) { y = Reshape (x, t) }"""
+    )
+    with pytest.raises(Skip, match=r"count computed at run time.*\(2 -> 1 query heads per KV head\)"):
+        _apply(node, {0: [OTHER, kv, _ctx().rep_axis(), OTHER, DIM]})
+    # the repeat kept (whole KV groups removed): Shape(kv) * 2 follows by itself
+    whole = _ctx([0, 1], [0], 2)
+    (out,), ctx = _apply(node, {0: [OTHER, Axis("heads", _mask(KV, [0])), whole.rep_axis(), OTHER, DIM]}, whole)
+    assert _kinds(out) == ["other", "heads", "other", "dim"] and ctx.edits.targets == []
+
+
+def test_slice_at_run_time_bounds_of_head_dim_is_traced_but_not_of_heads() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 4, S, 2] x, int64[1] e) => (float[B, 4, S, 1] y) <int64[1] st, int64[1] ax, int64[1] one>
+        { y = Slice (x, st, e, ax, one) }""",
+        st=np.array([0], np.int64), ax=np.array([3], np.int64), one=np.array([1], np.int64),
+    )
+    (out,), _ = _apply(node, {0: [OTHER, HEADS, OTHER, DIM]})
+    assert _kinds(out) == ["other", "heads", "other", "other"]
+    with pytest.raises(Skip, match="cuts a width axis at run-time bounds"):
+        _apply(node, {0: [OTHER, OTHER, OTHER, WIDTH]})

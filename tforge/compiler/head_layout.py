@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.ops import AXIS_PRESERVING, is_default_domain
+from tforge.compiler.ops import AXIS_PRESERVING, data_uses, is_default_domain
 from tforge.compiler.pass_infra import Skip
 from tforge.compiler.rewrite import GraphEditor
 from tforge.compiler.structure import Attention, const_array, static_dims
@@ -100,6 +100,14 @@ class _Target:
     elems: list[int | None]  # None: computed at run time
     concat: ir.Node | None  # the Concat building it, or None for a plain constant
     parts: list[tuple[int, int]]  # per element: (Concat input index or -1, offset in that part)
+    #: With a chain of shape arithmetic between the constant (or Concat) and the reader (see
+    #: :func:`_shape_chain`): the value the chain starts from and its readers there; per element
+    #: the value it must never take (it would select the chain's other branch), and whether it is
+    #: fixed (it already selected that branch: its value is not the constant's).
+    source: ir.Value | None = None
+    source_readers: list[tuple[ir.Node, int]] | None = None
+    avoid: list[int | None] | None = None
+    fixed: list[bool] | None = None
 
 
 @dataclasses.dataclass
@@ -110,6 +118,8 @@ class HeadEdits:
     constants: list[tuple[ir.Node, int, np.ndarray]] = dataclasses.field(default_factory=list)
     split_sizes: list[tuple[ir.Node, list[int]]] = dataclasses.field(default_factory=list)
     shapes: list[tuple[ir.Value, ir.Shape | None]] = dataclasses.field(default_factory=list)
+    #: KV cache inputs (past key/values) whose heads axis shrinks: the model's interface changes
+    cache_inputs: list[ir.Value] = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- region
@@ -127,7 +137,7 @@ def attention_region(attn: Attention, order: dict[int, int]) -> list[ir.Node]:
     inside = set(unique) | {id(attn.scores_matmul), id(attn.context_matmul), id(attn.o.matmul)}
     for node in region:
         for out in node.outputs:
-            if out.is_graph_output():
+            if out.is_graph_output() and _cache_input(node) is None:
                 raise Skip(f"attention value '{out.name}' is a graph output", node)
             for use in out.uses():
                 if id(use.node) not in inside and use.node.op_type != "Shape":
@@ -136,6 +146,20 @@ def attention_region(attn: Attention, order: dict[int, int]) -> list[ir.Node]:
                         f"'{use.node.name}' outside the attention"
                     )
     return region
+
+
+def _cache_input(node: ir.Node) -> ir.Value | None:
+    """The past input of a KV cache ``Concat(past, new)`` whose output is the present output.
+
+    Such a graph output may carry heads: pruning rewrites the declared shapes of the past input
+    and the present output (the caller feeds back what the graph returned), see :func:`_concat`.
+    """
+    if node.op_type != "Concat" or not is_default_domain(node):
+        return None
+    pasts = [v for v in node.inputs if v is not None and v.is_graph_input()]
+    if len(pasts) != 1 or len(node.inputs) != 2:
+        return None
+    return pasts[0]
 
 
 def _start_values(attn: Attention) -> list[ir.Value]:
@@ -384,6 +408,33 @@ def _target(node: ir.Node, index: int) -> _Target:
     value = node.inputs[index] if index < len(node.inputs) else None
     if value is None:
         raise Skip(f"{node.op_type} '{node.name}' has no shape input", node)
+    chain = _shape_chain(value, node)
+    if chain is None:
+        return _plain_target(node, index, value)
+    source, readers, selects = chain
+    target = _plain_target(node, index, source)
+    avoid: list[int | None] = [None] * len(target.elems)
+    fixed = [False] * len(target.elems)
+    elems = list(target.elems)
+    for equal_to, replacement in selects:  # innermost first
+        for i, e in enumerate(elems):
+            if fixed[i]:
+                continue
+            if e is None:
+                continue
+            if e == int(equal_to[i]):
+                elems[i], fixed[i] = int(replacement[i]), True
+            elif avoid[i] is None:
+                avoid[i] = int(equal_to[i])
+            else:  # two conditions on one element: keep the stricter reading, no rewrite
+                fixed[i] = True
+    return dataclasses.replace(
+        target, node=node, index=index, elems=elems, source=source, source_readers=readers,
+        avoid=avoid, fixed=fixed,
+    )  # fmt: skip
+
+
+def _plain_target(node: ir.Node, index: int, value: ir.Value) -> _Target:
     arr = const_array(value)
     if arr is not None:
         elems = [int(x) for x in np.asarray(arr).ravel()]
@@ -413,10 +464,122 @@ def _target(node: ir.Node, index: int) -> _Target:
 
 def _rewrite(ctx: LayoutContext, target: _Target, new: list[int]) -> None:
     if new != target.elems:
-        for old, value in zip(target.elems, new, strict=True):
+        for i, (old, value) in enumerate(zip(target.elems, new, strict=True)):
             if old is None and value is not None:
                 raise Skip(f"a run-time part of the shape of '{target.node.name}' would need a change", target.node)
+            if old == value or target.source is None:
+                continue
+            if target.fixed and target.fixed[i]:
+                raise Skip(
+                    f"element {i} of the shape of '{target.node.name}' is chosen by run-time "
+                    f"arithmetic and would need a change", target.node,
+                )  # fmt: skip
+            if target.avoid and target.avoid[i] is not None and value == target.avoid[i]:
+                raise Skip(
+                    f"element {i} of the shape of '{target.node.name}' would become {value}, which "
+                    f"the shape arithmetic before it replaces", target.node,
+                )  # fmt: skip
         ctx.edits.targets.append((target, new))
+
+
+#: Reshape targets in a shape chain that keep a 1-D shape as it is.
+_FLAT = ([-1],)
+_CHAIN_LIMIT = 8
+_SMALL = 64  # elements of a constant the shape arithmetic evaluator handles
+
+
+def _shape_chain(
+    value: ir.Value, reader: ir.Node
+) -> tuple[ir.Value, list[tuple[ir.Node, int]], list[tuple[np.ndarray, np.ndarray]]] | None:
+    """See through the arithmetic TorchScript writes between a shape and the ``Expand`` reading it.
+
+    ``expand(x, sizes)`` with ``-1`` meaning "keep" is exported as
+    ``Where(Equal(s, -1), 1, s)`` on ``s = Reshape(Concat(...), [-1])``. Returns the value the
+    chain starts from (a Concat's output or a constant), its readers in the chain, and per
+    ``Where`` (innermost first) the constants it compares with and substitutes; None when
+    ``value`` is not such a chain. Every value inside the chain must be read by the chain (or
+    ``reader``) only, so that rewriting the start changes nothing else.
+    """
+    selects: list[tuple[np.ndarray, np.ndarray]] = []
+    inside: list[ir.Node] = []
+    current = value
+    for _ in range(_CHAIN_LIMIT):
+        node = current.producer()
+        if node is None or not is_default_domain(node) or const_array(current) is not None:
+            break
+        if node.op_type == "Reshape" and len(node.inputs) > 1:
+            flat = const_array(node.inputs[1])
+            dims = static_dims(node.inputs[0])
+            if flat is None or [int(x) for x in np.asarray(flat).ravel()] not in [list(f) for f in _FLAT]:
+                break
+            if dims is None or len(dims) != 1:
+                break
+            inside.append(node)
+            current = node.inputs[0]  # type: ignore[assignment]
+            continue
+        if node.op_type == "Where" and len(node.inputs) == 3:
+            cond, repl, data = node.inputs
+            test = cond.producer() if cond is not None else None
+            if data is None or test is None or test.op_type != "Equal" or not is_default_domain(test):
+                break
+            if data not in test.inputs:
+                break
+            other = test.inputs[1] if test.inputs[0] is data else test.inputs[0]
+            dims = static_dims(data)
+            equal_to, replacement = _small_constant(other), _small_constant(repl)
+            if dims is None or len(dims) != 1 or dims[0] is None or equal_to is None or replacement is None:
+                break
+            try:
+                equal_to = np.broadcast_to(equal_to.ravel() if equal_to.ndim else equal_to, (dims[0],))
+                replacement = np.broadcast_to(replacement.ravel() if replacement.ndim else replacement, (dims[0],))
+            except ValueError:
+                break
+            selects.append((equal_to, replacement))
+            inside += [node, test]
+            current = data
+            continue
+        break
+    if not inside:
+        return None
+    members = {id(n) for n in inside} | {id(reader)}
+    for node in inside:
+        for out in node.outputs:
+            if out.is_graph_output() or any(id(u.node) not in members for u in out.uses()):
+                raise Skip(f"the shape arithmetic before '{reader.name}' is shared with other readers", reader)
+    readers = [(u.node, u.idx) for u in current.uses() if id(u.node) in members]
+    selects.reverse()
+    return current, readers, selects
+
+
+def _small_constant(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
+    """The value of a small integer tensor computed from constants only (shape arithmetic), or None."""
+    if value is None or depth > 6:
+        return None
+    arr = const_array(value)
+    if arr is not None:
+        return np.asarray(arr) if np.asarray(arr).size <= _SMALL else None
+    node = value.producer()
+    if node is None or not is_default_domain(node) or len(node.outputs) != 1:
+        return None
+    args = [_small_constant(i, depth + 1) if i is not None else None for i in node.inputs]
+    if any(a is None for a in args):
+        return None
+    op = node.op_type
+    if op == "ConstantOfShape":
+        shape = [int(x) for x in args[0].ravel()]  # type: ignore[union-attr]
+        if np.prod(shape, dtype=np.int64) > _SMALL:
+            return None
+        attr = node.attributes.get("value")
+        fill = attr.value.numpy().ravel() if attr is not None else np.zeros(1, np.float32)
+        return np.full(shape, fill[0], dtype=fill.dtype)
+    binary = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract}
+    if op in binary and len(args) == 2:
+        return binary[op](args[0], args[1])
+    if op == "Neg" and len(args) == 1:
+        return -args[0]  # type: ignore[operator]
+    if op == "Identity" and len(args) == 1:
+        return args[0]
+    return None
 
 
 def _scaled(axis: Axis, elem: int | None) -> int | None:
@@ -471,6 +634,14 @@ def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
                 old = inp[a].old * inp[a + 1].old
                 if old != ctx.num_heads or inp[a].new * inp[a + 1].new != int(ctx.q_mask.sum()):
                     raise Skip(f"Reshape '{node.name}' merges KV heads into an unexpected count", node)
+                if elems[a] is None and inp[a + 1].new != inp[a + 1].old:
+                    # TorchScript writes the merged count as Shape(kv)[1] * n_rep at run time:
+                    # it follows the KV heads but not a change of the repeat count
+                    raise Skip(
+                        f"Reshape '{node.name}' merges repeated KV heads into a count computed at "
+                        f"run time, and the repeat count would change ({inp[a + 1].old} -> "
+                        f"{inp[a + 1].new} query heads per KV head)", node,
+                    )  # fmt: skip
                 heads = Axis("heads", ctx.q_mask)
                 out = inp[:a] + [heads] + inp[a + 2 :]
                 _rewrite(ctx, target, [_scaled(r, e) for r, e in zip(out, elems, strict=True)])
@@ -654,16 +825,20 @@ def _slice(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
     starts, ends = _target(node, 1), _target(node, 2)
     axes = _target(node, 3).elems if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(len(starts.elems)))
     steps = _target(node, 4).elems if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(starts.elems)
-    if any(x is None for x in [*starts.elems, *ends.elems, *axes, *steps]):
-        raise Skip(f"Slice '{node.name}' on the attention path has run-time bounds", node)
+    if any(x is None for x in [*axes, *steps]):
+        raise Skip(f"Slice '{node.name}' on the attention path has run-time axes or steps", node)
     out = list(inp)
     new_starts, new_ends = list(starts.elems), list(ends.elems)
     for i, (axis, step) in enumerate(zip(axes, steps, strict=True)):
         axis = axis + len(inp) if axis < 0 else axis
         role = inp[axis]
         if not role.counted:
+            # bounds computed at run time are fine here (rotate_half's halves of head_dim,
+            # TorchScript's Shape(x)[-1] // 2): this axis counts no heads
             out[axis] = _OTHER
             continue
+        if starts.elems[i] is None or ends.elems[i] is None:
+            raise Skip(f"Slice '{node.name}' cuts a {role.kind} axis at run-time bounds", node)
         start, end = _clamp(starts.elems[i], role.old), _clamp(ends.elems[i], role.old)
         if step != 1:
             raise Skip(f"Slice '{node.name}' steps through a heads axis", node)
@@ -729,12 +904,48 @@ def _concat(ctx: LayoutContext, node: ir.Node, first: Roles, path: list[int]) ->
     axis = axis + len(first) if axis < 0 else axis
     if first[axis].counted:
         raise Skip(f"Concat '{node.name}' joins along a {first[axis].kind} axis", node)
+    past = _cache_input(node)
     for i, value in enumerate(node.inputs):
         if i not in path and value is not None:
-            _broadcast_operand(ctx, node, i, first)
+            if value is past:
+                _cache_operand(ctx, node, value, first)
+            else:
+                _broadcast_operand(ctx, node, i, first)
     out = list(first)
     out[axis] = _OTHER
     return out
+
+
+def _cache_operand(ctx: LayoutContext, node: ir.Node, past: ir.Value, roles: list[Axis]) -> None:
+    """The past key/value input of a KV cache Concat: its declared heads shrink with the heads.
+
+    The caller feeds the graph's present output back as the next past, so the input's heads
+    axis counts what the present output does; only its declared shape changes. It must be read
+    (as data) by this Concat alone.
+    """
+    dims = static_dims(past)
+    if dims is None or len(dims) != len(roles):
+        raise Skip(f"the KV cache input '{past.name}' has no shape of rank {len(roles)}", node)
+    readers = [u.node for u in data_uses(past)]
+    if any(r is not node for r in readers):
+        others = ", ".join(f"{r.op_type} '{r.name}'" for r in readers if r is not node)
+        raise Skip(f"the KV cache input '{past.name}' is also read by {others}", node)
+    new: list[int | str | ir.SymbolicDim | None] = list(past.shape.dims)  # type: ignore[union-attr]
+    changed = False
+    for j, (axis, size) in enumerate(zip(roles, dims, strict=True)):
+        if not axis.counted:
+            continue
+        if size is None or size != axis.old:
+            raise Skip(
+                f"the KV cache input '{past.name}' has {size if size is not None else 'a symbolic'} "
+                f"entries on its {axis.kind} axis of {axis.old}", node,
+            )  # fmt: skip
+        if axis.new != axis.old:
+            new[j] = axis.new
+            changed = True
+    if changed:
+        ctx.edits.shapes.append((past, ir.Shape(new)))
+        ctx.edits.cache_inputs.append(past)
 
 
 def _elementwise(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], path: list[int]) -> Roles:
@@ -790,6 +1001,15 @@ def _broadcast_operand(ctx: LayoutContext, node: ir.Node, index: int, roles: lis
         if j + offset < 0:
             continue
         axis = roles[j + offset]
+        if axis.counted and size is None and arr is None:
+            # a mask built at run time (TorchScript's causal mask, [b, 1, q, k] expanded from
+            # shapes): its extent on this axis, worked out from how it was built
+            size = _extent(value, j - len(dims))
+            if size is None:
+                raise Skip(
+                    f"{node.op_type} '{node.name}' reads '{value.name}', whose extent on the "
+                    f"{axis.kind} axis is computed at run time and not known to be 1", node,
+                )  # fmt: skip
         if not axis.counted or size == 1:
             continue
         if size != axis.old or arr is None:
@@ -800,6 +1020,60 @@ def _broadcast_operand(ctx: LayoutContext, node: ir.Node, index: int, roles: lis
         sliced = np.take(sliced, np.flatnonzero(axis.full_keep), axis=j)
     if sliced is not arr and sliced is not None:
         ctx.edits.constants.append((node, index, sliced))
+
+
+#: Ops whose output has the broadcast shape of their inputs.
+_BROADCASTING = frozenset({"And", "Or", "Xor", "Where", "Equal", "Add", "Sub", "Mul", "Div"})
+_SAME_SHAPE = frozenset({"Not", "Cast", "Identity", "Neg", "IsNaN", "IsInf"})
+
+
+def _extent(value: ir.Value | None, axis: int, depth: int = 0) -> int | None:
+    """The extent of axis ``axis`` (negative: counted from the last) of ``value``, when its
+    construction from shapes and broadcasts fixes it; None when it is not known."""
+    if value is None or depth > 24:
+        return None
+    arr = const_array(value)
+    dims = list(np.asarray(arr).shape) if arr is not None else static_dims(value)
+    if dims is not None:
+        if -axis > len(dims):
+            return 1  # a missing leading axis broadcasts as 1
+        if dims[axis] is not None:
+            return int(dims[axis])  # type: ignore[arg-type]
+    node = value.producer()
+    if node is None or not is_default_domain(node):
+        return None
+    op = node.op_type
+    if op in _SAME_SHAPE:
+        return _extent(node.inputs[0], axis, depth + 1)
+    if op in _BROADCASTING:
+        extents = [_extent(i, axis, depth + 1) for i in node.inputs if i is not None]
+        if any(e is None for e in extents):
+            return None
+        big = {e for e in extents if e != 1}  # type: ignore[misc]
+        return big.pop() if len(big) == 1 else (1 if not big else None)
+    if op in ("Expand", "Reshape"):
+        try:
+            target = _target(node, 1)
+        except Skip:
+            return None
+        k = len(target.elems)
+        if -axis > k:
+            return 1 if op == "Expand" else None
+        e = target.elems[axis]
+        if op == "Reshape":
+            if e is not None and e > 0:
+                return e
+            # a target read whole from Shape(v): the extent of v
+            shape = node.inputs[1]
+            producer = shape.producer() if shape is not None else None
+            if e is None and producer is not None and producer.op_type == "Shape" and not producer.attributes:
+                return _extent(producer.inputs[0], axis, depth + 1)
+            return None
+        inner = _extent(node.inputs[0], axis, depth + 1)
+        if e is None or inner is None:
+            return None
+        return inner if e == 1 else (e if inner in (1, e) else None)
+    return None
 
 
 #: The transfer table: one rule per op on an attention path.
@@ -823,15 +1097,21 @@ def apply_edits(editor: GraphEditor, edits: HeadEdits) -> None:
     """Make the changes :func:`plan_head_removal` collected (constants cloned where shared)."""
     groups: dict[tuple[Any, ...], tuple[_Target, list[int], list[tuple[ir.Node, int]]]] = {}
     for target, new in edits.targets:
-        holder = target.concat if target.concat is not None else target.node.inputs[target.index]
+        start = target.source if target.source is not None else target.node.inputs[target.index]
+        holder = target.concat if target.concat is not None else start
         key = (id(holder), tuple(new))
         entry = groups.setdefault(key, (target, new, []))
-        if (target.node, target.index) not in entry[2]:
-            entry[2].append((target.node, target.index))
+        readers = target.source_readers if target.source is not None else [(target.node, target.index)]
+        for reader in readers or []:
+            if reader not in entry[2]:
+                entry[2].append(reader)
     for target, new, readers in groups.values():
         if target.concat is None:
-            value = _input(target.node, target.index)
-            editor.set_constant(value, readers, np.asarray(new, np.int64))
+            value = target.source if target.source is not None else _input(target.node, target.index)
+            original = np.asarray(const_array(value)).reshape(-1)
+            fixed = target.fixed or [False] * len(new)
+            array = np.asarray([o if f else n for o, n, f in zip(original, new, fixed, strict=True)], np.int64)
+            editor.set_constant(value, readers, array.reshape(np.asarray(const_array(value)).shape))
             continue
         concat = _own_concat(editor, target.concat, readers)
         by_part: dict[int, list[tuple[int, int]]] = {}

@@ -8,7 +8,12 @@ reason in a comment, instead of keeping a private copy.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import onnx_ir as ir
+
+if TYPE_CHECKING:
+    from onnx_ir._core import Usage  # (node, idx) pairs of Value.uses()
 
 __all__ = [
     "ACTIVATIONS",
@@ -19,6 +24,8 @@ __all__ = [
     "LOGICAL",
     "MS_DOMAIN",
     "POINTWISE",
+    "SHAPE_ONLY",
+    "data_uses",
     "is_default_domain",
     "is_pointwise",
 ]
@@ -56,6 +63,10 @@ _MS_POINTWISE = frozenset({"Gelu", "FastGelu", "BiasGelu", "QuickGelu"})
 COMPARISONS = frozenset({"Less", "LessOrEqual", "Greater", "GreaterOrEqual"})
 #: Boolean and test ops, elementwise too.
 LOGICAL = frozenset({"Not", "And", "Or", "Equal", "IsNaN", "IsInf", *COMPARISONS})
+#: Ops that read only the shape of their input, never its values: a value they read is not
+#: *used* as data (TorchScript exports compute reshape targets from ``Shape`` of the very value
+#: being reshaped, so such a value has a second reader that does not see its contents).
+SHAPE_ONLY = frozenset({"Shape", "Size"})
 #: Ops that keep every axis of their data input where it was: elementwise ops, and the
 #: normalisers that reduce along one axis but keep its extent (Softmax), and Dropout.
 AXIS_PRESERVING = POINTWISE | LOGICAL | {"Softmax", "LogSoftmax", "Dropout"}
@@ -70,3 +81,8 @@ def is_pointwise(node: ir.Node) -> bool:
     if is_default_domain(node):
         return node.op_type in POINTWISE
     return node.domain == MS_DOMAIN and node.op_type in _MS_POINTWISE
+
+
+def data_uses(value: ir.Value) -> list[Usage]:
+    """The uses of ``value`` by nodes that read its contents (every use but ``Shape``/``Size``)."""
+    return [u for u in value.uses() if not (u.node.op_type in SHAPE_ONLY and is_default_domain(u.node))]

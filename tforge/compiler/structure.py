@@ -26,6 +26,8 @@ from typing import Literal, TypeVar
 import numpy as np
 import onnx_ir as ir
 
+from tforge.compiler.ops import data_uses
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -561,10 +563,16 @@ class _Walk:
 
 
 def _skip_forward(value: ir.Value, ops: Iterable[str]) -> ir.Value:
-    """Follow single-use chains of the given ops forward."""
+    """Follow chains of the given ops forward, each value read (as data) by one node only.
+
+    ``Shape`` readers do not count: TorchScript exports compute a Reshape's target from the
+    shape of the very value being reshaped.
+    """
     ops = set(ops)
     while True:
-        users = list(value.uses())
+        if value.is_graph_output():
+            return value
+        users = data_uses(value)
         if len(users) != 1 or users[0].node.op_type not in ops:
             return value
         value = users[0].node.outputs[0]
@@ -709,7 +717,7 @@ def _find_attention(
     merged = _skip_forward(context.outputs[0], _LAYOUT_OPS)
     o = next((lin for lin in linears_by_input.get(id(merged), [])), None)
     if o is None:
-        users = ", ".join(_node_label(u.node) for u in merged.uses()) or "nothing"
+        users = ", ".join(_node_label(u.node) for u in data_uses(merged)) or "nothing"
         return f"{where}: no output linear reads the attention context (it feeds {users})"
     fused = q is k
     qkv_split = None
@@ -739,7 +747,7 @@ def _find_attention(
             shape_nodes[id(node)] = node
     value = context.outputs[0]
     while value is not merged:
-        node = next(iter(value.uses())).node
+        node = data_uses(value)[0].node
         if node.op_type in shape_ops:
             shape_nodes[id(node)] = node
         value = node.outputs[0]

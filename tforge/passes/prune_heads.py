@@ -20,6 +20,12 @@ Exporters share constants between layers (one ``Concat`` builds the head split o
 ``[2]`` is at once a KV count, a repeat count and an ``Unsqueeze`` axis): a shared constant or
 ``Concat`` is cloned for the readers being rewritten and left alone for the others.
 
+KV-cache decoders: the past key/value inputs are concatenated with the new keys/values into
+the present outputs; their declared heads axis shrinks with the KV heads (the caller feeds back
+what the graph returns). TorchScript exports compute their shapes at run time from ``Shape``;
+those adapt by themselves, except a merge of repeated KV heads written as ``kv * n_rep``, which
+is skipped when the number of query heads per KV head would change.
+
 Grouped-query attention: a kept KV head keeps the same number of query heads as every other
 (the graph repeats KV heads uniformly), and a KV head is removed only with all its query heads
 (:func:`tforge.passes.math.importance.select_heads`). Rotary embeddings act per head on
@@ -174,6 +180,8 @@ class PruneHeads(Pass):
                     edits = _plan(attn, site.region, selection)
                     kind = self._prune(model, editor, site, selection, edits)
                     stats["pruned"] += 1
+                    if edits.cache_inputs:
+                        stats["KV cache inputs reshaped"] += len(edits.cache_inputs)
             except Skip as why:  # found only when applying (nothing was changed yet)
                 stats.skip(Skip(why.reason, why.at or attn.softmax))
                 row.update(heads_after=attn.num_heads, kv_heads_after=attn.num_kv_heads)
