@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tforge.compiler.calibration import attached_stats
+from tforge.compiler.ops import data_uses
 from tforge.compiler.pass_infra import Skip
 from tforge.compiler.rewrite import GraphEditor, constant_array
 from tforge.compiler.structure import Norm, const_array
@@ -70,9 +71,9 @@ def scale_norm_output(editor: GraphEditor, norm: Norm, scale: np.ndarray) -> Nor
     editor.scale_rows(norm.linears, scale)
 
     linear_reads = {id(lin.matmul) for lin in norm.linears}
-    others = [
+    others = [  # a Shape reader sees no values: the rescaling does not concern it
         (use.node, use.idx)
-        for use in norm.output.uses()
+        for use in data_uses(norm.output)
         if not (id(use.node) in linear_reads and use.idx == 0)
     ]
     folded = 0
