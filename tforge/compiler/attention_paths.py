@@ -18,7 +18,7 @@ from tforge.compiler.ops import LAYOUT
 from tforge.compiler.pass_infra import Skip
 from tforge.compiler.structure import Attention, const_array, nan_guarded_softmax
 
-__all__ = ["ScoreChain", "score_chain", "value_columns"]
+__all__ = ["ScoreChain", "graph_inputs_reached", "score_chain", "value_columns"]
 
 # Between the V projection and probs @ V: layout ops only (a Cast would change what is scaled).
 _VALUE_PATH = LAYOUT - {"Cast"}
@@ -156,7 +156,7 @@ def score_chain(attn: Attention, graph: ir.Graph) -> ScoreChain:
             raise Skip("ops between the Softmax and the context MatMul are not supported", attn.context_matmul)
     key_mask = None
     if mask_value is not None:
-        inputs = _graph_inputs_reached(mask_value, graph)
+        inputs = graph_inputs_reached(mask_value, graph)
         candidates = [
             v for v in inputs
             if v.shape is not None and v.shape.rank() == 2
@@ -184,8 +184,8 @@ def _reaches(value: ir.Value, target: ir.Value, limit: int = 64) -> bool:
     return False
 
 
-def _graph_inputs_reached(value: ir.Value, graph: ir.Graph) -> list[ir.Value]:
-    """Graph inputs whose *values* (not only shapes) the mask depends on."""
+def graph_inputs_reached(value: ir.Value, graph: ir.Graph) -> list[ir.Value]:
+    """Graph inputs whose *values* (not only shapes) ``value`` depends on."""
     graph_inputs = {id(v) for v in graph.inputs}
     found: dict[int, ir.Value] = {}
     stack, seen = [value], set()

@@ -799,7 +799,7 @@ def _find_ffn(down: Linear, walk: _Walk) -> FFN | None:
     if not activations or not 1 <= len(reached) <= 2:
         return None
     activation = activations[0]
-    if activation == "gelu_tanh" and "Pow" not in {n.op_type for n in _producers(down.input, 40)}:
+    if activation == "gelu_tanh" and "Pow" not in {n.op_type for n in producers(down.input, 40)}:
         activation = "tanh"
     if len(reached) == 1:
         return FFN(up=reached[0], gate=None, down=down, activation=activation)
@@ -819,7 +819,8 @@ def _activation_name(node: ir.Node) -> str:
     return _ACTIVATIONS[node.op_type]
 
 
-def _producers(value: ir.Value, limit: int) -> list[ir.Node]:
+def producers(value: ir.Value, limit: int) -> list[ir.Node]:
+    """The nodes ``value`` is computed from, nearest first (breadth first), at most ``limit``."""
     out, queue, seen = [], deque([value]), set()
     while queue and len(out) < limit:
         v = queue.popleft()

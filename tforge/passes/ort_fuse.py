@@ -1,0 +1,722 @@
+"""ort-fuse: lower a decoder with a KV cache to ONNX Runtime's fused CPU kernels, for fast decode.
+
+Decoding one token at batch 1 on the CPU is bound by the number of nodes ORT runs per token, not
+by arithmetic. This pass ends a pipeline (after compression and quantization) and rewrites:
+
+- **RMSNorm** (``g * (x * 1/sqrt(mean(x^2) + eps))``, decomposed into 6-7 nodes, as the block
+  map's ``Norm(kind="rms")`` records it) into ``SimplifiedLayerNormalization`` (ORT's kernel,
+  registered in the default domain), option ``norms``; and the residual ``Add`` in front of one
+  into ``com.microsoft.SkipSimplifiedLayerNormalization`` (its fourth output is the sum, which
+  the next residual add reads), option ``skip-norms``.
+- **Attention with a KV cache** (rotary on Q and K, ``Concat(past, new)`` -> present, repeat-kv
+  for grouped-query attention, scores, additive mask, Softmax, context, head merge: about 45
+  nodes a layer in the dynamo export) into one ``com.microsoft.GroupQueryAttention`` with
+  ``do_rotary=1``, reading the Q/K/V projections' outputs, the past tensors (``[batch,
+  kv_heads, past, head_dim]``, as exported) and writing the present ones, option ``attention``.
+
+GroupQueryAttention's extra inputs are derived once per graph from the ``attention_mask`` input
+``[batch, past + sequence]``: ``total_sequence_length`` is its length and ``seqlens_k`` one less.
+The rotary caches ``[max-positions, head_dim/2]`` are the graph's own cos/sin tables, evaluated
+for positions ``0 .. max-positions-1`` (so any rotary scaling the exporter baked in is kept) and
+checked to be the ``rotate_half`` form; ``position_ids`` is passed through.
+
+Masks (option ``mask``):
+
+- ``bias`` (default): the graph's additive mask (causal and padding) is given to the op as
+  ``attention_bias`` and ``seqlens_k = total - 1`` for every row, so padded keys are masked
+  exactly as before, left padding included; the mask's subgraph stays (once per graph).
+- ``seqlens``: ``seqlens_k = sum(attention_mask) - 1`` per row and no bias: the mask subgraph
+  goes away, but only right padding (or none) is handled, as in onnxruntime-genai's models.
+
+Limits of the fused op, ORT's own: with a past, a step of more than one token needs batch 1; on
+a first prompt (empty past) the op reads only ``position_ids[0, 0]`` and numbers the tokens on
+from it, so rows whose positions are not consecutive (left padding numbered by a cumulative sum)
+get other rotary angles than the unfused graph. Padded query rows (whose outputs nobody reads)
+may differ too. Positions must stay below ``max-positions``.
+
+The block map gives the norms and, where it recognised the attention, its head counts and
+whether it is causal. After ``quantize`` the projections are integer ops the block map does not
+read as linears, so it finds no attention; the site is then read from the graph alone, anchored
+at each ``Softmax``: head counts from the cache inputs' static shapes and the head-split
+``Reshape``, causality from the mask (a comparison of two position ranges, or ``Trilu``).
+The pass invalidates ``canonical``: the block map reads neither fused op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from tforge.compiler.attention_paths import graph_inputs_reached
+from tforge.compiler.ops import COMPARISONS, MS_DOMAIN, is_default_domain
+from tforge.compiler.pass_infra import Pass, PassConfigError, PassResult, Property, SiteStats, Skip
+from tforge.compiler.registry import register_pass
+from tforge.compiler.rewrite import GraphEditor
+from tforge.compiler.structure import (
+    Attention,
+    BlockMap,
+    Norm,
+    block_map,
+    const_array,
+    producers,
+    static_dims,
+)
+from tforge.passes.math.rotary import half_caches
+from tforge.runtime.ort import create_session
+
+__all__ = ["OrtFuse"]
+
+# Ops allowed between the present K/V (the cache Concat) and the attention MatMuls: repeat-kv
+# (Unsqueeze, Expand, Reshape) and, for K, the transpose to K^T (which the dynamo export writes
+# as Reshape -> Transpose -> Reshape).
+_KV_LAYOUT = frozenset({"Reshape", "Transpose", "Unsqueeze", "Expand", "Squeeze", "Identity"})
+_HEADS_FIRST = (0, 2, 1, 3)  # [batch, seq, heads, dim] <-> [batch, heads, seq, dim]
+
+
+@register_pass("ort-fuse")
+@dataclasses.dataclass(frozen=True)
+class OrtFuse(Pass):
+    """Fuse RMSNorms and KV-cache attention into ONNX Runtime's SimplifiedLayerNormalization,
+    SkipSimplifiedLayerNormalization and GroupQueryAttention kernels (decode speed)."""
+
+    attention: bool = True
+    norms: bool = True
+    skip_norms: bool = True
+    mask: Literal["bias", "seqlens"] = "bias"
+    rotary: Literal["auto", "fused", "separate"] = "auto"
+    max_positions: int = 8192
+
+    invalidates: ClassVar = frozenset({Property.CANONICAL})
+
+    def __post_init__(self) -> None:
+        if self.mask not in ("bias", "seqlens"):
+            raise PassConfigError(f"ort-fuse: mask must be 'bias' or 'seqlens', got {self.mask!r}")
+        if self.rotary not in ("auto", "fused", "separate"):
+            raise PassConfigError(f"ort-fuse: rotary must be 'auto', 'fused' or 'separate', got {self.rotary!r}")
+        if self.max_positions < 1:
+            raise PassConfigError(f"ort-fuse: max-positions must be >= 1, got {self.max_positions}")
+
+    def run(self, model: ir.Model) -> PassResult:
+        stats = SiteStats()
+        editor = GraphEditor(model, self.name)
+        found = block_map(model)  # read once, before any edit
+        if self.attention:
+            _AttentionFusion(self, model, editor, found, stats).run()
+        if self.norms or self.skip_norms:
+            for norm in found.norms:
+                try:
+                    self._fuse_norm(editor, norm, stats)
+                except Skip as skip:
+                    stats.skip(skip)
+        removed = _remove_dead_nodes(editor)
+        changed = any(stats[k] for k in stats if not k.startswith("skipped"))
+        return PassResult(model, changed=changed or removed > 0, stats=stats)
+
+    # ------------------------------------------------------------------ norms
+
+    def _fuse_norm(self, editor: GraphEditor, norm: Norm, stats: SiteStats) -> None:
+        if norm.kind != "rms":
+            raise Skip("not an RMSNorm (LayerNormalization is left to ort-layernorm)", norm.node, blocked=False)
+        if len(norm.nodes) == 1:
+            raise Skip("RMSNorm already one operator", norm.node, blocked=False)
+        inside = {id(n) for n in norm.nodes}
+        for node in norm.nodes[:-1]:
+            for out in node.outputs:
+                if out.is_graph_output() or any(id(u.node) not in inside for u in out.uses()):
+                    raise Skip("an intermediate of the RMSNorm is read elsewhere", node)
+        _check_last_axis_mean(norm)
+        x = norm.input
+        if x.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            raise Skip("RMSNorm input is not float", norm.node)
+        gamma = norm.gamma
+        add = x.producer()
+        if self.skip_norms and _is_residual_add(add):
+            assert add is not None
+            node = editor.node(
+                "SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], gamma],
+                name=f"{norm.name}.skip_rms", outputs=[f"{norm.output.name}.fused", f"{norm.name}.mean",
+                                                       f"{norm.name}.inv_std", f"{x.name}.fused"],
+                attributes={"epsilon": float(norm.epsilon)}, domain=MS_DOMAIN, before=add,
+            )  # fmt: skip
+            _take_over(editor, norm.output, node.outputs[0])
+            _take_over(editor, x, node.outputs[3])
+            stats["residual add + RMSNorm -> SkipSimplifiedLayerNormalization"] += 1
+            return
+        if not self.norms:
+            raise Skip("no residual add in front of the RMSNorm (and norms=false)", norm.node, blocked=False)
+        node = editor.node(
+            "SimplifiedLayerNormalization", [x, gamma], name=f"{norm.name}.rms",
+            outputs=f"{norm.output.name}.fused",
+            attributes={"epsilon": float(norm.epsilon), "axis": -1, "stash_type": 1}, before=norm.node,
+        )  # fmt: skip
+        _take_over(editor, norm.output, node.outputs[0])
+        stats["RMSNorm -> SimplifiedLayerNormalization"] += 1
+
+
+def _check_last_axis_mean(norm: Norm) -> None:
+    mean = next((n for n in norm.nodes if n.op_type == "ReduceMean"), None)
+    if mean is None:
+        raise Skip("no ReduceMean in the RMSNorm", norm.node)
+    keep = mean.attributes.get("keepdims")
+    if keep is not None and int(keep.value) != 1:
+        raise Skip("the RMSNorm's ReduceMean drops its axis", mean)
+    axes_attr = mean.attributes.get("axes")
+    axes = (
+        np.asarray(axes_attr.value)
+        if axes_attr is not None
+        else const_array(mean.inputs[1]) if len(mean.inputs) > 1 else None
+    )
+    rank = norm.input.shape.rank() if norm.input.shape is not None else None
+    if axes is None or axes.size != 1 or int(axes.ravel()[0]) not in (-1, -1 if rank is None else rank - 1):
+        raise Skip("the RMSNorm does not reduce over the last axis only", mean)
+
+
+def _is_residual_add(add: ir.Node | None) -> bool:
+    """A two-input Add of two non-constant tensors of the same (annotated) shape."""
+    if add is None or add.op_type != "Add" or not is_default_domain(add) or len(add.inputs) != 2:
+        return False
+    a, b = add.inputs
+    if a is None or b is None or const_array(a) is not None or const_array(b) is not None:
+        return False
+    da, db = static_dims(a), static_dims(b)
+    if a.shape is None or b.shape is None or da is None or db is None or len(da) != len(db) or len(da) < 2:
+        return False
+    return all(x == y for x, y in zip(a.shape.dims, b.shape.dims, strict=True))
+
+
+def _take_over(editor: GraphEditor, old: ir.Value, new: ir.Value) -> None:
+    """``new`` replaces ``old`` everywhere, with its dtype and shape (and its name if a graph output)."""
+    new.dtype, new.shape = old.dtype, old.shape
+    editor.replace_value(old, new)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@dataclasses.dataclass(eq=False)
+class _Site:
+    q: ir.Value  # projection outputs [batch, seq, width]
+    k: ir.Value
+    v: ir.Value
+    past_key: ir.Value
+    past_value: ir.Value
+    present_key: ir.Value
+    present_value: ir.Value
+    output: ir.Value  # the merged context [batch, seq, heads * head_dim]
+    anchor: ir.Node  # the head-merge node; the fused op goes before it
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    mask: ir.Value | None
+    key_mask: ir.Value
+    cos: ir.Value
+    sin: ir.Value
+    position_ids: ir.Value
+
+
+class _AttentionFusion:
+    def __init__(self, opts: OrtFuse, model: ir.Model, editor: GraphEditor, found: BlockMap, stats: SiteStats) -> None:
+        self.opts, self.model, self.editor, self.stats = opts, model, editor, stats
+        self.graph = model.graph
+        self.by_softmax: dict[int, Attention] = {
+            id(b.attention.softmax): b.attention for b in found.blocks if b.attention is not None
+        }
+        self.caches: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        self.lengths: dict[int, tuple[ir.Value, ir.Value]] = {}
+
+    def run(self) -> None:
+        sites = []
+        for node in list(self.graph):
+            if node.op_type != "Softmax" or not is_default_domain(node):
+                continue
+            try:
+                sites.append(self._site(node))
+            except Skip as skip:
+                self.stats.skip(skip)
+        for site in sites:
+            try:
+                self._rewrite(site)
+            except Skip as skip:
+                self.stats.skip(skip)
+
+    # ------------------------------------------------------------------ reading a site
+
+    def _site(self, softmax: ir.Node) -> _Site:
+        axis = softmax.attributes.get("axis")
+        if axis is not None and int(axis.value) not in (-1, 3):
+            raise Skip("Softmax is not over the last axis", softmax)
+        scale, mask, scores = _score_chain(softmax)
+        context = _only_reader(softmax.outputs[0])
+        if context is None or context.op_type != "MatMul" or context.inputs[0] is not softmax.outputs[0]:
+            raise Skip("the Softmax is not read by exactly one probs @ V MatMul", softmax)
+        q_scale, q_rot = _peel_scale(scores.inputs[0])
+        k_scale, k_t = _peel_scale(scores.inputs[1])
+        scale *= q_scale * k_scale
+        x_q, cos, sin = _rotary(q_rot)
+        q, q_split = _heads_split(x_q, "query")
+        present_key, k_repeat = _cache_concat(k_t, "key")
+        present_value, v_repeat = _cache_concat(context.inputs[1], "value")
+        x_k, k_cos, k_sin = _rotary(present_key.producer().inputs[1])  # type: ignore[union-attr]
+        if k_cos is not cos or k_sin is not sin:
+            raise Skip("Q and K are rotated with different tables", present_key.producer())
+        k, k_split = _heads_split(x_k, "key")
+        v, v_split = _heads_split(present_value.producer().inputs[1], "value")  # type: ignore[union-attr]
+        output, anchor = _head_merge(context)
+        past_key = present_key.producer().inputs[0]  # type: ignore[union-attr]
+        past_value = present_value.producer().inputs[0]  # type: ignore[union-attr]
+        kv_dims = static_dims(past_key)
+        if kv_dims is None or len(kv_dims) != 4 or kv_dims[1] is None or kv_dims[3] is None:
+            raise Skip("the past key has no static [batch, kv_heads, past, head_dim] shape", past_key)
+        kv_heads, head_dim = int(kv_dims[1]), int(kv_dims[3])
+        heads = _heads_of(q_split, head_dim)
+        if static_dims(past_value) != kv_dims:
+            raise Skip("past key and value differ in shape", past_value)
+        if heads % kv_heads:
+            raise Skip(f"{heads} query heads cannot share {kv_heads} KV heads", softmax)
+        if heads != kv_heads and not (k_repeat and v_repeat):
+            raise Skip("grouped-query attention without the Unsqueeze -> Expand -> Reshape repeat-kv", softmax)
+        for split, n in ((k_split, kv_heads), (v_split, kv_heads)):
+            if _heads_of(split, head_dim) != n:
+                raise Skip("the key/value head split does not match the cache's KV heads", split)
+        attn = self.by_softmax.get(id(softmax))
+        if attn is not None:
+            if (attn.num_heads, attn.num_kv_heads, attn.head_dim) != (heads, kv_heads, head_dim):
+                raise Skip("the block map's head counts differ from the cache shapes", softmax)
+            if not attn.causal:
+                raise Skip("attention is not causal", softmax)
+        elif mask is None or not _causal_mask(mask):
+            raise Skip("attention (not in the block map) has no causal mask", softmax)
+        key_mask = _key_mask(mask, self.graph, softmax)
+        position_ids = _single_input(cos, self.graph, "the rotary tables", softmax)
+        if position_ids.dtype != ir.DataType.INT64 or (position_ids.shape is not None and position_ids.shape.rank() != 2):
+            raise Skip("the rotary positions are not an int64 [batch, seq] input", position_ids)
+        if mask is not None:
+            dims = static_dims(mask)
+            if dims is None or len(dims) != 4 or dims[1] not in (1, heads):
+                raise Skip("the additive mask is not [batch or 1, 1 or heads, seq, total]", mask)
+        if q.dtype != ir.DataType.FLOAT or past_key.dtype != ir.DataType.FLOAT:
+            raise Skip("attention is not float32", softmax)
+        return _Site(
+            q, k, v, past_key, past_value, present_key, present_value, output, anchor,  # type: ignore[arg-type]
+            heads, kv_heads, head_dim, scale, mask, key_mask, cos, sin, position_ids,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ rewriting
+
+    def _rewrite(self, site: _Site) -> None:
+        cos_cache, sin_cache = self._caches(site)
+        seqlens, total = self._lengths(site.key_mask)
+        bias = site.mask if self.opts.mask == "bias" else None
+        base = site.anchor.name or site.output.name or "attention"
+        fused = self.opts.rotary == "fused" or (self.opts.rotary == "auto" and site.head_dim % 16 == 0)
+        if fused and site.head_dim % 16:
+            raise Skip(f"rotary=fused: ORT's GroupQueryAttention rotates only head sizes that are multiples of 16 (head_dim {site.head_dim})", site.anchor)
+        q, k = site.q, site.k
+        if not fused:  # ORT's RotaryEmbedding on the [batch, seq, width] projections, then GQA
+            q, k = (
+                self.editor.op(
+                    "RotaryEmbedding", [x, site.position_ids, cos_cache, sin_cache], name=f"{base}.rotary_{role}",
+                    outputs=f"{x.name}.rotary", attributes={"num_heads": heads, "interleaved": 0},
+                    domain=MS_DOMAIN, before=site.anchor, dtype=x.dtype, shape=x.shape,
+                )
+                for x, role, heads in ((site.q, "q", site.num_heads), (site.k, "k", site.kv_heads))
+            )  # fmt: skip
+            self.stats["rotary -> RotaryEmbedding"] += 2
+        inputs = [q, k, site.v, site.past_key, site.past_value, seqlens, total]
+        if fused:
+            inputs += [cos_cache, sin_cache, site.position_ids]
+        elif bias is not None:
+            inputs += [None, None, None]
+        node = self.editor.node(
+            "GroupQueryAttention",
+            [*inputs, *([bias] if bias is not None else [])],
+            name=f"{base}.gqa",
+            outputs=[f"{site.output.name}.gqa", f"{site.present_key.name}.gqa", f"{site.present_value.name}.gqa"],
+            attributes={
+                "num_heads": site.num_heads, "kv_num_heads": site.kv_heads, "scale": float(site.scale),
+                "do_rotary": int(fused), "rotary_interleaved": 0,
+            },
+            domain=MS_DOMAIN, before=site.anchor,
+        )  # fmt: skip
+        out, key, value = node.outputs
+        _take_over(self.editor, site.output, out)
+        _take_over(self.editor, site.present_key, key)
+        _take_over(self.editor, site.present_value, value)
+        self.stats["attention -> GroupQueryAttention"] += 1
+
+    def _caches(self, site: _Site) -> tuple[ir.Value, ir.Value]:
+        key = (id(site.cos), id(site.sin))
+        if key not in self.caches:
+            n = self.opts.max_positions
+            positions = np.arange(n, dtype=np.int64)[None, :]
+            cos_t, sin_t = _evaluate(self.model, [site.cos, site.sin], site.position_ids, positions)
+            try:
+                cos_t, sin_t = _tables(cos_t, n, site.head_dim), _tables(sin_t, n, site.head_dim)
+                cos_c, sin_c = half_caches(cos_t, sin_t)
+            except ValueError as err:
+                raise Skip(f"rotary tables: {err}", site.cos) from None
+            # the tables must be a function of each position alone (not of the row or its order)
+            shuffled = np.random.default_rng(0).permutation(min(n, 64)).astype(np.int64)[None, :]
+            cos_s, sin_s = _evaluate(self.model, [site.cos, site.sin], site.position_ids, shuffled)
+            if not (
+                np.allclose(_tables(cos_s, shuffled.size, site.head_dim), cos_t[shuffled[0]], atol=1e-6)
+                and np.allclose(_tables(sin_s, shuffled.size, site.head_dim), sin_t[shuffled[0]], atol=1e-6)
+            ):
+                raise Skip("the rotary tables are not a function of the position alone", site.cos)
+            self.caches[key] = (
+                self.editor.initializer("rotary.cos_cache", cos_c),
+                self.editor.initializer("rotary.sin_cache", sin_c),
+            )
+        return self.caches[key]
+
+    def _lengths(self, key_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """(seqlens_k [batch] int32, total_sequence_length scalar int32) from the mask input."""
+        if id(key_mask) in self.lengths:
+            return self.lengths[id(key_mask)]
+        e = self.editor
+        first = next(iter(self.graph))
+        base = key_mask.name or "attention_mask"
+        i32 = ir.DataType.INT32
+        total_1d = e.op("Shape", [key_mask], name=f"{base}.total", attributes={"start": 1, "end": 2}, before=first)
+        total_i32 = e.op("Cast", [total_1d], name=f"{base}.total_i32", attributes={"to": i32}, before=first, dtype=i32)
+        total = e.op("Squeeze", [total_i32], name=f"{base}.total_sequence_length", before=first, dtype=i32, shape=[])
+        one = e.initializer(f"{base}.one", np.array([1], np.int32))
+        if self.opts.mask == "bias":  # every row has the whole length; the bias masks the padding
+            batch = e.op("Shape", [key_mask], name=f"{base}.batch", attributes={"start": 0, "end": 1}, before=first)
+            last = e.op("Sub", [total_i32, one], name=f"{base}.last", before=first, dtype=i32)
+            seqlens = e.op("Expand", [last, batch], name=f"{base}.seqlens_k", before=first, dtype=i32)
+        else:  # right padding: each row's own length
+            axes = e.initializer(f"{base}.axes", np.array([1], np.int64))
+            summed = e.op("ReduceSum", [key_mask, axes], name=f"{base}.lengths", attributes={"keepdims": 0}, before=first)
+            as_i32 = e.op("Cast", [summed], name=f"{base}.lengths_i32", attributes={"to": i32}, before=first, dtype=i32)
+            seqlens = e.op("Sub", [as_i32, one], name=f"{base}.seqlens_k", before=first, dtype=i32)
+        self.lengths[id(key_mask)] = (seqlens, total)
+        return seqlens, total
+
+
+# ----------------------------------------------------------------------------- matching helpers
+
+
+def _only_reader(value: ir.Value | None) -> ir.Node | None:
+    if value is None or value.is_graph_output():
+        return None
+    uses = list(value.uses())
+    return uses[0].node if len(uses) == 1 else None
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    arr = const_array(value)
+    return float(arr.reshape(())) if arr is not None and arr.size == 1 else None
+
+
+def _score_chain(softmax: ir.Node) -> tuple[float, ir.Value | None, ir.Node]:
+    """(scale, additive mask, scores MatMul) between ``Softmax`` and ``Q @ K^T``."""
+    scale, mask = 1.0, None
+    value = softmax.inputs[0]
+    for _ in range(8):
+        node = value.producer() if value is not None else None
+        if node is None or _only_reader(value) is None:
+            break
+        data = [i for i in node.inputs if i is not None and const_array(i) is None]
+        if node.op_type == "MatMul" and len(data) == 2:
+            return scale, mask, node
+        if node.op_type in ("Mul", "Div") and len(data) == 1 and len(node.inputs) == 2:
+            c = _scalar(node.inputs[1] if node.inputs[0] is data[0] else node.inputs[0])
+            if c is None or (node.op_type == "Div" and node.inputs[1] is data[0]):
+                break
+            scale *= c if node.op_type == "Mul" else 1.0 / c
+            value = data[0]
+        elif node.op_type == "Add" and len(data) == 2 and mask is None:
+            on_path = [_reaches_matmul(d) for d in data]
+            if sum(on_path) != 1:
+                break
+            value, mask = (data[0], data[1]) if on_path[0] else (data[1], data[0])
+        elif node.op_type in ("Cast", "Identity") and len(data) == 1:
+            value = data[0]
+        else:
+            break
+    raise Skip("the Softmax input is not scale * (Q @ K^T) + mask", softmax)
+
+
+def _reaches_matmul(value: ir.Value) -> bool:
+    """Whether ``value`` is a non-constant MatMul's output, through scalar scalings only."""
+    for _ in range(4):
+        node = value.producer()
+        if node is None:
+            return False
+        if node.op_type == "MatMul":
+            return const_array(node.inputs[1]) is None
+        if node.op_type not in ("Mul", "Div", "Cast", "Identity"):
+            return False
+        data = [i for i in node.inputs if i is not None and const_array(i) is None]
+        if len(data) != 1:
+            return False
+        value = data[0]
+    return False
+
+
+def _peel_scale(value: ir.Value | None) -> tuple[float, ir.Value]:
+    """Scalar constant ``Mul``/``Div`` read only on the way (SDPA's sqrt(scale) on Q and on K)."""
+    scale = 1.0
+    while value is not None:
+        node = value.producer()
+        if node is None or node.op_type not in ("Mul", "Div") or _only_reader(value) is None:
+            break
+        data, other = node.inputs[0], node.inputs[1]
+        c = _scalar(other)
+        if c is None and node.op_type == "Mul":
+            data, other = other, data
+            c = _scalar(other)
+        if c is None or data is None or const_array(data) is not None:
+            break
+        scale *= c if node.op_type == "Mul" else 1.0 / c
+        value = data
+    if value is None:
+        raise Skip("a scores operand is missing")
+    return scale, value
+
+
+def _rotary(value: ir.Value | None) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """``x`` with its cos and sin tables if ``value = x * cos + rotate_half(x) * sin``."""
+    add = value.producer() if value is not None else None
+    if add is None or add.op_type != "Add" or len(add.inputs) != 2:
+        raise Skip("no rotary embedding (x * cos + rotate_half(x) * sin) on Q or K", add or value)
+    muls = [i.producer() if i is not None else None for i in add.inputs]
+    if any(m is None or m.op_type != "Mul" or _only_reader(m.outputs[0]) is None for m in muls):
+        raise Skip("the rotary sum is not of two products", add)
+    for plain, rotated in (muls, muls[::-1]):
+        for ri in (0, 1):
+            half = _rotate_half(rotated.inputs[ri])  # type: ignore[union-attr]
+            if half is None:
+                continue
+            x = half
+            sin = rotated.inputs[1 - ri]  # type: ignore[union-attr]
+            if plain.inputs[0] is x:  # type: ignore[union-attr]
+                return x, plain.inputs[1], sin  # type: ignore[union-attr,return-value]
+            if plain.inputs[1] is x:  # type: ignore[union-attr]
+                return x, plain.inputs[0], sin  # type: ignore[union-attr,return-value]
+    raise Skip("the rotary products do not rotate one tensor with rotate_half", add)
+
+
+def _rotate_half(value: ir.Value | None) -> ir.Value | None:
+    """``x`` if ``value = Concat(-x[..., d/2:], x[..., :d/2])`` on the last axis."""
+    concat = value.producer() if value is not None else None
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or _only_reader(value) is None:
+        return None
+    axis = concat.attributes.get("axis")
+    if axis is None or int(axis.value) not in (-1, 3):
+        return None
+    neg = concat.inputs[0].producer() if concat.inputs[0] is not None else None
+    low = concat.inputs[1].producer() if concat.inputs[1] is not None else None
+    if neg is None or neg.op_type != "Neg" or low is None or low.op_type != "Slice":
+        return None
+    high = neg.inputs[0].producer() if neg.inputs[0] is not None else None
+    if high is None or high.op_type != "Slice" or high.inputs[0] is not low.inputs[0]:
+        return None
+    x = low.inputs[0]
+    dims = static_dims(x)
+    if x is None or not dims or dims[-1] is None or dims[-1] % 2:
+        return None
+    half = dims[-1] // 2
+    if _slice_bounds(low, len(dims)) != (0, half) or _slice_bounds(high, len(dims)) != (half, dims[-1]):
+        return None
+    return x
+
+
+def _slice_bounds(node: ir.Node, rank: int) -> tuple[int, int] | None:
+    """(start, stop) of a Slice over the last axis with step 1, stop clamped to the axis, or None."""
+    parts = [const_array(i) if i is not None else None for i in node.inputs[1:]]
+    if len(parts) < 3 or any(p is None or p.size != 1 for p in parts):
+        return None
+    start, stop, axis = (int(p.ravel()[0]) for p in parts[:3])  # type: ignore[union-attr]
+    step = int(parts[3].ravel()[0]) if len(parts) > 3 and parts[3] is not None else 1
+    if axis not in (-1, rank - 1) or step != 1:
+        return None
+    size = static_dims(node.inputs[0])[-1]  # type: ignore[index]
+    return start, min(stop, size)  # type: ignore[type-var]
+
+
+def _heads_split(value: ir.Value | None, role: str) -> tuple[ir.Value, ir.Node]:
+    """(projection output [b, s, width], the Reshape) for ``Transpose(0,2,1,3)(Reshape(proj))``."""
+    transpose = value.producer() if value is not None else None
+    if transpose is None or transpose.op_type != "Transpose" or _perm(transpose) != _HEADS_FIRST:
+        raise Skip(f"the {role} heads are not moved to axis 1 by Transpose(0, 2, 1, 3)", transpose or value)
+    reshape = transpose.inputs[0].producer() if transpose.inputs[0] is not None else None
+    if reshape is None or reshape.op_type != "Reshape":
+        raise Skip(f"no Reshape splits the {role} projection into heads", transpose)
+    proj = reshape.inputs[0]
+    dims = static_dims(proj)
+    if proj is None or dims is None or len(dims) != 3:
+        raise Skip(f"the {role} projection is not [batch, seq, width]", reshape)
+    return proj, reshape
+
+
+def _heads_of(reshape: ir.Node, head_dim: int) -> int:
+    """Heads of a ``[b, s, heads, head_dim]`` split: from its output shape, or the projection width."""
+    out = static_dims(reshape.outputs[0])
+    if out is not None and len(out) == 4 and out[2] is not None and out[3] == head_dim:
+        return int(out[2])
+    width = static_dims(reshape.inputs[0])[-1]  # type: ignore[index]
+    if width is None or width % head_dim:
+        raise Skip("the head split's width is unknown or not a multiple of head_dim", reshape)
+    return int(width) // head_dim
+
+
+def _perm(node: ir.Node) -> tuple[int, ...] | None:
+    perm = node.attributes.get("perm")
+    return tuple(int(p) for p in perm.value) if perm is not None else None
+
+
+def _cache_concat(value: ir.Value | None, role: str) -> tuple[ir.Value, bool]:
+    """(present output, repeat-kv seen) walking from a scores/context operand back to the cache
+    ``Concat(past input, new)``, through the layout ops of repeat-kv and K^T only."""
+    seen: list[str] = []
+    while value is not None:
+        node = value.producer()
+        if node is None:
+            break
+        if node.op_type == "Concat" and value.is_graph_output():
+            axis = node.attributes.get("axis")
+            past = node.inputs[0]
+            if axis is None or int(axis.value) not in (2, -2) or len(node.inputs) != 2:
+                raise Skip(f"the present {role} is not Concat(past, new) over the sequence axis", node)
+            if past is None or not past.is_graph_input():
+                raise Skip(f"the present {role} does not extend a past input", node)
+            repeat = "Expand" in seen and "Unsqueeze" in seen
+            return value, repeat
+        if node.op_type not in _KV_LAYOUT or not _read_on_path(value):
+            raise Skip(f"{node.op_type} between the present {role} and the attention MatMul", node)
+        if node.op_type == "Transpose" and _perm(node) not in ((0, 2, 1), (0, 1, 3, 2)):
+            raise Skip(f"a Transpose other than K^T on the {role} path", node)
+        seen.append(node.op_type)
+        value = node.inputs[0]
+    raise Skip(f"the {role} operand does not come from a present cache output", value)
+
+
+def _read_on_path(value: ir.Value) -> bool:
+    """One data reader; other readers only take its ``Shape`` (the dynamo export's K^T reshapes)."""
+    if value.is_graph_output():
+        return False
+    data = [u for u in value.uses() if u.node.op_type != "Shape"]
+    return len(data) == 1
+
+
+def _head_merge(context: ir.Node) -> tuple[ir.Value, ir.Node]:
+    """(merged [b, s, heads*dim] value, the merging Reshape) after the context MatMul."""
+    transpose = _only_reader(context.outputs[0])
+    if transpose is None or transpose.op_type != "Transpose" or _perm(transpose) != _HEADS_FIRST:
+        raise Skip("the context is not moved back by Transpose(0, 2, 1, 3)", transpose or context)
+    reshape = _only_reader(transpose.outputs[0])
+    dims = static_dims(reshape.outputs[0]) if reshape is not None else None
+    if reshape is None or reshape.op_type != "Reshape" or dims is None or len(dims) != 3:
+        raise Skip("the context heads are not merged by a Reshape to [batch, seq, width]", transpose)
+    return reshape.outputs[0], reshape
+
+
+def _single_input(value: ir.Value, graph: ir.Graph, what: str, at: ir.Node) -> ir.Value:
+    read = graph_inputs_reached(value, graph)
+    if len(read) != 1:
+        names = ", ".join(v.name or "?" for v in read) or "none"
+        raise Skip(f"{what} do not depend on exactly one graph input (read: {names})", at)
+    return read[0]
+
+
+def _key_mask(mask: ir.Value | None, graph: ir.Graph, at: ir.Node) -> ir.Value:
+    if mask is None:
+        raise Skip("no additive mask: the attention_mask input is needed for the cache lengths", at)
+    found = _single_input(mask, graph, "the attention mask", at)
+    dims = static_dims(found)
+    if found.dtype not in (ir.DataType.INT64, ir.DataType.INT32) or dims is None or len(dims) != 2:
+        raise Skip("the attention mask input is not an integer [batch, past + seq] tensor", found)
+    return found
+
+
+def _causal_mask(mask: ir.Value) -> bool:
+    """The mask compares two position ranges (key index <= query index) or uses Trilu."""
+
+    def depends_on_range(value: ir.Value | None) -> bool:
+        return value is not None and any(n.op_type in ("Range", "CumSum") for n in producers(value, 30))
+
+    for node in producers(mask, 400):
+        if node.op_type == "Trilu":
+            return True
+        if node.op_type in COMPARISONS and all(depends_on_range(i) for i in node.inputs):
+            return True
+    return False
+
+
+# ----------------------------------------------------------------------------- rotary tables
+
+
+def _evaluate(model: ir.Model, values: list[ir.Value], feed: ir.Value, array: np.ndarray) -> list[np.ndarray]:
+    """``values`` computed by ONNX Runtime from ``feed = array`` on a copy of the nodes between them."""
+    order = {id(n): i for i, n in enumerate(model.graph)}
+    needed: dict[int, ir.Node] = {}
+    stack = list(values)
+    while stack:
+        node = stack.pop().producer()
+        if node is None or id(node) in needed:
+            continue
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            raise Skip("the rotary tables are computed with a subgraph", node)
+        needed[id(node)] = node
+        stack.extend(i for i in node.inputs if i is not None)
+    mapping: dict[int, ir.Value] = {}
+    new_feed = ir.Value(name=feed.name, type=feed.type, shape=ir.Shape([1, int(array.shape[1])]))
+    mapping[id(feed)] = new_feed
+    initializers: list[ir.Value] = []
+
+    def copy(v: ir.Value | None) -> ir.Value | None:
+        if v is None:
+            return None
+        if id(v) not in mapping:
+            if v.const_value is None:
+                raise Skip("the rotary tables read a graph input besides the positions", v)
+            mapping[id(v)] = ir.Value(name=v.name, type=v.type, shape=v.shape, const_value=v.const_value)
+            initializers.append(mapping[id(v)])
+        return mapping[id(v)]
+
+    nodes = []
+    for node in sorted(needed.values(), key=lambda n: order[id(n)]):
+        new = ir.Node(
+            node.domain, node.op_type, [copy(i) for i in node.inputs],
+            attributes=list(node.attributes.values()), num_outputs=len(node.outputs), name=node.name,
+        )  # fmt: skip
+        for old, out in zip(node.outputs, new.outputs, strict=True):
+            out.name, out.type = old.name, old.type
+            mapping[id(old)] = out
+        nodes.append(new)
+    graph = ir.Graph(
+        [new_feed], [mapping[id(v)] for v in values], nodes=nodes, initializers=initializers,
+        opset_imports=dict(model.opset_imports), name="rotary_tables",
+    )  # fmt: skip
+    session = create_session(ir.Model(graph, ir_version=model.ir_version), optimize=False)
+    return session.run(None, {feed.name: array.astype(np.int64)})
+
+
+def _tables(table: np.ndarray, n: int, head_dim: int) -> np.ndarray:
+    if table.size != n * head_dim:
+        raise ValueError(f"expected {n} x {head_dim} values for {n} positions, got shape {table.shape}")
+    return table.reshape(n, head_dim)
+
+
+# ----------------------------------------------------------------------------- clean-up
+
+
+def _remove_dead_nodes(editor: GraphEditor) -> int:
+    """Remove nodes whose outputs nothing reads (the replaced chains) and the constants only they read."""
+    removed = 0
+    consts: list[ir.Value] = []
+    for node in reversed(list(editor.graph)):
+        if any(out.is_graph_output() or list(out.uses()) for out in node.outputs):
+            continue
+        consts.extend(i for i in node.inputs if i is not None and i.is_initializer())
+        editor.remove(node)
+        removed += 1
+    for value in consts:
+        editor.drop_if_unused(value)
+    return removed
