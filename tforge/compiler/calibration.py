@@ -45,6 +45,10 @@ __all__ = [
     "calibrate_model",
     "default_values",
     "feed_tokens",
+    "until_enough",
+    "DEFAULT_SAMPLES",
+    "GRAM_TOKENS_PER_CHANNEL",
+    "MAX_AUTO_SAMPLES",
     "missing_stats_reason",
     "npz_feeds",
     "text_feeds",
@@ -447,6 +451,29 @@ def feed_tokens(feed: Feed) -> int:
     if isinstance(feed, CacheWindow):
         count += int(feed.decode_ids.size)
     return count
+
+
+#: samples a calibration reads when none are asked for
+DEFAULT_SAMPLES = 64
+#: tokens per channel of the widest Gram matrix that an unset sample count reads at least
+GRAM_TOKENS_PER_CHANNEL = 16
+#: the most samples an unset sample count grows to
+MAX_AUTO_SAMPLES = 1024
+
+
+def until_enough(
+    feeds: Iterable[Mapping[str, np.ndarray]], samples: int, tokens: int, most: int
+) -> Iterator[Mapping[str, np.ndarray]]:
+    """At least ``samples`` feeds, then more until ``tokens`` real tokens are read (at most ``most``).
+
+    Used by ``calibrate`` and by passes that calibrate again themselves (sequential GPTQ), so an
+    unset sample count means the same everywhere."""
+    seen = 0
+    for i, feed in enumerate(feeds):
+        if i >= most or (i >= samples and seen >= tokens):
+            return
+        yield feed
+        seen += feed_tokens(feed)  # decode steps of a KV-cache window included
 
 
 def default_values(model: ir.Model) -> list[str]:

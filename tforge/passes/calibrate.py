@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -23,15 +23,18 @@ import onnx_ir as ir
 from tforge.compiler.calibration import (
     DATA_KEY,
     DEFAULT_DECODE_STEPS,
+    DEFAULT_SAMPLES,
     GRAM_REQUEST_KEY,
+    GRAM_TOKENS_PER_CHANNEL,
+    MAX_AUTO_SAMPLES,
     STALE_STATISTICS_KEY,
     STATS_KEY,
     calibrate_model,
-    feed_tokens,
     has_pipeline_data,
     npz_feeds,
     pipeline_feeds,
     text_feeds,
+    until_enough,
 )
 from tforge.compiler.pass_infra import Pass, PassResult, Property
 from tforge.compiler.registry import register_pass
@@ -39,10 +42,6 @@ from tforge.errors import PassConfigError, PreconditionError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SAMPLES = 64
-#: tokens per channel of the widest Gram matrix that unset ``samples`` reads at least
-GRAM_TOKENS_PER_CHANNEL = 16
-MAX_AUTO_SAMPLES = 1024
 
 
 def _widest(model: ir.Model, names: bool | set[str]) -> int:
@@ -55,18 +54,6 @@ def _widest(model: ir.Model, names: bool | set[str]) -> int:
                 if isinstance(last, int):
                     widest = max(widest, last)
     return widest
-
-
-def _until_enough(
-    feeds: Iterable[Mapping[str, np.ndarray]], samples: int, tokens: int, most: int
-) -> Iterator[Mapping[str, np.ndarray]]:
-    """At least ``samples`` feeds, then more until ``tokens`` real tokens are read (at most ``most``)."""
-    seen = 0
-    for i, feed in enumerate(feeds):
-        if i >= most or (i >= samples and seen >= tokens):
-            return
-        yield feed
-        seen += feed_tokens(feed)  # decode steps of a KV-cache window included
 
 
 @register_pass("calibrate")
@@ -150,7 +137,7 @@ class Calibrate(Pass):
         samples = self.samples if self.samples is not None else DEFAULT_SAMPLES
         source, feeds = self._feeds(model, MAX_AUTO_SAMPLES if min_tokens else samples)
         if min_tokens:
-            feeds = _until_enough(feeds, samples, min_tokens, MAX_AUTO_SAMPLES)
+            feeds = until_enough(feeds, samples, min_tokens, MAX_AUTO_SAMPLES)
             logger.info(
                 "calibrate: at least %d tokens for the Gram matrices (at most %d samples)", min_tokens, MAX_AUTO_SAMPLES
             )
