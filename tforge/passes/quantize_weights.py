@@ -29,19 +29,53 @@ one copy. Every linear left in float is counted with the reason; ``details`` giv
 bits and its relative output error ``E||x (W - W_q)||^2 / E||x W||^2`` when the input's second
 moment is known (else the relative Frobenius error). ``calibrate`` collects the second moments
 for ``method=gptq`` and ``awq`` by itself (``gram_wanted``).
+
+``sequential=true`` (``method=gptq``) quantizes block after block, as GPTQ's reference
+implementation does: before block ``k``'s linears are quantized, the Gram matrices of their
+inputs are gathered by running the pipeline's calibration data (``pipeline_feeds``, read again
+each round) through the model as it is then, blocks ``1..k-1`` already ``MatMulNBits`` in ONNX
+Runtime, so their rounding errors reach the statistics GPTQ compensates against. One round per
+block (linears outside the blocks form rounds of their own, in graph order); each round exposes
+only that block's linear inputs, so memory holds one block's Grams. It costs one calibration run
+per block, which is why it is off by default, and needs the pipeline's calibration data
+(``--calib-text``/``--calib-npz``/``calibration=``): without it the pass refuses to run.
+
+Mixed precision: ``budget-mb`` (10^6 bytes of the quantized linears' packed weights, scales and
+zero points; a linear kept in float counts its float32 weight) or ``avg-bits`` (the mean code
+width per weight, float counted as 32 bits, scales and zero points not counted) chooses each
+linear's width among 4, 8 and float (:mod:`tforge.passes.math.bit_allocation`, exact under the
+budget). A linear's sensitivity at a width is its relative output error
+``E||x (W - W_q)||^2 / E||x W||^2`` (relative Frobenius error without a Gram matrix), unweighted:
+the noise-to-signal ratio a linear adds, which the exact rescalings other passes fold between
+layers (AWQ, SmoothQuant, ln-migrate) leave unchanged, where an absolute output energy would
+move with them. ``details`` list every linear's width, its sensitivity and bytes at each
+candidate; linears left in float count as "kept in float by the bit budget".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import time
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from tforge.compiler.attention_paths import value_columns
-from tforge.compiler.calibration import attached_stats
+from tforge.compiler.calibration import (
+    DATA_KEY,
+    DEFAULT_SAMPLES,
+    GRAM_TOKENS_PER_CHANNEL,
+    MAX_AUTO_SAMPLES,
+    CalibrationStats,
+    attached_stats,
+    calibrate_model,
+    has_pipeline_data,
+    pipeline_feeds,
+    until_enough,
+)
 from tforge.compiler.embeddings import Embedding, find_embeddings, tied_head
 from tforge.compiler.ffn_paths import check_rescalable_up_down
 from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
@@ -49,8 +83,8 @@ from tforge.compiler.registry import register_pass
 from tforge.compiler.rescale import check_norm_scalable, scale_norm_output, scale_stats
 from tforge.compiler.rewrite import GraphEditor, current_weight
 from tforge.compiler.structure import FFN, Attention, BlockMap, Linear, block_map, const_array
-from tforge.errors import PassConfigError
-from tforge.passes.math import awq, gptq, smoothing
+from tforge.errors import PassConfigError, PreconditionError
+from tforge.passes.math import awq, bit_allocation, gptq, smoothing
 from tforge.passes.math import block_quant as bq
 
 logger = logging.getLogger(__name__)
@@ -59,6 +93,12 @@ __all__ = ["QuantizeWeights"]
 
 _MS = "com.microsoft"
 _QDQ_OPSET = 21
+#: the widths a bit budget chooses among; 32: the linear stays float32
+_BUDGET_BITS = (4, 8, 32)
+_MB = 1e6
+# sequential rounds read the pipeline's data as ``calibrate`` does when its samples are unset: at
+# least 64 samples, more until the round's widest Gram rests on 16 tokens a channel (<= 1024)
+_ROUND_SEQ_LEN = 128  # tokens a sequential round's text windows hold, unless the pipeline says
 
 
 @register_pass("quantize-weights")
@@ -81,6 +121,12 @@ class QuantizeWeights(Pass):
     # a tied LM head reads the embedding's 4-bit bytes (one copy in the file; RTN) instead of
     # its own GPTQ-quantized copy
     tie: bool = True
+    # gptq: each block's Gram matrices gathered on the model with the blocks before it quantized
+    # (one calibration run per block on the pipeline's data)
+    sequential: bool = False
+    # mixed precision (exclusive): 4, 8 or float per linear, least total relative output error
+    budget_mb: float | None = None  # 10^6 bytes of the quantized linears' weights, scales, zero points
+    avg_bits: float | None = None  # mean code width per weight (float: 32; scales not counted)
 
     requires: ClassVar = frozenset({Property.CANONICAL})
     establishes: ClassVar = frozenset({Property.QUANTIZED})
@@ -107,6 +153,38 @@ class QuantizeWeights(Pass):
             raise PassConfigError(f"quantize-weights: damp must be > 0, got {self.damp}")
         if not self.alpha_grid or not all(0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise PassConfigError(f"quantize-weights: alpha-grid must be values in [0, 1], got {self.alpha_grid}")
+        if self.sequential and self.method != "gptq":
+            raise PassConfigError(
+                f"quantize-weights: sequential=true applies to method=gptq (got method={self.method}); "
+                "it gathers each block's Gram matrices on the partially quantized model"
+            )
+        if self.budget_mb is not None and self.avg_bits is not None:
+            raise PassConfigError("quantize-weights: give budget-mb or avg-bits, not both")
+        if self.budget_mb is not None and not (self.budget_mb > 0 and math.isfinite(self.budget_mb)):
+            raise PassConfigError(f"quantize-weights: budget-mb must be a positive number, got {self.budget_mb}")
+        if self.avg_bits is not None and not 4 <= self.avg_bits <= 32:
+            raise PassConfigError(
+                f"quantize-weights: avg-bits must be in [4, 32] (each linear gets 4, 8 or 32 bits), got {self.avg_bits}"
+            )
+        if self._budgeted:
+            if self.bits != 4:
+                raise PassConfigError(
+                    "quantize-weights: with budget-mb or avg-bits each linear gets 4, 8 or float bits; drop bits="
+                )
+            if self.sequential:
+                raise PassConfigError(
+                    "quantize-weights: sequential=true and a bit budget cannot be combined yet (the budget "
+                    "needs every linear's sensitivity before the first block is quantized)"
+                )
+
+    @property
+    def _budgeted(self) -> bool:
+        return self.budget_mb is not None or self.avg_bits is not None
+
+    @property
+    def reads_calibration_data(self) -> bool:  # type: ignore[override]
+        """``sequential=true`` runs the pipeline's calibration data itself."""
+        return self.sequential
 
     def check(self, model: ir.Model) -> None:
         if self.format == "qdq":
@@ -116,6 +194,14 @@ class QuantizeWeights(Pass):
                     f"quantize-weights: format=qdq needs opset {_QDQ_OPSET} (DequantizeLinear with "
                     f"block_size), the model imports {opset}; use format=nbits"
                 )
+        if self.sequential and not has_pipeline_data(model):
+            raise PreconditionError(
+                "quantize-weights: sequential=true re-runs calibration before each block on the "
+                "partially quantized model and needs the pipeline's calibration data: add --calib-text "
+                "FILE --tokenizer PATH or --calib-npz FILE to 'tforge compile', or pass calibration= to "
+                "tforge.compile (a calibrate{npz=...} pass's own data cannot be read again); or set "
+                "sequential=false"
+            )
 
     def gram_wanted(self, model: ir.Model) -> set[str]:
         """The inputs of the linears GPTQ or AWQ will quantize: both read E[x x^T].
@@ -124,8 +210,8 @@ class QuantizeWeights(Pass):
         memory than it is worth on a large model (its errors are then relative Frobenius ones,
         unless ``calibrate{gram=true}`` collected them anyway).
         """
-        if self.method == "rtn":
-            return set()
+        if (self.method == "rtn" and not self._budgeted) or self.sequential:
+            return set()  # sequential gathers its own, block by block; a budget measures on them
         return {lin.input.name for lin in block_map(model).linears if lin.input.name and not self._excluded(lin)}
 
     def run(self, model: ir.Model) -> PassResult:
@@ -141,6 +227,8 @@ class QuantizeWeights(Pass):
                 head = tied_head(emb, list(blocks.linears))
                 if head is not None:
                     heads[id(head.matmul)] = emb
+        if self._budgeted:  # before any edit: a budget no choice meets leaves the model as it was
+            self._check_budget(blocks.linears, set(heads))
         if self.method == "awq":
             details["awq_sites"] = self._awq_fold(editor, blocks, set(heads), stats)
             blocks = block_map(model)  # the same linears; their weights were rescaled
@@ -152,27 +240,20 @@ class QuantizeWeights(Pass):
             if packed is not None:
                 packed_tables[id(emb)] = packed
         shared = {key: packed_tables[id(emb)] for key, emb in heads.items() if id(emb) in packed_tables}
-        for lin in linears:
-            tied = shared.get(id(lin.matmul))
-            try:
-                self._check(lin)
-                q, error = self._quantize(lin, calibration, tied)
-            except Skip as skip:
-                stats.skip(skip)
-                continue
-            self._lower(editor, lin, q, tied)
-            stats["quantized"] += 1
-            stats[f"quantized: {self.bits}-bit {self.method}"] += 1
-            details["layers"].append(
-                {
-                    "linear": lin.name,
-                    "shape": [lin.in_features, lin.out_features],
-                    "bits": self.bits,
-                    "method": self.method if tied is None else "rtn (tied to the embedding)",
-                    "relative_output_error": error,
-                    "bytes": q.nbytes() if tied is None else 0,
-                }
-            )
+        if self.sequential:
+            self._run_sequential(editor, blocks, linears, shared, stats, details)
+        elif self._budgeted:
+            self._run_budget(editor, linears, calibration, shared, stats, details)
+        else:
+            for lin in linears:
+                tied = shared.get(id(lin.matmul))
+                try:
+                    self._check(lin)
+                    q, error = self._quantize(lin, calibration, tied, self.bits)
+                except Skip as skip:
+                    stats.skip(skip)
+                    continue
+                self._lower_and_record(editor, lin, q, error, tied, stats, details)
         editor.drop_retired()
         changed = stats["quantized"] > 0 or stats["embedding quantized"] > 0
         return PassResult(model, changed=changed, stats=stats, details=details)
@@ -188,8 +269,32 @@ class QuantizeWeights(Pass):
         if lin.weight.dtype != ir.DataType.FLOAT or lin.input.dtype not in (ir.DataType.FLOAT, None):
             raise Skip("weight or input is not float32", lin.matmul)
 
+    def _lower_and_record(
+        self, editor: GraphEditor, lin: Linear, q: bq.BlockQuantized, error: float, tied: _Packed | None,
+        stats: SiteStats, details: dict[str, Any], extra: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        self._lower(editor, lin, q, tied)
+        stats["quantized"] += 1
+        stats[f"quantized: {q.bits}-bit {self.method}"] += 1
+        details["layers"].append(
+            {
+                "linear": lin.name,
+                "shape": [lin.in_features, lin.out_features],
+                "bits": q.bits,
+                "method": self.method if tied is None else "rtn (tied to the embedding)",
+                "relative_output_error": error,
+                "bytes": self._packed_bytes(q) if tied is None else 0,
+                **(extra or {}),
+            }
+        )
+
+    def _packed_bytes(self, q: bq.BlockQuantized) -> int:
+        """Bytes of the weight's initializers as this pass writes them (codes, scales, zero points)."""
+        size = bq.dequantize_linear_bytes if self.format == "qdq" else bq.matmul_nbits_bytes
+        return size(q.k, q.n, q.bits, q.block, q.zero_points is None)
+
     def _quantize(
-        self, lin: Linear, calibration: Any, tied: _Packed | None
+        self, lin: Linear, calibration: Any, tied: _Packed | None, bits: int
     ) -> tuple[bq.BlockQuantized, float]:
         w = np.asarray(const_array(current_weight(lin)), np.float32)
         st = calibration.get(lin.input.name or "") if calibration is not None else None
@@ -199,17 +304,17 @@ class QuantizeWeights(Pass):
         if tied is not None:
             q = tied.q
         elif self.method == "rtn":
-            q = bq.quantize_rtn(w, self.bits, self.block, self.symmetric)
+            q = bq.quantize_rtn(w, bits, self.block, self.symmetric)
         elif self.method == "gptq":
             if gram is None:
                 raise Skip("method=gptq needs E[x x^T] of the input (run calibrate before it)", lin.matmul)
             q = gptq.gptq_quantize(
-                w, gram, self.bits, self.block, self.symmetric, damp=self.damp,
+                w, gram, bits, self.block, self.symmetric, damp=self.damp,
                 act_order=self.act_order, clips=gptq.DEFAULT_CLIPS if self.clip_search else None,
             ).q  # fmt: skip
         else:  # awq: the scales were folded before; RTN on the rescaled weight, clipped
             q = awq.quantize_clipped(
-                w, gram, self.bits, self.block, self.symmetric, gptq.DEFAULT_CLIPS if self.clip_search else None
+                w, gram, bits, self.block, self.symmetric, gptq.DEFAULT_CLIPS if self.clip_search else None
             )
         w_hat = bq.dequantize(q)
         if gram is not None:
@@ -219,6 +324,155 @@ class QuantizeWeights(Pass):
             norm = float(np.linalg.norm(w))
             error = float(np.linalg.norm(w - w_hat) ** 2 / norm**2) if norm > 0 else 0.0
         return q, error
+
+    # ------------------------------------------------------------------ sequential gptq
+
+    def _run_sequential(
+        self, editor: GraphEditor, blocks: BlockMap, linears: list[Linear], shared: dict[int, _Packed],
+        stats: SiteStats, details: dict[str, Any],
+    ) -> None:  # fmt: skip
+        model = editor.model
+        rounds = _rounds(model, blocks, linears)
+        details["sequential_rounds"] = []
+        for k, (label, group) in enumerate(rounds, start=1):
+            todo: list[Linear] = []
+            for lin in group:
+                try:
+                    self._check(lin)
+                except Skip as skip:
+                    stats.skip(skip)
+                    continue
+                todo.append(lin)
+            names = list(dict.fromkeys(lin.input.name for lin in todo if lin.input.name))
+            if not names:
+                logger.info("quantize-weights: block %d/%d (%s): nothing to quantize", k, len(rounds), label)
+                continue
+            editor.drop_retired()  # the session of this round carries no float weight replaced before
+            started = time.perf_counter()
+            calibration = self._round_statistics(model, names)
+            logger.info(
+                "quantize-weights: block %d/%d (%s): Gram matrices of %d inputs from %d samples on the model "
+                "with the blocks before it quantized (%.2fs)", k, len(rounds), label, len(names),
+                calibration.samples, time.perf_counter() - started,
+            )  # fmt: skip
+            details["sequential_rounds"].append(
+                {"round": k, "block": label, "linears": [lin.name for lin in todo], "samples": calibration.samples}
+            )
+            for lin in todo:
+                tied = shared.get(id(lin.matmul))
+                try:
+                    q, error = self._quantize(lin, calibration, tied, self.bits)
+                except Skip as skip:
+                    stats.skip(skip)
+                    continue
+                self._lower_and_record(editor, lin, q, error, tied, stats, details, {"round": k})
+            del calibration  # one block's Gram matrices at a time
+        stats["sequential calibration runs"] = len(details["sequential_rounds"])
+
+    def _round_statistics(self, model: ir.Model, names: list[str]) -> CalibrationStats:
+        """Statistics with Gram matrices of ``names`` on the model as it is now (the pipeline's data)."""
+        data = model.meta.get(DATA_KEY)
+        explicit = data is not None and not data.empty and data.samples is not None
+        found = pipeline_feeds(
+            model, samples=DEFAULT_SAMPLES if explicit else MAX_AUTO_SAMPLES, seq_len=_ROUND_SEQ_LEN
+        )
+        if found is None:  # check() ran first
+            raise PreconditionError("quantize-weights: sequential=true needs the pipeline's calibration data")
+        _, feeds = found
+        if not explicit:
+            widest = max((_last_dim(model, name) for name in names), default=0)
+            feeds = until_enough(feeds, DEFAULT_SAMPLES, GRAM_TOKENS_PER_CHANNEL * widest, MAX_AUTO_SAMPLES)
+        return calibrate_model(
+            model, feeds, names, gram=set(names), progress=lambda message: logger.debug("%s", message)
+        )
+
+    # ------------------------------------------------------------------ bit budget
+
+    def _budget(self, params: list[int]) -> tuple[float, str]:
+        """The budget in the allocation's cost (bytes, or bits x weights) and how it was given."""
+        if self.budget_mb is not None:
+            return self.budget_mb * _MB, f"budget-mb={self.budget_mb:g}"
+        assert self.avg_bits is not None
+        return self.avg_bits * sum(params), f"avg-bits={self.avg_bits:g}"
+
+    def _check_budget(self, linears: list[Linear], heads: set[int]) -> None:
+        """Refuse a budget below every candidate linear at 4 bits (sizes from the shapes alone)."""
+        candidates = []
+        for lin in linears:
+            try:
+                self._check(lin)
+            except Skip:
+                continue
+            if id(lin.matmul) not in heads:
+                candidates.append(lin)
+        params = [lin.in_features * lin.out_features for lin in candidates]
+        size = bq.dequantize_linear_bytes if self.format == "qdq" else bq.matmul_nbits_bytes
+        least = [size(lin.in_features, lin.out_features, 4, self.block, self.symmetric) for lin in candidates]
+        budget, what = self._budget(params)
+        need = sum(least) if self.budget_mb is not None else 4 * sum(params)
+        if need > budget:
+            raise PassConfigError(
+                f"quantize-weights: {what} is below what {len(candidates)} linears take at 4 bits "
+                f"({sum(least) / _MB:.6g} MB, avg-bits 4)"
+            )
+
+    def _run_budget(
+        self, editor: GraphEditor, linears: list[Linear], calibration: Any, shared: dict[int, _Packed],
+        stats: SiteStats, details: dict[str, Any],
+    ) -> None:  # fmt: skip
+        measured: list[tuple[Linear, dict[int, tuple[bq.BlockQuantized, float]]]] = []
+        for lin in linears:
+            tied = shared.get(id(lin.matmul))
+            try:
+                self._check(lin)
+                if tied is not None:  # stored once with the embedding: not the budget's to choose
+                    q, error = self._quantize(lin, calibration, tied, self.bits)
+                    self._lower_and_record(editor, lin, q, error, tied, stats, details)
+                    continue
+                measured.append((lin, {b: self._quantize(lin, calibration, None, b) for b in _BUDGET_BITS[:-1]}))
+            except Skip as skip:
+                stats.skip(skip)
+        params = [lin.in_features * lin.out_features for lin, _ in measured]
+        errors = [[found[4][1], found[8][1], 0.0] for _, found in measured]
+        nbytes = [[self._packed_bytes(found[4][0]), self._packed_bytes(found[8][0]), 4 * p]
+                  for (_, found), p in zip(measured, params, strict=True)]  # fmt: skip
+        costs = nbytes if self.budget_mb is not None else [[b * p for b in _BUDGET_BITS] for p in params]
+        budget, what = self._budget(params)
+        try:
+            found_allocation = bit_allocation.allocate(errors, costs, budget)
+        except ValueError:
+            least = sum(row[0] for row in nbytes) / _MB
+            raise PassConfigError(
+                f"quantize-weights: {what} is below what {len(measured)} linears take at 4 bits "
+                f"({least:.6g} MB, avg-bits 4)"
+            ) from None
+        chosen_bytes = 0
+        for (lin, found), choice, sizes, errs in zip(measured, found_allocation.choice, nbytes, errors, strict=True):
+            bits = _BUDGET_BITS[choice]
+            chosen_bytes += sizes[choice]
+            extra = {
+                "sensitivity": {str(b): e for b, e in zip(_BUDGET_BITS, errs, strict=True)},
+                "bytes_at": {str(b): n for b, n in zip(_BUDGET_BITS, sizes, strict=True)},
+            }
+            if bits == 32:
+                stats.skip(Skip("kept in float by the bit budget", lin.matmul, blocked=False))
+                details["layers"].append({
+                    "linear": lin.name, "shape": [lin.in_features, lin.out_features], "bits": 32,
+                    "method": "float", "relative_output_error": 0.0, "bytes": sizes[choice], **extra,
+                })  # fmt: skip
+                continue
+            q, error = found[bits]
+            self._lower_and_record(editor, lin, q, error, None, stats, details, extra)
+        total_params = sum(params)
+        details["bit_budget"] = {
+            "budget_bytes": self.budget_mb * _MB if self.budget_mb is not None else None,
+            "budget_avg_bits": self.avg_bits,
+            "bytes": chosen_bytes,
+            "avg_bits": (sum(_BUDGET_BITS[c] * p for c, p in zip(found_allocation.choice, params, strict=True))
+                         / total_params) if total_params else 0.0,  # fmt: skip
+            "total_sensitivity": found_allocation.error,
+            "linears_by_bits": {str(b): found_allocation.choice.count(i) for i, b in enumerate(_BUDGET_BITS)},
+        }
 
     # ------------------------------------------------------------------ awq
 
@@ -381,6 +635,45 @@ class _Packed:
     data: ir.Value
     scales: ir.Value
     zero_points: ir.Value | None
+
+
+# ----------------------------------------------------------------------------- sequential rounds
+
+
+def _rounds(model: ir.Model, blocks: BlockMap, linears: list[Linear]) -> list[tuple[str, list[Linear]]]:
+    """The linears in rounds: one per block, those outside the blocks grouped between them, in graph order."""
+    position = {id(node): i for i, node in enumerate(model.graph)}
+    wanted = {id(lin.matmul): lin for lin in linears}
+    items: list[tuple[int, str | None, list[Linear]]] = []
+    seen: set[int] = set()
+    for block in blocks.blocks:
+        members: list[Linear] = []
+        a, f = block.attention, block.ffn
+        parts = [*((a.q, a.k, a.v, a.o) if a is not None else ()), *((f.up, f.gate, f.down) if f is not None else ())]
+        for part in parts:
+            if part is not None and id(part.matmul) in wanted and id(part.matmul) not in seen:
+                seen.add(id(part.matmul))
+                members.append(wanted[id(part.matmul)])
+        if members:
+            items.append((min(position[id(lin.matmul)] for lin in members), f"layer {block.index}", members))
+    items += [(position[id(lin.matmul)], None, [lin]) for lin in linears if id(lin.matmul) not in seen]
+    items.sort(key=lambda item: item[0])
+    rounds: list[tuple[str, list[Linear]]] = []
+    outside = "linears outside the blocks"
+    for _, label, members in items:
+        if label is None and rounds and rounds[-1][0] == outside:
+            rounds[-1][1].extend(members)
+        else:
+            rounds.append((label or outside, list(members)))
+    return rounds
+
+
+def _last_dim(model: ir.Model, name: str) -> int:
+    for value in [*model.graph.inputs, *(out for node in model.graph for out in node.outputs)]:
+        if value.name == name and value.shape is not None and value.shape.rank():
+            last = value.shape[-1]
+            return last if isinstance(last, int) else 0
+    return 0
 
 
 # ----------------------------------------------------------------------------- structure checks

@@ -69,6 +69,7 @@ __all__ = [
     "block_scales",
     "check_config",
     "dequantize",
+    "dequantize_linear_bytes",
     "grid_codes",
     "grid_values",
     "matmul_nbits_bytes",
@@ -172,6 +173,17 @@ def matmul_nbits_bytes(
     codes = n * n_blocks * (block * bits // 8)
     zero_points = 0 if symmetric else n * -(-(n_blocks * bits) // 8)
     return codes + n * n_blocks * scale_bytes + zero_points
+
+
+def dequantize_linear_bytes(
+    k: int, n: int, bits: int, block: int, symmetric: bool, scale_bytes: int = 4
+) -> int:
+    """Bytes a ``[K, N]`` weight takes as blocked ``DequantizeLinear`` inputs, as ONNX stores them
+    (:func:`pack_dequantize_linear`: 4-bit types two per byte over the flattened tensor)."""
+    n_blocks = -(-k // block)
+    data = -(-(k * n * bits) // 8)
+    zero_points = 0 if symmetric else -(-(n_blocks * n * bits) // 8)
+    return data + n_blocks * n * scale_bytes + zero_points
 
 
 # ----------------------------------------------------------------------------- scales and codes
