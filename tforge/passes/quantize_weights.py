@@ -512,13 +512,10 @@ class QuantizeWeights(Pass):
                 raise Skip("awq: a reader's weight is not float32", node)
             groups = start = None
             if attention is not None:
-                start, _ = value_columns(attention)
+                start, _ = _awq_check(value_columns, attention)
                 groups = smoothing.kv_channel_groups(attention.num_heads, attention.num_kv_heads, attention.head_dim)
             if ffn is not None:
-                try:
-                    check_rescalable_up_down(ffn, blocks)
-                except Skip as why:  # the linears are still quantized, by RTN with clipping
-                    raise Skip(f"awq: {why.reason}", why.at, blocked=False) from None
+                _awq_check(check_rescalable_up_down, ffn, blocks)
             name = readers[0].input.name
             calibration = attached_stats(model)
             st = calibration.get(name or "") if calibration is not None else None
@@ -625,6 +622,15 @@ class QuantizeWeights(Pass):
         editor.remove(emb.gather)
         stats["embedding quantized"] += 1
         return _Packed(q, data, scales, zero_points)
+
+
+def _awq_check(check: Any, *args: Any) -> Any:
+    """``check(*args)``, its :class:`Skip` said as AWQ's: not blocked, since the site's linears are
+    still quantized (by RTN with the clipping search), only without a moved scale."""
+    try:
+        return check(*args)
+    except Skip as why:
+        raise Skip(f"awq: {why.reason}", why.at, blocked=False) from None
 
 
 @dataclasses.dataclass(frozen=True)
