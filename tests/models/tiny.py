@@ -10,42 +10,67 @@ def pre_norm_block(batch: str = "B") -> str:
     files). Initializers are declared, not given: ``testing.random_float_initializers`` and the
     test fill them in (``heads`` and ``merged`` are the Reshape targets ``[b, 4, 2, 4]``/``[b, 4, 8]``).
     """
-    return _PRE_NORM_BLOCK.replace("BATCH", batch)
+    layer = _PRE_NORM_LAYER.format(s="", inp="x", out="y")
+    return f"{_PRE_NORM_HEADER.replace('BATCH', batch)}{{\n{layer}}}\n"
 
 
-_PRE_NORM_BLOCK = """
+def pre_norm_layers(layers: int, width: int, inner: int, seq: int) -> str:
+    """``layers`` of :func:`pre_norm_block`'s layer stacked, ``width`` wide, FFN ``inner`` wide,
+    ``x: float[B, seq, width] -> y``; layer ``i``'s values and weights end in ``_i``, and the
+    Reshape targets ``heads``/``merged`` are shared (the test gives them)."""
+    decls, body = [], []
+    for i in range(layers):
+        decls.append(
+            f"float[{width}] g1_{i}, float[{width}] b1_{i}, float[{width}, {width}] wq_{i}, "
+            f"float[{width}, {width}] wk_{i}, float[{width}, {width}] wv_{i}, float[{width}] bv_{i}, "
+            f"float[{width}, {width}] wo_{i}, float[{width}] bo_{i}, float[{width}] g2_{i}, float[{width}] b2_{i}, "
+            f"float[{width}, {inner}] wu_{i}, float[{inner}] bu_{i}, float[{inner}, {width}] wd_{i}"
+        )
+        out = "y" if i == layers - 1 else f"y_{i}"
+        body.append(_PRE_NORM_LAYER.format(s=f"_{i}", inp="x" if i == 0 else f"y_{i - 1}", out=out))
+    return (
+        '<ir_version: 10, opset_import: ["" : 18]>\n'
+        f"layers (float[B, {seq}, {width}] x) => (float[B, {seq}, {width}] y)\n"
+        f"<{', '.join(decls)}, int64[4] heads, int64[3] merged>\n"
+        "{\n" + "".join(body) + "}\n"
+    )
+
+
+_PRE_NORM_HEADER = """
 <ir_version: 10, opset_import: ["" : 18]>
 block (float[BATCH, 4, 8] x) => (float[BATCH, 4, 8] y)
 <float[8] g1, float[8] b1, float[8, 8] wq, float[8, 8] wk, float[8, 8] wv, float[8] bv,
  float[8, 8] wo, float[8] bo, int64[4] heads, int64[3] merged,
  float[8] g2, float[8] b2, float[8, 16] wu, float[16] bu, float[16, 8] wd>
-{
-    h = LayerNormalization <axis = -1> (x, g1, b1)
-    q = MatMul (h, wq)
-    k = MatMul (h, wk)
-    v0 = MatMul (h, wv)
-    v = Add (v0, bv)
-    q4 = Reshape (q, heads)
-    qt = Transpose <perm = [0, 2, 1, 3]> (q4)
-    k4 = Reshape (k, heads)
-    kt = Transpose <perm = [0, 2, 3, 1]> (k4)
-    v4 = Reshape (v, heads)
-    vt = Transpose <perm = [0, 2, 1, 3]> (v4)
-    s = MatMul (qt, kt)
-    p = Softmax <axis = -1> (s)
-    c = MatMul (p, vt)
-    ct = Transpose <perm = [0, 2, 1, 3]> (c)
-    cm = Reshape (ct, merged)
-    o0 = MatMul (cm, wo)
-    o = Add (o0, bo)
-    r = Add (x, o)
-    h2 = LayerNormalization <axis = -1> (r, g2, b2)
-    u0 = MatMul (h2, wu)
-    u = Add (u0, bu)
-    a = Relu (u)
-    d = MatMul (a, wd)
-    y = Add (r, d)
-}
+"""
+
+#: One pre-norm layer: ``{inp}`` in, ``{out}`` out, ``{s}`` suffixed to its values and weights
+#: (``heads`` and ``merged`` are shared by every layer).
+_PRE_NORM_LAYER = """    h{s} = LayerNormalization <axis = -1> ({inp}, g1{s}, b1{s})
+    q{s} = MatMul (h{s}, wq{s})
+    k{s} = MatMul (h{s}, wk{s})
+    v0{s} = MatMul (h{s}, wv{s})
+    v{s} = Add (v0{s}, bv{s})
+    q4{s} = Reshape (q{s}, heads)
+    qt{s} = Transpose <perm = [0, 2, 1, 3]> (q4{s})
+    k4{s} = Reshape (k{s}, heads)
+    kt{s} = Transpose <perm = [0, 2, 3, 1]> (k4{s})
+    v4{s} = Reshape (v{s}, heads)
+    vt{s} = Transpose <perm = [0, 2, 1, 3]> (v4{s})
+    s{s} = MatMul (qt{s}, kt{s})
+    p{s} = Softmax <axis = -1> (s{s})
+    c{s} = MatMul (p{s}, vt{s})
+    ct{s} = Transpose <perm = [0, 2, 1, 3]> (c{s})
+    cm{s} = Reshape (ct{s}, merged)
+    o0{s} = MatMul (cm{s}, wo{s})
+    o{s} = Add (o0{s}, bo{s})
+    r{s} = Add ({inp}, o{s})
+    h2{s} = LayerNormalization <axis = -1> (r{s}, g2{s}, b2{s})
+    u0{s} = MatMul (h2{s}, wu{s})
+    u{s} = Add (u0{s}, bu{s})
+    a{s} = Relu (u{s})
+    d{s} = MatMul (a{s}, wd{s})
+    {out} = Add (r{s}, d{s})
 """
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from tests.models import tiny
 from tforge import testing
 from tforge.compiler.calibration import FEEDS_KEY
 from tforge.compiler.pipeline import PassManager
@@ -18,47 +19,7 @@ from tforge.passes import quantize_weights
 from tforge.passes.quantize_weights import QuantizeWeights
 from tforge.runtime import ort as ort_runtime
 
-_LAYER = """
-    h_L = LayerNormalization <axis = -1> (IN, g1_L, b1_L)
-    q_L = MatMul (h_L, wq_L)
-    k_L = MatMul (h_L, wk_L)
-    v0_L = MatMul (h_L, wv_L)
-    v_L = Add (v0_L, bv_L)
-    q4_L = Reshape (q_L, heads)
-    qt_L = Transpose <perm = [0, 2, 1, 3]> (q4_L)
-    k4_L = Reshape (k_L, heads)
-    kt_L = Transpose <perm = [0, 2, 3, 1]> (k4_L)
-    v4_L = Reshape (v_L, heads)
-    vt_L = Transpose <perm = [0, 2, 1, 3]> (v4_L)
-    s_L = MatMul (qt_L, kt_L)
-    p_L = Softmax <axis = -1> (s_L)
-    c_L = MatMul (p_L, vt_L)
-    ct_L = Transpose <perm = [0, 2, 1, 3]> (c_L)
-    cm_L = Reshape (ct_L, merged)
-    o0_L = MatMul (cm_L, wo_L)
-    o_L = Add (o0_L, bo_L)
-    r_L = Add (IN, o_L)
-    h2_L = LayerNormalization <axis = -1> (r_L, g2_L, b2_L)
-    u0_L = MatMul (h2_L, wu_L)
-    u_L = Add (u0_L, bu_L)
-    a_L = Relu (u_L)
-    d_L = MatMul (a_L, wd_L)
-    OUT = Add (r_L, d_L)
-"""
-_WEIGHTS = (
-    "float[32] g1_L, float[32] b1_L, float[32, 32] wq_L, float[32, 32] wk_L, float[32, 32] wv_L, float[32] bv_L, "
-    "float[32, 32] wo_L, float[32] bo_L, float[32] g2_L, float[32] b2_L, float[32, 64] wu_L, float[64] bu_L, "
-    "float[64, 32] wd_L"
-)
-TWO_LAYERS = f"""
-<ir_version: 10, opset_import: ["" : 18]>
-two (float[B, 8, 32] x) => (float[B, 8, 32] y)
-<{_WEIGHTS.replace("_L", "_0")}, {_WEIGHTS.replace("_L", "_1")}, int64[4] heads, int64[3] merged>
-{{
-{_LAYER.replace("_L", "_0").replace("IN", "x").replace("OUT", "y_0")}
-{_LAYER.replace("_L", "_1").replace("IN", "y_0").replace("OUT", "y")}
-}}
-"""
+TWO_LAYERS = tiny.pre_norm_layers(2, width=32, inner=64, seq=8)
 
 
 def _model(rng: np.random.Generator) -> tuple[ir.Model, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
