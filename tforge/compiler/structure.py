@@ -338,7 +338,8 @@ def nan_guarded_softmax(node: ir.Node) -> ir.Node | None:
     return softmax
 
 
-def _scalar(value: ir.Value | None) -> float | None:
+def scalar(value: ir.Value | None) -> float | None:
+    """The value of a one-element constant, or None."""
     arr = const_array(value)
     if arr is None or arr.size != 1:
         return None
@@ -435,7 +436,7 @@ def _rms_scale_chain(scale: ir.Value | None, x: ir.Value | None, *, reciprocal: 
         if node.op_type == "Reciprocal":
             nodes.append(node)
             node = node.inputs[0].producer()
-        elif node.op_type == "Div" and _scalar(node.inputs[0]) == 1.0:
+        elif node.op_type == "Div" and scalar(node.inputs[0]) == 1.0:
             nodes.append(node)
             node = node.inputs[1].producer()
         else:
@@ -446,14 +447,14 @@ def _rms_scale_chain(scale: ir.Value | None, x: ir.Value | None, *, reciprocal: 
     add = node.inputs[0].producer()
     if add is None or add.op_type != "Add":
         return None
-    eps = _scalar(add.inputs[1]) if _scalar(add.inputs[1]) is not None else _scalar(add.inputs[0])
+    eps = scalar(add.inputs[1]) if scalar(add.inputs[1]) is not None else scalar(add.inputs[0])
     mean = next((i.producer() for i in add.inputs if i is not None and i.producer() is not None), None)
     if eps is None or mean is None or mean.op_type != "ReduceMean":
         return None
     square = mean.inputs[0].producer()
     if square is None:
         return None
-    if square.op_type == "Pow" and _scalar(square.inputs[1]) == 2.0 and square.inputs[0] is x or square.op_type == "Mul" and square.inputs[0] is x and square.inputs[1] is x:
+    if square.op_type == "Pow" and scalar(square.inputs[1]) == 2.0 and square.inputs[0] is x or square.op_type == "Mul" and square.inputs[0] is x and square.inputs[1] is x:
         pass
     else:
         return None

@@ -62,6 +62,7 @@ from tforge.compiler.structure import (
     block_map,
     const_array,
     producers,
+    scalar,
     static_dims,
 )
 from tforge.passes.math.rotary import half_caches
@@ -408,11 +409,6 @@ def _only_reader(value: ir.Value | None) -> ir.Node | None:
     return uses[0].node if len(uses) == 1 else None
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    arr = const_array(value)
-    return float(arr.reshape(())) if arr is not None and arr.size == 1 else None
-
-
 def _score_chain(softmax: ir.Node) -> tuple[float, ir.Value | None, ir.Node]:
     """(scale, additive mask, scores MatMul) between ``Softmax`` and ``Q @ K^T``."""
     scale, mask = 1.0, None
@@ -425,7 +421,7 @@ def _score_chain(softmax: ir.Node) -> tuple[float, ir.Value | None, ir.Node]:
         if node.op_type == "MatMul" and len(data) == 2:
             return scale, mask, node
         if node.op_type in ("Mul", "Div") and len(data) == 1 and len(node.inputs) == 2:
-            c = _scalar(node.inputs[1] if node.inputs[0] is data[0] else node.inputs[0])
+            c = scalar(node.inputs[1] if node.inputs[0] is data[0] else node.inputs[0])
             if c is None or (node.op_type == "Div" and node.inputs[1] is data[0]):
                 break
             scale *= c if node.op_type == "Mul" else 1.0 / c
@@ -467,10 +463,10 @@ def _peel_scale(value: ir.Value | None) -> tuple[float, ir.Value]:
         if node is None or node.op_type not in ("Mul", "Div") or _only_reader(value) is None:
             break
         data, other = node.inputs[0], node.inputs[1]
-        c = _scalar(other)
+        c = scalar(other)
         if c is None and node.op_type == "Mul":
             data, other = other, data
-            c = _scalar(other)
+            c = scalar(other)
         if c is None or data is None or const_array(data) is not None:
             break
         scale *= c if node.op_type == "Mul" else 1.0 / c
