@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tforge.errors import PassConfigError, PreconditionError, UnsupportedModelError
-from tforge.runtime.generate import CacheLayout, cache_layout
+from tforge.runtime.generate import CacheLayout, cache_layout, graph_io
 
 logger = logging.getLogger(__name__)
 
@@ -733,32 +733,6 @@ class _TextLayout:
         return MASK_INPUT not in self.dtypes or self.cache is not None
 
 
-class _ModelIO:
-    """The part of an ORT session's interface ``cache_layout`` reads (``get_inputs``,
-    ``get_outputs``: name, ORT type string, dims as int, name or None), over the declared inputs
-    and outputs of an ``onnx_ir`` model, so that no session is opened to read the layout."""
-
-    class _Arg:
-        def __init__(self, value: ir.Value) -> None:
-            self.name = value.name
-            self.type = f"tensor({value.dtype.name.lower()})" if value.dtype is not None else "tensor(undefined)"
-            self.shape = [d if isinstance(d, int) else d.value for d in (value.shape or ())]
-
-    def __init__(self, model: ir.Model) -> None:
-        source = model.meta.get("tforge.source_path")
-        if source:  # messages name the file, and a genai_config.json beside it gives symbolic sizes
-            self._model_path = str(source)
-        graph = model.graph
-        self._inputs = [self._Arg(v) for v in graph.inputs if v.name not in graph.initializers]
-        self._outputs = [self._Arg(v) for v in graph.outputs]
-
-    def get_inputs(self) -> list[_Arg]:
-        return self._inputs
-
-    def get_outputs(self) -> list[_Arg]:
-        return self._outputs
-
-
 class _Tokenizer:
     """One interface over ``tokenizers.Tokenizer`` and a transformers tokenizer read from GGUF."""
 
@@ -863,7 +837,7 @@ def _text_layout(model: ir.Model, seq_len: int) -> _TextLayout:
     if other and all(inputs[n].shape is not None and inputs[n].shape.rank() == 4 for n in other):
         # Rank-4 inputs besides the token inputs: a KV cache, which the feeds fill themselves.
         try:
-            cache = cache_layout(_ModelIO(model))
+            cache = cache_layout(graph_io(model))
         except UnsupportedModelError as e:
             raise PassConfigError(
                 f"calibrate: the model's input(s) {', '.join(other)} look like a KV cache, but text "

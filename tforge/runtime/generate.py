@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from tforge.errors import PassConfigError, UnsupportedModelError
 
@@ -268,37 +269,65 @@ def _pair_cache(where: str, past: list[str], present: list[str]) -> list[tuple[s
 
 def graph_io(model: Any) -> Any:
     """What :func:`cache_layout` reads: an ORT session as it is, else the declared inputs and
-    outputs of the ONNX file ``model`` (parsed with ``onnx``, external weights left unread), with
-    no session opened."""
+    outputs of an ``onnx_ir`` model or of the ONNX file ``model`` (parsed with ``onnx``, external
+    weights left unread), with no session opened."""
     if hasattr(model, "get_inputs"):
         return model
+    if isinstance(model, ir.Model):
+        graph = model.graph
+        source = model.meta.get("tforge.source_path")
+        return _DeclaredIO(
+            [_ir_arg(v) for v in graph.inputs if v.name not in graph.initializers],
+            [_ir_arg(v) for v in graph.outputs],
+            str(source) if source else None,
+        )
     import onnx
 
     if not Path(model).is_file():
         raise UnsupportedModelError(f"{model}: no such model file; pass an .onnx file")
 
     proto = onnx.load(os.fspath(model), load_external_data=False)
-    return _ProtoIO(proto, os.fspath(model))
+    initializers = {t.name for t in proto.graph.initializer}
+    return _DeclaredIO(
+        [_proto_arg(v) for v in proto.graph.input if v.name not in initializers],
+        [_proto_arg(v) for v in proto.graph.output],
+        os.fspath(model),
+    )
 
 
+@dataclasses.dataclass(frozen=True)
 class _Arg:
-    _TYPES = {1: "tensor(float)", 10: "tensor(float16)", 11: "tensor(double)", 7: "tensor(int64)", 6: "tensor(int32)"}
+    """One input or output as an ORT session describes it: name, type string, dims (int, name or None)."""
 
-    def __init__(self, value: Any) -> None:
-        tensor = value.type.tensor_type
-        self.name = value.name
-        self.type = self._TYPES.get(tensor.elem_type, f"tensor(elem_type {tensor.elem_type})")
-        self.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+    name: str
+    type: str
+    shape: list[int | str | None]
 
 
-class _ProtoIO:
-    """The part of an ORT session's interface ``cache_layout`` uses, over an ONNX proto."""
+_PROTO_TYPES = {1: "tensor(float)", 10: "tensor(float16)", 11: "tensor(double)", 7: "tensor(int64)", 6: "tensor(int32)"}
 
-    def __init__(self, proto: Any, path: str) -> None:
+
+def _proto_arg(value: Any) -> _Arg:
+    tensor = value.type.tensor_type
+    return _Arg(
+        value.name,
+        _PROTO_TYPES.get(tensor.elem_type, f"tensor(elem_type {tensor.elem_type})"),
+        [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim],
+    )
+
+
+def _ir_arg(value: ir.Value) -> _Arg:
+    dtype = f"tensor({value.dtype.name.lower()})" if value.dtype is not None else "tensor(undefined)"
+    return _Arg(value.name or "", dtype, [d if isinstance(d, int) else d.value for d in (value.shape or ())])
+
+
+class _DeclaredIO:
+    """The part of an ORT session's interface ``cache_layout`` uses, over declared inputs and outputs."""
+
+    def __init__(self, inputs: list[_Arg], outputs: list[_Arg], path: str | None) -> None:
         self._model_path = path  # as on an ORT session: where messages and genai_config.json lookups point
-        initializers = {t.name for t in proto.graph.initializer}
-        self._inputs = [_Arg(v) for v in proto.graph.input if v.name not in initializers]
-        self._outputs = [_Arg(v) for v in proto.graph.output]
+        self._inputs = inputs
+        self._outputs = outputs
 
     def get_inputs(self) -> list[_Arg]:
         return self._inputs
