@@ -14,7 +14,7 @@ import dataclasses
 
 import onnx_ir as ir
 
-from tforge.compiler.ops import LAYOUT
+from tforge.compiler.ops import LAYOUT, only_reader
 from tforge.compiler.pass_infra import Skip
 from tforge.compiler.structure import Attention, const_array, nan_guarded_softmax
 
@@ -38,10 +38,6 @@ def value_columns(attn: Attention) -> tuple[int, int]:
     return start, width
 
 
-def _single_reader(value: ir.Value) -> bool:
-    return len(list(value.uses())) == 1 and not value.is_graph_output()
-
-
 def _walk_to_value_columns(attn: Attention) -> tuple[int, int]:
     v = attn.v
     value = attn.context_matmul.inputs[1]
@@ -49,7 +45,7 @@ def _walk_to_value_columns(attn: Attention) -> tuple[int, int]:
     for _ in range(32):
         if value is None:
             break
-        if not _single_reader(value):
+        if only_reader(value) is None:
             raise Skip("v->o: the value projection's output is also read elsewhere", value.producer() or at)
         if value is v.output:
             if attn.fused_qkv:
@@ -60,7 +56,7 @@ def _walk_to_value_columns(attn: Attention) -> tuple[int, int]:
             break
         if node.op_type == "Split" and attn.fused_qkv and node.inputs[0] is v.output:
             widths = _split_widths(node)
-            if widths is None or not _single_reader(v.output):
+            if widths is None or only_reader(v.output) is None:
                 break
             index = next(i for i, out in enumerate(node.outputs) if out is value)
             return int(sum(widths[:index])), int(widths[index])

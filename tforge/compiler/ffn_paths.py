@@ -16,7 +16,7 @@ from collections import deque
 
 import onnx_ir as ir
 
-from tforge.compiler.ops import is_pointwise
+from tforge.compiler.ops import is_pointwise, only_reader
 from tforge.compiler.pass_infra import Skip
 from tforge.compiler.structure import FFN, BlockMap, const_array, static_dims
 
@@ -111,7 +111,7 @@ def check_rescalable_up_down(ffn: FFN, block_map: BlockMap | None = None) -> Non
     down_in = ffn.down.input
     up_out = ffn.up.output
     node = down_in.producer()
-    if not _single_reader(down_in) or not _single_reader(up_out) or node is None:
+    if only_reader(down_in) is None or only_reader(up_out) is None or node is None:
         raise Skip("up->down: an intermediate activation is also read elsewhere", ffn.down.matmul)
     try:
         ffn_intermediate(ffn, block_map)
@@ -123,7 +123,3 @@ def check_rescalable_up_down(ffn: FFN, block_map: BlockMap | None = None) -> Non
         return
     if node.op_type != "Mul" or sum(1 for i in node.inputs if i is up_out) != 1:
         raise Skip("up->down: down's input is not act(gate) * up", node)
-
-
-def _single_reader(value: ir.Value) -> bool:
-    return len(list(value.uses())) == 1 and not value.is_graph_output()

@@ -26,6 +26,7 @@ __all__ = [
     "POINTWISE",
     "SHAPE_ONLY",
     "data_uses",
+    "only_reader",
     "is_default_domain",
     "is_pointwise",
 ]
@@ -86,3 +87,13 @@ def is_pointwise(node: ir.Node) -> bool:
 def data_uses(value: ir.Value) -> list[Usage]:
     """The uses of ``value`` by nodes that read its contents (every use but ``Shape``/``Size``)."""
     return [u for u in value.uses() if not (u.node.op_type in SHAPE_ONLY and is_default_domain(u.node))]
+
+
+def only_reader(value: ir.Value | None) -> ir.Node | None:
+    """The one node that reads ``value``; None if it has no reader or several, or is a graph
+    output (a rewrite of it would then be seen outside the graph)."""
+    if value is None or value.is_graph_output():
+        return None
+    uses = list(value.uses())
+    return uses[0].node if len(uses) == 1 else None
+

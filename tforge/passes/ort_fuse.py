@@ -51,7 +51,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tforge.compiler.attention_paths import graph_inputs_reached
-from tforge.compiler.ops import COMPARISONS, MS_DOMAIN, is_default_domain
+from tforge.compiler.ops import COMPARISONS, MS_DOMAIN, is_default_domain, only_reader
 from tforge.compiler.pass_infra import Pass, PassConfigError, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import GraphEditor
@@ -251,7 +251,7 @@ class _AttentionFusion:
         if axis is not None and int(axis.value) not in (-1, 3):
             raise Skip("Softmax is not over the last axis", softmax)
         scale, mask, scores = _score_chain(softmax)
-        context = _only_reader(softmax.outputs[0])
+        context = only_reader(softmax.outputs[0])
         if context is None or context.op_type != "MatMul" or context.inputs[0] is not softmax.outputs[0]:
             raise Skip("the Softmax is not read by exactly one probs @ V MatMul", softmax)
         q_scale, q_rot = _peel_scale(scores.inputs[0])
@@ -402,20 +402,13 @@ class _AttentionFusion:
 # ----------------------------------------------------------------------------- matching helpers
 
 
-def _only_reader(value: ir.Value | None) -> ir.Node | None:
-    if value is None or value.is_graph_output():
-        return None
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 else None
-
-
 def _score_chain(softmax: ir.Node) -> tuple[float, ir.Value | None, ir.Node]:
     """(scale, additive mask, scores MatMul) between ``Softmax`` and ``Q @ K^T``."""
     scale, mask = 1.0, None
     value = softmax.inputs[0]
     for _ in range(8):
         node = value.producer() if value is not None else None
-        if node is None or _only_reader(value) is None:
+        if node is None or only_reader(value) is None:
             break
         data = [i for i in node.inputs if i is not None and const_array(i) is None]
         if node.op_type == "MatMul" and len(data) == 2:
@@ -460,7 +453,7 @@ def _peel_scale(value: ir.Value | None) -> tuple[float, ir.Value]:
     scale = 1.0
     while value is not None:
         node = value.producer()
-        if node is None or node.op_type not in ("Mul", "Div") or _only_reader(value) is None:
+        if node is None or node.op_type not in ("Mul", "Div") or only_reader(value) is None:
             break
         data, other = node.inputs[0], node.inputs[1]
         c = scalar(other)
@@ -482,7 +475,7 @@ def _rotary(value: ir.Value | None) -> tuple[ir.Value, ir.Value, ir.Value]:
     if add is None or add.op_type != "Add" or len(add.inputs) != 2:
         raise Skip("no rotary embedding (x * cos + rotate_half(x) * sin) on Q or K", add or value)
     muls = [i.producer() if i is not None else None for i in add.inputs]
-    if any(m is None or m.op_type != "Mul" or _only_reader(m.outputs[0]) is None for m in muls):
+    if any(m is None or m.op_type != "Mul" or only_reader(m.outputs[0]) is None for m in muls):
         raise Skip("the rotary sum is not of two products", add)
     for plain, rotated in (muls, muls[::-1]):
         for ri in (0, 1):
@@ -501,7 +494,7 @@ def _rotary(value: ir.Value | None) -> tuple[ir.Value, ir.Value, ir.Value]:
 def _rotate_half(value: ir.Value | None) -> ir.Value | None:
     """``x`` if ``value = Concat(-x[..., d/2:], x[..., :d/2])`` on the last axis."""
     concat = value.producer() if value is not None else None
-    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or _only_reader(value) is None:
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or only_reader(value) is None:
         return None
     axis = concat.attributes.get("axis")
     if axis is None or int(axis.value) not in (-1, 3):
@@ -603,10 +596,10 @@ def _read_on_path(value: ir.Value) -> bool:
 
 def _head_merge(context: ir.Node) -> tuple[ir.Value, ir.Node]:
     """(merged [b, s, heads*dim] value, the merging Reshape) after the context MatMul."""
-    transpose = _only_reader(context.outputs[0])
+    transpose = only_reader(context.outputs[0])
     if transpose is None or transpose.op_type != "Transpose" or _perm(transpose) != _HEADS_FIRST:
         raise Skip("the context is not moved back by Transpose(0, 2, 1, 3)", transpose or context)
-    reshape = _only_reader(transpose.outputs[0])
+    reshape = only_reader(transpose.outputs[0])
     dims = static_dims(reshape.outputs[0]) if reshape is not None else None
     if reshape is None or reshape.op_type != "Reshape" or dims is None or len(dims) != 3:
         raise Skip("the context heads are not merged by a Reshape to [batch, seq, width]", transpose)
