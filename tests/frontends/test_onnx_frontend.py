@@ -230,3 +230,53 @@ def test_hard_linked_external_data_is_refused(tmp_path: Path) -> None:
     path = write_external(tmp_path / "m", "w.bin", data_at=tmp_path / "m/w.bin")
     os.link(tmp_path / "m/w.bin", tmp_path / "elsewhere.bin")
     assert "hard links" in load_error(path)
+
+
+def _ort_native_model(path: Path) -> Path:
+    """RMSNorm as ORT writes it (SimplifiedLayerNormalization, default domain), then a residual
+    add and RMSNorm fused in ORT's contrib domain, as onnxruntime-genai's builder writes them."""
+    rng = np.random.default_rng(0)
+    gamma = helper.make_tensor("gamma", TensorProto.FLOAT, [4], rng.standard_normal(4).astype(np.float32))
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], rng.standard_normal((4, 4)).astype(np.float32).ravel())
+    nodes = [
+        helper.make_node("SimplifiedLayerNormalization", ["x", "gamma"], ["n"], name="norm", axis=-1, epsilon=1e-6),
+        helper.make_node("MatMul", ["n", "w"], ["h"], name="linear"),
+        helper.make_node(
+            "SkipSimplifiedLayerNormalization", ["h", "x", "gamma"], ["y"], name="skip_norm",
+            domain="com.microsoft", epsilon=1e-6,
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [gamma, w],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)], ir_version=10
+    )
+    onnx.save(model, path)
+    return path
+
+
+def test_a_graph_with_onnx_runtimes_own_ops_loads_and_says_what_it_could_not_read(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from tforge.compiler.structure import find_blocks
+
+    path = _ort_native_model(tmp_path / "ort_native.onnx")
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # ORT runs it: so must we load it
+    model = load_onnx(path)
+    block_map = find_blocks(model)
+    assert [n.kind for n in block_map.norms] == ["rms"]  # the default-domain op is read as a norm
+    assert len(block_map.unrecognized) == 1
+    assert "1 com.microsoft.SkipSimplifiedLayerNormalization node(s) (first: 'skip_norm')" in block_map.unrecognized[0]
+    assert "not read as a norm" in block_map.unrecognized[0]
+
+
+def test_an_op_neither_onnx_nor_onnx_runtime_defines_is_still_refused(tmp_path: Path) -> None:
+    path = _ort_native_model(tmp_path / "m.onnx")
+    proto = onnx.load(path)
+    proto.graph.node[0].op_type = "SimplifiedLayerNormalisation"  # misspelt
+    onnx.save(proto, path)
+    assert "unknown operator 'SimplifiedLayerNormalisation'" in load_error(path)

@@ -903,7 +903,38 @@ def find_blocks(model: ir.Model | ir.Graph) -> BlockMap:
 
     norm_by_output = {id(n.output): n for n in norms}
     blocks = _assemble_blocks(attentions, ffns, norm_by_output, order, unrecognized)
+    unrecognized.extend(_runtime_fused_ops(graph))
     return BlockMap(blocks=blocks, norms=norms, linears=linears, unrecognized=unrecognized)
+
+
+# What ONNX Runtime's own fused ops in an input graph hide from the block map, by op type. A graph
+# written by onnxruntime-genai's builder, by ORT's optimizer or by tforge's own lowering passes holds them.
+_FUSED_OP_EFFECT = {
+    "GroupQueryAttention": "attention fused into one op (heads, rotary and cache inside it); not read as an attention, so attention passes skip it",
+    "MultiHeadAttention": "attention fused into one op; not read as an attention, so attention passes skip it",
+    "Attention": "attention with its QKV projection fused into one op; not read as an attention, so attention passes skip it",
+    "RotaryEmbedding": "rotary embedding fused into one op",
+    "SkipSimplifiedLayerNormalization": "residual add and RMSNorm fused into one op; not read as a norm, so passes that rescale norms skip it",
+    "SkipLayerNormalization": "residual add and LayerNorm fused into one op; not read as a norm, so passes that rescale norms skip it",
+    "MatMulNBits": "linear with packed n-bit weights; not read as a linear, so weight passes skip it",
+    "GatherBlockQuantized": "embedding with packed block-quantized weights",
+    "DynamicQuantizeMatMul": "int8 linear fused into one op; not read as a linear",
+}
+
+
+def _runtime_fused_ops(graph: ir.Graph) -> list[str]:
+    """One line per ONNX Runtime fused op type in the graph: how many, the first, and what tforge cannot see."""
+    found: dict[str, list[ir.Node]] = {}
+    for node in graph:
+        if node.domain == "com.microsoft":
+            found.setdefault(node.op_type, []).append(node)
+    lines = []
+    for op_type, nodes in found.items():
+        effect = _FUSED_OP_EFFECT.get(op_type, "an ONNX Runtime contrib op tforge does not read")
+        lines.append(
+            f"{len(nodes)} com.microsoft.{op_type} node(s) (first: {nodes[0].name!r}): {effect}"
+        )
+    return lines
 
 
 def _assemble_blocks(

@@ -11,6 +11,7 @@ first use, so loading a multi-gigabyte model costs only the protobuf.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -245,6 +246,14 @@ def _check_with_onnx_checker(proto: onnx.ModelProto, where: str) -> None:
     sg = skeleton.graph
     sg.name = graph.name
     sg.node.extend(graph.node)
+    ort_only = _ort_default_domain_ops()
+    for node in sg.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in ort_only and not _has_schema(node.op_type):
+            # ONNX's checker knows no schema for ORT's default-domain ops (their arity was
+            # checked against ORT's schema already): check the rest of the node as a custom op
+            node.domain = _ORT_DEFAULT_STANDIN
+    if any(node.domain == _ORT_DEFAULT_STANDIN for node in sg.node):
+        skeleton.opset_import.add(domain=_ORT_DEFAULT_STANDIN, version=1)
     sg.input.extend(graph.input)
     sg.output.extend(graph.output)
     sg.value_info.extend(graph.value_info)
@@ -475,9 +484,12 @@ def _check_operator(
     if domain == "":
         version = opsets[""]
         if not _has_schema(node.op_type):
+            if node.op_type in _ort_default_domain_ops():
+                return  # ONNX Runtime's own op in the default domain (SimplifiedLayerNormalization)
             raise UnsupportedModelError(
                 f"{where}: {_node_label(node, index)} is an unknown operator '{node.op_type}' in "
-                "the default ONNX domain; check the exporter or register a custom domain"
+                "the default ONNX domain (neither ONNX nor the installed ONNX Runtime defines it); "
+                "check the exporter or register a custom domain"
             )
         try:
             onnx.defs.get_schema(node.op_type, version, "")
@@ -487,6 +499,26 @@ def _check_operator(
                 f"{where}: {_node_label(node, index)}: '{node.op_type}' does not exist in opset "
                 f"{version} (it was added in opset {since}); re-export with opset {since} or later"
             ) from None
+
+
+_ORT_DEFAULT_STANDIN = "tforge.ort_default_domain"
+
+
+@functools.cache
+def _ort_default_domain_ops() -> frozenset[str]:
+    """Operators the installed ONNX Runtime registers in the default domain beyond ONNX's own.
+
+    ORT implements a few of its fused ops there (SimplifiedLayerNormalization, which
+    onnxruntime-genai's model builder writes), so a graph ORT runs must load.
+    """
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+    except ImportError:
+        return frozenset()
+    schemas = getattr(ort_state, "get_all_operator_schema", None)
+    if schemas is None:
+        return frozenset()
+    return frozenset(s.name for s in schemas() if s.domain in ("", "ai.onnx"))
 
 
 def _has_schema(op_type: str) -> bool:
