@@ -8,14 +8,17 @@
 - ``minilm_onnx`` / ``smollm2_onnx``: real pretrained exports in ``.cache/models`` (reused when
   current); tests using them must be marked ``@pytest.mark.slow``.
 - ``llama_cache``: a random tiny LLaMA exported with a KV cache; ``tokenizer_dir``: a word-level
-  tokenizer over its 96-token vocabulary (``WORDS``: token ``i`` is ``WORDS[i]``).
+  tokenizer over its 96-token vocabulary (``WORDS``: token ``i`` is ``WORDS[i]``); ``llama_text``:
+  calibration text in that vocabulary.
+- ``teacher_forced(model, ids, prefill)``: a cache graph's logits at prefill and at each decode
+  step, the present outputs fed back; ``cosine(a, b)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -179,3 +182,40 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tok")
     tok.save(str(folder / "tokenizer.json"))
     return folder
+
+
+@pytest.fixture(scope="session")
+def llama_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Lines of random words of the 96-token vocabulary (ids 3.., no special tokens): text for
+    calibrating ``llama_cache``'s models through ``tokenizer_dir``."""
+    rng = np.random.default_rng(0)
+    lines = [" ".join(WORDS[i] for i in rng.integers(3, len(WORDS), 12)) for _ in range(60)]
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def teacher_forced(
+    model: Any, ids: np.ndarray, prefill: int, *, optimize: bool = True
+) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
+    """Last-position logits of the prefill of ``ids[:prefill]`` (empty cache) and of each later
+    token decoded with the cache, each step's present outputs fed back as its past, and the shape
+    of every present output after the last step. ``model``: a path, an ``onnx_ir`` model or a
+    session; ``optimize=False`` opens the session with ORT's graph optimizations off."""
+    from tforge.runtime import generate
+
+    session = generate.open_session(model, optimize=optimize)
+    layout = generate.cache_layout(session)
+    names = [layout.logits, *(c.present for c in layout.cache)]
+    out = session.run(names, layout.prefill_feeds(ids[None, :prefill]))
+    logits = [out[0][0, -1]]
+    for past in range(prefill, len(ids)):
+        feeds = layout.step_feeds(ids[None, past : past + 1], past)
+        feeds.update({c.past: out[1 + i] for i, c in enumerate(layout.cache)})
+        out = session.run(names, feeds)
+        logits.append(out[0][0, -1])
+    return logits, [o.shape for o in out[1:]]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))

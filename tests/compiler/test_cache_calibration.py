@@ -18,7 +18,7 @@ import onnx_ir as ir
 import pytest
 
 import tforge
-from tests.conftest import WORDS
+from tests.conftest import WORDS, cosine, teacher_forced
 from tforge.compiler.calibration import (
     CacheWindow,
     CalibrationData,
@@ -37,16 +37,6 @@ KV_HEADS, HEAD_DIM = 2, 8  # llama_cache's geometry (hf_models.random_llama defa
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Lines of random words of the 96-token vocabulary (ids 3.., no special tokens)."""
-    rng = np.random.default_rng(0)
-    lines = [" ".join(WORDS[i] for i in rng.integers(3, len(WORDS), 12)) for _ in range(60)]
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def canonical(llama_cache):  # type: ignore[no-untyped-def]
     """Each export canonicalized once; tests clone it."""
     models = {}
@@ -59,10 +49,12 @@ def canonical(llama_cache):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_text_feeds_of_a_cache_graph_are_prefill_windows_with_decode_tokens(
-    canonical, exporter: str, text_file: Path, tokenizer_dir: Path
+    canonical, exporter: str, llama_text: Path, tokenizer_dir: Path
 ) -> None:
     model = canonical[exporter]
-    feeds = list(text_feeds(model, text_file, tokenizer_dir, samples=3, seq_len=20, decode_steps=5))
+    feeds = list(
+        text_feeds(model, llama_text, tokenizer_dir, samples=3, seq_len=20, decode_steps=5)
+    )
 
     assert len(feeds) == 3 and all(isinstance(f, CacheWindow) for f in feeds)
     for feed in feeds:
@@ -74,24 +66,24 @@ def test_text_feeds_of_a_cache_graph_are_prefill_windows_with_decode_tokens(
         assert all(feed[name].shape == (1, KV_HEADS, 0, HEAD_DIM) for name in pasts)
         assert feed_tokens(feed) == 20
     # The windows are the text's token stream, the decode tokens right after their prefill.
-    stream = [WORDS.index(w) for w in text_file.read_text().split()]
+    stream = [WORDS.index(w) for w in llama_text.read_text().split()]
     joined = np.concatenate([np.concatenate([f["input_ids"][0], f.decode_ids[0]]) for f in feeds])
     np.testing.assert_array_equal(joined, stream[:60])
     # More decode steps than a window holds leave one token to prefill.
-    (short,) = text_feeds(model, text_file, tokenizer_dir, samples=1, seq_len=4, decode_steps=8)
+    (short,) = text_feeds(model, llama_text, tokenizer_dir, samples=1, seq_len=4, decode_steps=8)
     assert short["input_ids"].shape == (1, 1) and short.decode_ids.shape == (1, 3)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_statistics_cover_prefill_and_decode_steps(
-    canonical, exporter: str, text_file: Path, tokenizer_dir: Path
+    canonical, exporter: str, llama_text: Path, tokenizer_dir: Path
 ) -> None:
     model = canonical[exporter].clone()
     samples, seq_len, steps = 3, 16, 6
     result = tforge.compile(
         model,
         f"calibrate{{samples={samples} seq-len={seq_len} decode-steps={steps}}}",
-        calibration=CalibrationData(text=str(text_file), tokenizer=str(tokenizer_dir)),
+        calibration=CalibrationData(text=str(llama_text), tokenizer=str(tokenizer_dir)),
     )
     stats = attached_stats(model)
 
@@ -106,7 +98,7 @@ def test_statistics_cover_prefill_and_decode_steps(
     whole = calibrate_model(
         model,
         text_feeds(
-            model, text_file, tokenizer_dir, samples=samples, seq_len=seq_len, decode_steps=0
+            model, llama_text, tokenizer_dir, samples=samples, seq_len=seq_len, decode_steps=0
         ),
     )
     for name, st in stats.stats.items():
@@ -119,12 +111,14 @@ def test_statistics_cover_prefill_and_decode_steps(
 
 
 def test_cache_windows_reach_a_worker_intact(
-    canonical, text_file: Path, tokenizer_dir: Path
+    canonical, llama_text: Path, tokenizer_dir: Path
 ) -> None:
     # What a Ray worker runs (compiler/distributed.py): the model rebuilt from bytes, the shard
     # pickled; the decode steps must survive the trip.
     model = canonical["torchscript"]
-    feeds = list(text_feeds(model, text_file, tokenizer_dir, samples=2, seq_len=12, decode_steps=4))
+    feeds = list(
+        text_feeds(model, llama_text, tokenizer_dir, samples=2, seq_len=12, decode_steps=4)
+    )
     shard = pickle.loads(pickle.dumps(feeds))
     assert all(isinstance(f, CacheWindow) and f.decode_ids.shape == (1, 4) for f in shard)
 
@@ -154,38 +148,16 @@ def test_npz_calibration_of_a_cache_graph_still_works(
 
 
 def test_text_calibration_refuses_a_cache_graph_with_a_fixed_length(
-    canonical, text_file: Path, tokenizer_dir: Path
+    canonical, llama_text: Path, tokenizer_dir: Path
 ) -> None:
     model = canonical["dynamo"].clone()
     ids = next(v for v in model.graph.inputs if v.name == "input_ids")
     ids.shape = ir.Shape([1, 16])
     with pytest.raises(PassConfigError, match="cannot decode one token a step"):
-        text_feeds(model, text_file, tokenizer_dir, samples=1, seq_len=16)
+        text_feeds(model, llama_text, tokenizer_dir, samples=1, seq_len=16)
 
 
 # ----------------------------------------------------------------------------- int8
-
-
-def _teacher_forced(
-    path: Path, ids: np.ndarray, prefill: int
-) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
-    """Last-position logits of the prefill of ``ids[:prefill]`` and of each later token decoded
-    with the cache, and the shape of every present output after the last step."""
-    session = generate.open_session(path)
-    layout = generate.cache_layout(session)
-    names = [layout.logits, *(c.present for c in layout.cache)]
-    out = session.run(names, layout.prefill_feeds(ids[None, :prefill]))
-    logits = [out[0][0, -1]]
-    for past in range(prefill, len(ids)):
-        feeds = layout.step_feeds(ids[None, past : past + 1], past)
-        feeds.update({c.past: out[1 + i] for i, c in enumerate(layout.cache)})
-        out = session.run(names, feeds)
-        logits.append(out[0][0, -1])
-    return logits, [o.shape for o in out[1:]]
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -195,11 +167,13 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     ids=["w8a8-auto", "per-token"],
 )
 def test_int8_cache_graph_quantizes_every_linear_and_still_decodes(
-    llama_cache, exporter: str, pipeline: str, text_file: Path, tokenizer_dir: Path, tmp_path: Path
+    llama_cache, exporter: str, pipeline: str, llama_text: Path, tokenizer_dir: Path, tmp_path: Path
 ) -> None:
     source = getattr(llama_cache, exporter)
     out = tmp_path / "int8.onnx"
-    data = CalibrationData(text=str(text_file), tokenizer=str(tokenizer_dir), samples=8, seq_len=32)
+    data = CalibrationData(
+        text=str(llama_text), tokenizer=str(tokenizer_dir), samples=8, seq_len=32
+    )
     result = tforge.compile(
         source, pipeline, output=out, calibration=data if "calibrate" in pipeline else None
     )
@@ -210,10 +184,10 @@ def test_int8_cache_graph_quantizes_every_linear_and_still_decodes(
     assert quantize["quantized"] == 15, quantize
     assert not any(key.startswith("skipped") for key in quantize), quantize
     ids = np.random.default_rng(2).integers(3, 96, 14)
-    ref, ref_shapes = _teacher_forced(source, ids, prefill=8)
-    got, shapes = _teacher_forced(out, ids, prefill=8)
+    ref, ref_shapes = teacher_forced(source, ids, prefill=8)
+    got, shapes = teacher_forced(out, ids, prefill=8)
     assert shapes == ref_shapes == [(1, KV_HEADS, 14, HEAD_DIM)] * 4
-    assert min(_cosine(a, b) for a, b in zip(ref, got, strict=True)) > 0.99
+    assert min(cosine(a, b) for a, b in zip(ref, got, strict=True)) > 0.99
     # and greedy generation runs on it: a random model's int8 tokens may differ from float's, but
     # the prefill's logits (the same context for both) agree
     float_gen = generate.greedy(source, ids[:8].tolist(), 6, keep_logits=True)
@@ -221,4 +195,4 @@ def test_int8_cache_graph_quantizes_every_linear_and_still_decodes(
     assert (
         len(int8_gen.tokens) == 6 and int8_gen.logits is not None and float_gen.logits is not None
     )
-    assert _cosine(float_gen.logits[0], int8_gen.logits[0]) > 0.99
+    assert cosine(float_gen.logits[0], int8_gen.logits[0]) > 0.99

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import onnx_ir as ir
 
@@ -180,11 +181,11 @@ def _reaches(value: ir.Value, target: ir.Value, limit: int = 64) -> bool:
     return False
 
 
-def graph_inputs_reached(value: ir.Value, graph: ir.Graph) -> list[ir.Value]:
-    """Graph inputs whose *values* (not only shapes) ``value`` depends on."""
+def graph_inputs_reached(value: ir.Value, graph: ir.Graph, *, stop: Iterable[ir.Value] = ()) -> list[ir.Value]:
+    """Graph inputs whose *values* (not only shapes) ``value`` depends on, not looking past ``stop``."""
     graph_inputs = {id(v) for v in graph.inputs}
     found: dict[int, ir.Value] = {}
-    stack, seen = [value], set()
+    stack, seen = [value], {id(v) for v in stop}
     while stack:
         v = stack.pop()
         if id(v) in seen:

@@ -63,7 +63,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from tforge.compiler.attention_paths import score_chain
+from tforge.compiler.attention_paths import graph_inputs_reached, score_chain
 from tforge.compiler.calibration import has_pipeline_data, pipeline_feeds
 from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
@@ -165,6 +165,16 @@ def _analyse(index: int, attn: Attention, graph: ir.Graph) -> _Site:
             raise Skip("attention inputs are not float32", attn.scores_matmul)
         if value.shape is not None and value.shape.rank() != 4:
             raise Skip("attention inputs are not [batch, heads, seq, dim]", attn.scores_matmul)
+    keys = graph_inputs_reached(attn.scores_matmul.inputs[1], graph, stop=[attn.k.output])
+    past = [v for v in keys if v.dtype == ir.DataType.FLOAT]  # not the ids or positions
+    if past:
+        # the chunked form pads K and V by the query length and masks chunk i against key i:
+        # both wrong once keys hold past positions (decode steps), so a cache graph keeps softmax
+        raise Skip(
+            f"the keys also read the KV cache input {past[0].name!r}: linear attention with a past "
+            "cache is not built (compile the model exported without a cache)",
+            attn.scores_matmul,
+        )
     chain = score_chain(attn, graph)
     return _Site(index, attn, chain.scale, chain.key_mask)
 
