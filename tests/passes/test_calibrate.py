@@ -209,3 +209,32 @@ def test_cli_errors(
     err = capsys.readouterr().err
     assert code == 1, err
     assert message in err and err.count("\n") == 1, err
+
+
+# embedding -> one 16-wide linear -> a head to the 96-token vocabulary: the logits are wider than
+# any linear's input
+WIDE_LOGITS = """
+<ir_version: 10, opset_import: ["" : 21]>
+lm (int64[B, S] input_ids) => (float[B, S, 96] logits)
+<float[96, 16] emb, float[16, 16] w, float[16, 96] head>
+{
+    e = Gather (emb, input_ids)
+    h = MatMul (e, w)
+    logits = MatMul (h, head)
+}
+"""
+
+
+def test_gram_for_all_reads_tokens_for_the_widest_linear_input_not_the_logits(rng: np.random.Generator) -> None:
+    model = testing.model_from_onnx_text(
+        WIDE_LOGITS, emb=rng.normal(size=(96, 16)), w=rng.normal(size=(16, 16)), head=rng.normal(size=(16, 96))
+    )
+    PassManager.parse("canonicalize", progress=lambda _: None).run(model)
+    model.meta[FEEDS_KEY] = [{"input_ids": rng.integers(0, 96, size=(1, 2))} for _ in range(1024)]
+
+    result = Calibrate(gram=True)(model)
+
+    # 16 tokens per channel of the 16-wide inputs: 256 tokens, 128 feeds of 2 (the default 64 is
+    # too few); sized by the 96-wide logits it read 768
+    assert result.stats["samples"] == 128
+    assert all(s.gram is not None for s in attached_stats(model).stats.values())

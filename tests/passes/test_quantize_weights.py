@@ -75,7 +75,9 @@ def test_accuracy_level_4_runs_int8_activations_close_to_float(rng: np.random.Ge
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
 
 
-def test_tied_embedding_and_head_share_one_copy(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("embedding_bits", [4, 8])
+def test_tied_embedding_and_head_share_one_copy(rng: np.random.Generator, embedding_bits: int) -> None:
+    """At the linears' width or wider (an 8-bit table with 4-bit linears): one copy either way."""
     from tforge.compiler.pipeline import PassManager
 
     model = testing.model_from_onnx_text(
@@ -85,13 +87,16 @@ def test_tied_embedding_and_head_share_one_copy(rng: np.random.Generator) -> Non
     PassManager.parse("canonicalize", progress=lambda _: None).run(model)  # unties the head (W = emb^T)
     emb = np.asarray(const_array(model.graph.initializers["emb"]))
 
-    result = QuantizeWeights(block=32, accuracy_level=0)(model)
+    result = QuantizeWeights(block=32, accuracy_level=0, embedding_bits=embedding_bits)(model)
 
     assert result.stats["embedding quantized"] == 1 and result.stats["quantized"] == 2
     assert not [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT and v.const_value.size >= 96 * 64]
-    packed = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.UINT8 and v.const_value.size == 96 * 32]
-    assert len(packed) == 1  # the table's 4-bit bytes, once: the gather and the head read them
-    q = bq.quantize_rtn(emb.T, 4, 32, True)
+    table_bytes = 96 * 64 * embedding_bits // 8
+    packed = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.UINT8 and v.const_value.size == table_bytes]
+    assert len(packed) == 1  # the table's bytes, once: the gather and the head read them
+    head = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.outputs[0].is_graph_output())
+    assert head.attributes["bits"].value == embedding_bits
+    q = bq.quantize_rtn(emb.T, embedding_bits, 32, True)
     table = bq.dequantize(q).T  # [vocab, hidden]: what both the gather and the head compute with
     ids = rng.integers(0, 96, size=(2, 5))
     outputs = ort_runtime.run(ort_runtime.create_session(_with_head_input(model), optimize=False), {"input_ids": ids})

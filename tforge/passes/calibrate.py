@@ -30,6 +30,7 @@ from tforge.compiler.calibration import (
     STALE_STATISTICS_KEY,
     STATS_KEY,
     calibrate_model,
+    default_values,
     has_pipeline_data,
     npz_feeds,
     pipeline_feeds,
@@ -45,14 +46,18 @@ logger = logging.getLogger(__name__)
 
 
 def _widest(model: ir.Model, names: bool | set[str]) -> int:
-    """The largest channel count among the values whose Gram matrices are collected."""
+    """The largest channel count among the values whose Gram matrices are collected.
+
+    ``True`` means the calibrated values (the linears' inputs), not every value of the graph: an
+    LLM's logits are vocabulary-wide, and sizing the sample count by them ran the maximum.
+    """
+    wanted = set(default_values(model)) if names is True else names
     widest = 0
-    for node in model.graph:
-        for out in node.outputs:
-            if (names is True or out.name in names) and out.shape is not None and out.shape.rank():  # type: ignore[operator]
-                last = out.shape[-1]
-                if isinstance(last, int):
-                    widest = max(widest, last)
+    for out in [*model.graph.inputs, *(o for node in model.graph for o in node.outputs)]:
+        if out.name in wanted and out.shape is not None and out.shape.rank():
+            last = out.shape[-1]
+            if isinstance(last, int):
+                widest = max(widest, last)
     return widest
 
 

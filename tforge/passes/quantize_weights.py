@@ -118,8 +118,8 @@ class QuantizeWeights(Pass):
     act_order: bool = True  # gptq: rows by decreasing E[x_k^2], on the natural blocks' fixed grids
     clip_search: bool = True  # gptq, awq: per block, the range shrink with the least weighted error
     alpha_grid: tuple[float, ...] = awq.DEFAULT_ALPHAS  # awq: exponents of s = rms(x)^alpha tried
-    # a tied LM head reads the embedding's 4-bit bytes (one copy in the file; RTN) instead of
-    # its own GPTQ-quantized copy
+    # a tied LM head reads the embedding's packed bytes (one copy in the file, embedding-bits
+    # wide, RTN) instead of its own copy quantized like the other linears
     tie: bool = True
     # gptq: each block's Gram matrices gathered on the model with the blocks before it quantized
     # (one calibration run per block on the pipeline's data)
@@ -222,7 +222,7 @@ class QuantizeWeights(Pass):
         calibration = attached_stats(model)
         embeddings = find_embeddings(model.graph) if self.embedding_bits else []
         heads: dict[int, Embedding] = {}  # matmul node id -> the embedding its weight is tied to
-        if self.tie and self.embedding_bits == self.bits:
+        if self.tie:
             for emb in embeddings:
                 head = tied_head(emb, list(blocks.linears))
                 if head is not None:
