@@ -10,6 +10,7 @@ from tests.models.tiny import pre_norm_block
 from tforge import testing
 from tforge.backends.ort import kernels_run
 from tforge.compiler.calibration import STATS_KEY, calibrate_model
+from tforge.compiler.pipeline import PassManager
 from tforge.compiler.rewrite import current_weight
 from tforge.compiler.structure import block_map, const_array
 from tforge.errors import PassConfigError
@@ -75,9 +76,10 @@ def test_accuracy_level_4_runs_int8_activations_close_to_float(rng: np.random.Ge
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
 
 
-@pytest.mark.parametrize("embedding_bits", [4, 8])
-def test_tied_embedding_and_head_share_one_copy(rng: np.random.Generator, embedding_bits: int) -> None:
-    """At the linears' width or wider (an 8-bit table with 4-bit linears): one copy either way."""
+@pytest.mark.parametrize(("embedding_bits", "embedding_block"), [(4, 0), (8, 0), (8, 16)])
+def test_tied_embedding_and_head_share_one_copy(rng: np.random.Generator, embedding_bits: int, embedding_block: int) -> None:
+    """At the linears' width or wider (an 8-bit table with 4-bit linears), in the linears' blocks
+    or its own: one copy either way, which the head reads with the table's bits and block."""
     from tforge.compiler.pipeline import PassManager
 
     model = testing.model_from_onnx_text(
@@ -87,7 +89,9 @@ def test_tied_embedding_and_head_share_one_copy(rng: np.random.Generator, embedd
     PassManager.parse("canonicalize", progress=lambda _: None).run(model)  # unties the head (W = emb^T)
     emb = np.asarray(const_array(model.graph.initializers["emb"]))
 
-    result = QuantizeWeights(block=32, accuracy_level=0, embedding_bits=embedding_bits)(model)
+    result = QuantizeWeights(
+        block=32, accuracy_level=0, embedding_bits=embedding_bits, embedding_block=embedding_block
+    )(model)
 
     assert result.stats["embedding quantized"] == 1 and result.stats["quantized"] == 2
     assert not [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT and v.const_value.size >= 96 * 64]
@@ -96,11 +100,31 @@ def test_tied_embedding_and_head_share_one_copy(rng: np.random.Generator, embedd
     assert len(packed) == 1  # the table's bytes, once: the gather and the head read them
     head = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.outputs[0].is_graph_output())
     assert head.attributes["bits"].value == embedding_bits
-    q = bq.quantize_rtn(emb.T, embedding_bits, 32, True)
+    assert head.attributes["block_size"].value == (embedding_block or 32)
+    q = bq.quantize_rtn(emb.T, embedding_bits, embedding_block or 32, True)
     table = bq.dequantize(q).T  # [vocab, hidden]: what both the gather and the head compute with
     ids = rng.integers(0, 96, size=(2, 5))
     outputs = ort_runtime.run(ort_runtime.create_session(_with_head_input(model), optimize=False), {"input_ids": ids})
     np.testing.assert_allclose(outputs["logits"], outputs["h"] @ table.T, rtol=1e-5, atol=1e-4)
+
+
+def test_embedding_block_that_does_not_divide_the_width_is_a_skip_with_the_fix(rng: np.random.Generator) -> None:
+    def lm() -> ir.Model:
+        model = testing.model_from_onnx_text(
+            TIED_LM, emb=rng.normal(size=(96, 64)).astype(np.float32), w=rng.normal(size=(64, 64)).astype(np.float32),
+            b=rng.normal(size=64).astype(np.float32),
+        )  # fmt: skip
+        PassManager.parse("canonicalize", progress=lambda _: None).run(model)
+        return model
+
+    coarse = QuantizeWeights(block=128, accuracy_level=0)(lm())
+    assert coarse.stats["embedding quantized"] == 0
+    assert [s.reason for s in coarse.skips] == [
+        "embedding width 64 is not a multiple of block 128 (set embedding-block to a divisor)"
+    ]
+    assert QuantizeWeights(block=128, embedding_block=32, accuracy_level=0)(lm()).stats["embedding quantized"] == 1
+    with pytest.raises(PassConfigError, match="embedding-block: block must be a power of two"):
+        QuantizeWeights(embedding_block=48)
 
 
 def _with_head_input(model: ir.Model) -> ir.Model:

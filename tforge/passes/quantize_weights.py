@@ -114,6 +114,9 @@ class QuantizeWeights(Pass):
     format: Literal["nbits", "qdq"] = "nbits"
     exclude: tuple[str, ...] = ()  # weight names, or substrings of them, to keep in float
     embedding_bits: int = 4  # the token embedding (and a tied LM head's storage); 0: float
+    # the embedding's block along the hidden axis (0: block); the hidden size must be a multiple
+    # (SmolLM2's 576 is not one of 128, so block=128 wants embedding-block=64 or 32)
+    embedding_block: int = 0
     damp: float = 0.01  # gptq: added to H's diagonal, relative to its mean
     act_order: bool = True  # gptq: rows by decreasing E[x_k^2], on the natural blocks' fixed grids
     clip_search: bool = True  # gptq, awq: per block, the range shrink with the least weighted error
@@ -147,6 +150,11 @@ class QuantizeWeights(Pass):
             raise PassConfigError(f"quantize-weights: accuracy-level must be 0..4, got {self.accuracy_level}")
         if self.embedding_bits not in (0, 2, 4, 8):
             raise PassConfigError(f"quantize-weights: embedding-bits must be 0, 2, 4 or 8, got {self.embedding_bits}")
+        if self.embedding_block:
+            try:
+                bq.check_config("quantize-weights: embedding-block", self.embedding_bits or 4, self.embedding_block)
+            except ValueError as error:
+                raise PassConfigError(str(error)) from None
         if any(not pattern for pattern in self.exclude):
             raise PassConfigError("quantize-weights: exclude holds an empty name, which would match every linear")
         if not self.damp > 0:
@@ -602,10 +610,15 @@ class QuantizeWeights(Pass):
         table = np.asarray(const_array(emb.table), np.float32)
         vocab, hidden = table.shape
         bits = self.embedding_bits
-        if hidden % self.block:
-            stats.skip(f"embedding width {hidden} is not a multiple of block {self.block}", emb.gather)
+        block = self.embedding_block or self.block
+        if hidden % block:
+            option = "embedding-block" if self.embedding_block else "block"
+            stats.skip(
+                f"embedding width {hidden} is not a multiple of {option} {block} (set embedding-block to a divisor)",
+                emb.gather,
+            )
             return None
-        q = bq.quantize_rtn(table.T, bits, self.block, self.symmetric)
+        q = bq.quantize_rtn(table.T, bits, block, self.symmetric)
         t = bq.pack_gather_block_quantized(q, "uint8")
         name = emb.table.name or "embedding"
         data = editor.initializer(f"{name}.q{bits}", t.data)
