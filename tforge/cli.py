@@ -406,6 +406,7 @@ def _format_inspect(info: dict[str, Any]) -> str:
             parts.append(
                 f"attention {kind}heads={a['num_heads']} kv_heads={a['num_kv_heads']} head_dim={a['head_dim']}"
                 f"{' causal' if a['causal'] else ''}{' rotary' if a['rotary'] else ''}"
+                f"{' qk-norm(' + a['qk_norm'] + ')' if a.get('qk_norm') else ''}"
             )
         if f:
             parts.append(f"ffn {'gated ' if f['gated'] else ''}{f['activation']} intermediate={f['intermediate_size']}")

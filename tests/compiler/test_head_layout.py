@@ -348,3 +348,59 @@ def test_slice_at_run_time_bounds_of_head_dim_is_traced_but_not_of_heads() -> No
     assert _kinds(out) == ["other", "heads", "other", "other"]
     with pytest.raises(Skip, match="cuts a width axis at run-time bounds"):
         _apply(node, {0: [OTHER, OTHER, OTHER, WIDTH]})
+
+
+def test_reduce_mean_over_head_dim_keeps_the_heads() -> None:
+    """A QK-norm's mean of squares over each head (Qwen3): head_dim becomes a kept unit axis."""
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 4, 2] x) => (float[B, S, 4, 1] y) <int64[1] axes> { y = ReduceMean <keepdims = 1> (x, axes) }""",
+        axes=np.array([-1], np.int64),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, OTHER, HEADS, DIM]})
+    assert _kinds(out) == ["other", "other", "heads", "other"]
+    assert not ctx.edits.targets and not ctx.edits.constants
+
+
+def test_reduce_mean_over_the_width_is_followed_but_not_over_heads() -> None:
+    """OLMo2 normalises the whole projection before the head split: the mean then runs over the
+    kept heads' channels. A mean over the heads axis itself is refused."""
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 8] x) => (float[B, S, 1] y) <int64[1] axes> { y = ReduceMean (x, axes) }""",
+        axes=np.array([-1], np.int64),
+    )
+    (out,), _ = _apply(node, {0: [OTHER, OTHER, WIDTH]})
+    assert _kinds(out) == ["other", "other", "other"]
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 4, S, 2] x) => (float[B, 1, S, 2] y) <int64[1] axes> { y = ReduceMean (x, axes) }""",
+        axes=np.array([1], np.int64),
+    )
+    with pytest.raises(Skip, match="averages over the heads axis"):
+        _apply(node, {0: [OTHER, HEADS, OTHER, DIM]})
+
+
+def test_layer_norm_over_the_width_slices_its_scale_and_bias() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 8] x) => (float[B, S, 8] y) <float[8] gamma, float[8] beta>
+        { y = LayerNormalization <axis = -1> (x, gamma, beta) }""",
+        gamma=np.arange(8, dtype=np.float32), beta=-np.arange(8, dtype=np.float32),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, OTHER, WIDTH]})
+    assert _kinds(out) == ["other", "other", "width"]
+    kept = np.flatnonzero(WIDTH.keep).astype(np.float32)
+    sliced = {index: arr.tolist() for _, index, arr in ctx.edits.constants}
+    assert sliced == {1: kept.tolist(), 2: (-kept).tolist()}
+
+
+def test_layer_norm_over_heads_is_skipped() -> None:
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 4, 2] x) => (float[B, S, 4, 2] y) <float[4, 2] gamma>
+        { y = LayerNormalization <axis = -2> (x, gamma) }""",
+        gamma=np.ones((4, 2), np.float32),
+    )
+    with pytest.raises(Skip, match="normalises over the heads axis"):
+        _apply(node, {0: [OTHER, OTHER, HEADS, DIM]})

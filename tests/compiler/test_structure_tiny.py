@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from tests.models import tiny
 from tforge import testing
 from tforge.compiler.structure import find_blocks
 
@@ -79,3 +81,137 @@ def test_unrecognised_attention_names_the_node(rng: np.random.Generator) -> None
     assert "Softmax" in message
     assert "the value input of MatMul" in message and "does not come from exactly one linear (found: none)" in message
     assert "reached a norm output 'h'" in message
+
+
+def _qk_norm_model(rng: np.random.Generator, norm: str):
+    return tiny.qk_norm_model(norm, rng)
+
+
+@pytest.mark.parametrize(("norm", "kind", "axis"), [("head", "rms", "head_dim"), ("layer", "layer", "head_dim"), ("width", "rms", "width")])
+def test_qk_norm_between_projection_and_scores_is_part_of_the_attention(
+    norm: str, kind: str, axis: str, rng: np.random.Generator
+) -> None:
+    """Qwen3/Gemma3 normalise each head of Q and K (gamma [head_dim]), OLMo2 the whole projection
+    before the head split (gamma [width]): the walk to the projections goes through the norm."""
+    block_map = find_blocks(_qk_norm_model(rng, norm))
+    assert block_map.unrecognized == []
+    (block,) = block_map.blocks
+    attn = block.attention
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (2, 2, 4)
+    assert [attn.q.weight.name, attn.k.weight.name, attn.v.weight.name] == ["wq", "wk", "wv"]
+    assert attn.qk_norm and attn.qk_norm_axis == axis
+    assert (attn.q_norm.gamma.name, attn.k_norm.gamma.name) == ("gq", "gk")
+    assert (attn.q_norm.kind, attn.q_norm.normalizes, attn.k_norm.normalizes) == (kind, "query", "key")
+    # the block's own norms are unchanged: the pre-norm feeds Q, K and V
+    assert [lin.weight.name for lin in block.attention_norm.linears] == ["wq", "wk", "wv"]
+    assert block.attention_norm.normalizes is None and block.ffn_norm.normalizes is None
+    described = block.describe()["attention"]
+    assert described["qk_norm"] == axis
+    assert (described["q_norm"], described["k_norm"]) == (attn.q_norm.name, attn.k_norm.name)
+    assert [n["normalizes"] for n in block_map.describe()["norms"]].count("query") == 1
+
+
+def test_no_qk_norm_is_reported_as_none(rng: np.random.Generator) -> None:
+    (block,) = find_blocks(_model(rng)).blocks
+    assert not block.attention.qk_norm and block.attention.qk_norm_axis is None
+    assert block.describe()["attention"]["qk_norm"] is None
+
+
+def test_a_norm_across_heads_is_no_qk_norm(rng: np.random.Generator) -> None:
+    """An RMS over the heads axis mixes heads: the walk stops there and says so."""
+    block_map = find_blocks(_qk_norm_model(rng, "heads-axis"))
+    assert all(b.attention is None for b in block_map.blocks)
+    assert len(block_map.unrecognized) == 1
+    message = block_map.unrecognized[0]
+    assert "the query input of MatMul" in message and "reached a norm output 'qn'" in message
+
+
+# Phi-3: one qkv projection cut by three Slices (2 query heads and 1 KV head of dim 4: widths
+# 8, 4, 4), one gate_up projection cut in halves (GATE_UP), SiLU on the first half.
+FUSED_SLICES = """
+<ir_version: 10, opset_import: ["" : 18]>
+block (float[B, S, 8] x) => (float[B, S, 8] y)
+<float[8, 16] wqkv, float[8, 8] wo, float[8, 32] wgu, float[16, 8] wd, int64[1] zero, int64[1] q_end,
+ int64[1] k_end, int64[1] big, int64[1] last, int64[4] heads, int64[5] rep, int64[4] merged_kv,
+ int64[3] merged, int64[1] two>
+{
+    qkv = MatMul (x, wqkv)
+    q = Slice (qkv, Q_BOUNDS, last)
+    k = Slice (qkv, K_BOUNDS, last)
+    v = Slice (qkv, V_BOUNDS, last)
+    q4 = Reshape (q, heads)
+    qt = Transpose <perm = [0, 2, 1, 3]> (q4)
+    k4 = Reshape (k, heads)
+    kt0 = Transpose <perm = [0, 2, 1, 3]> (k4)
+    ku = Unsqueeze (kt0, two)
+    ke = Expand (ku, rep)
+    kr = Reshape (ke, merged_kv)
+    kt = Transpose <perm = [0, 1, 3, 2]> (kr)
+    v4 = Reshape (v, heads)
+    vt0 = Transpose <perm = [0, 2, 1, 3]> (v4)
+    vu = Unsqueeze (vt0, two)
+    ve = Expand (vu, rep)
+    vt = Reshape (ve, merged_kv)
+    s = MatMul (qt, kt)
+    p = Softmax <axis = -1> (s)
+    c = MatMul (p, vt)
+    ct = Transpose <perm = [0, 2, 1, 3]> (c)
+    cm = Reshape (ct, merged)
+    o = MatMul (cm, wo)
+    r = Add (x, o)
+    gu = MatMul (r, wgu)
+GATE_UP
+    sg = Sigmoid (g)
+    act = Mul (g, sg)
+    m = Mul (act, u)
+    d = MatMul (m, wd)
+    y = Add (r, d)
+}
+"""
+_SPLIT_HALVES = "    g, u = Split <axis = -1, num_outputs = 2> (gu)"
+_SLICE_HALVES = "    u = Slice (gu, half, big, last)\n    g = Slice (gu, zero, half, last)"
+
+
+def _fused_slices(rng: np.random.Generator, *, order: str = "qkv", gate_up: str = _SPLIT_HALVES):
+    bounds = {"q": "zero, q_end", "k": "q_end, k_end", "v": "k_end, big"}
+    if order == "kqv":  # K's columns first: not the query, key, value layout the passes assume
+        bounds = {"k": "zero, q_end", "q": "q_end, k_end", "v": "k_end, big"}
+    text = FUSED_SLICES.replace("GATE_UP", gate_up)
+    for role in "qkv":
+        text = text.replace(f"{role.upper()}_BOUNDS", bounds[role])
+    if "half" in gate_up:
+        text = text.replace("int64[1] two>", "int64[1] two, int64[1] half>")
+    consts = {"half": np.array([16], np.int64)} if "half" in gate_up else {}
+    return testing.model_from_onnx_text(
+        text,
+        **testing.random_float_initializers(text, rng),
+        **consts,
+        zero=np.array([0], np.int64), q_end=np.array([8], np.int64), k_end=np.array([12], np.int64),
+        big=np.array([2**63 - 1], np.int64), last=np.array([-1], np.int64),
+        heads=np.array([0, 0, -1, 4], np.int64), rep=np.array([1, 1, 2, 1, 1], np.int64),
+        merged_kv=np.array([0, 2, -1, 4], np.int64), merged=np.array([0, 0, 8], np.int64),
+        two=np.array([2], np.int64),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("gate_up", [_SPLIT_HALVES, _SLICE_HALVES], ids=["split", "slices"])
+def test_fused_qkv_cut_by_slices_and_fused_gate_up_are_mapped(gate_up: str, rng: np.random.Generator) -> None:
+    block_map = find_blocks(_fused_slices(rng, gate_up=gate_up))
+    assert block_map.unrecognized == []
+    (block,) = block_map.blocks
+    attn, ffn = block.attention, block.ffn
+    assert attn.fused_qkv and attn.qkv_split == (8, 4, 4)
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (2, 1, 4)
+    assert sorted(n.outputs[0].name for n in attn.shape_nodes if n.op_type == "Slice") == ["k", "q", "v"]
+    assert ffn.up is ffn.gate and ffn.up.weight.name == "wgu" and ffn.down.weight.name == "wd"
+    assert ffn.fused_gate_up and ffn.gate_up_halves == (0, 16)  # SiLU reads the first half
+    assert (ffn.gated, ffn.intermediate_size, ffn.activation) == (True, 16, "silu")
+    assert block.describe()["ffn"]["fused_gate_up"] == [0, 16]
+
+
+def test_fused_qkv_slices_out_of_order_are_reported(rng: np.random.Generator) -> None:
+    block_map = find_blocks(_fused_slices(rng, order="kqv"))
+    assert all(b.attention is None for b in block_map.blocks)
+    (message,) = block_map.unrecognized
+    assert "fused QKV linear 'wqkv' is not split into three parts" in message
+    assert "three Slices of its last axis (query, key, value in that order)" in message

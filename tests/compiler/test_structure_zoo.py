@@ -31,9 +31,19 @@ def test_block_map_matches_ground_truth(zoo_name, zoo_model, zoo_entries) -> Non
         )
         assert attn.fused_qkv == truth.fused_qkv
         assert attn.causal == truth.causal
+        assert attn.qk_norm == truth.qk_norm
+        if truth.qk_norm:  # one RMSNorm per head on Q and on K, gamma [head_dim] shared by the heads
+            assert attn.qk_norm_axis == "head_dim"
+            for norm, role in ((attn.q_norm, "query"), (attn.k_norm, "key")):
+                assert norm is not None and norm.kind == "rms" and norm.normalizes == role
+                assert norm.channels == truth.head_dim and not norm.linears
         assert (attn.q.bias is not None) == truth.qkv_bias
         assert attn.o.in_features == truth.num_heads * truth.head_dim
         assert (ffn.gated, ffn.intermediate_size) == (truth.gated, truth.intermediate_size)
+        assert ffn.fused_gate_up == truth.fused_gate_up
+        if truth.fused_qkv:
+            q, k, v = attn.qkv_split  # type: ignore[misc]
+            assert (q, k, v) == (truth.num_heads * truth.head_dim, *[truth.num_kv_heads * truth.head_dim] * 2)
         assert ffn.activation == truth.activation
         assert block.pre_norm == truth.pre_norm
         norm = block.attention_norm

@@ -56,13 +56,15 @@ def test_ground_truth_is_visible_in_the_graph(
 
     assert ops["Softmax"] == layers
     norms = 2 * layers + 1  # two per block, plus the embedding (BERT) or final (others) norm
+    norms += 2 * layers if truth.qk_norm else 0  # and one on Q, one on K per block
     if truth.norm == "layer":
         assert ops["LayerNormalization"] == norms
     else:  # RMSNorm is decomposed: x * 1/sqrt(mean(x^2) + eps) * gamma
         assert ops["LayerNormalization"] == 0
         assert ops["ReduceMean"] == ops["Reciprocal"] == norms
     assert ops["Sigmoid"] == (layers if truth.gated else 0)  # SiLU is x * Sigmoid(x)
-    assert ops["Split"] == (layers if truth.fused_qkv else 0)
+    qkv_splits = truth.fused_qkv and truth.qkv_split_op == "Split"
+    assert ops["Split"] == layers * (int(qkv_splits) + int(truth.fused_gate_up))  # gate_up: chunk(2)
     assert (ops["LessOrEqual"] > 0) == truth.causal  # the causal mask compares positions
 
     head_splits = collections.Counter(
@@ -88,9 +90,12 @@ def test_ground_truth_is_visible_in_the_graph(
         for init in node.inputs[1:2]
         if init is not None and init.is_initializer()
     ]
-    assert matmul_weights.count((truth.hidden_size, truth.intermediate_size)) == layers * (
-        2 if truth.gated else 1
-    )
+    if truth.fused_gate_up:
+        assert matmul_weights.count((truth.hidden_size, 2 * truth.intermediate_size)) == layers
+    else:
+        assert matmul_weights.count((truth.hidden_size, truth.intermediate_size)) == layers * (
+            2 if truth.gated else 1
+        )
     assert matmul_weights.count((truth.intermediate_size, truth.hidden_size)) == layers
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx_ir as ir
+
+from tforge import testing
+
 
 def pre_norm_block(batch: str = "B") -> str:
     """LN -> 2-head attention (V with bias) -> residual -> LN -> ReLU FFN -> residual, hidden size 8.
@@ -95,3 +100,59 @@ encoder (int64[B, S] input_ids, int64[B, S] attention_mask) => (float[B, S, {out
 }}
 """
 
+
+
+def qk_norm_block(norm: str = "head", batch: str = "B") -> str:
+    """:func:`pre_norm_block` with a QK-norm on Q and K, between their projections and the scores.
+
+    ``norm``: ``"head"`` (Qwen3: an RMSNorm over each head's 4 channels after the head split,
+    gamma ``gq``/``gk`` ``[4]`` shared by both heads), ``"width"`` (OLMo2: an RMSNorm over the
+    projection's 8 channels before the head split, gamma ``[8]``), ``"layer"`` (a
+    LayerNormalization over each head, gamma and beta ``[4]``) or ``"heads-axis"`` (an RMS over
+    the heads axis, which is no QK-norm). Besides the float initializers, the test gives
+    ``heads`` ``[b, 4, 2, 4]``, ``merged`` ``[b, 4, 8]`` and, but for ``layer``, ``eps`` and
+    ``axes`` (``[-1]``; ``[-2]`` for ``heads-axis``).
+    """
+    width = norm == "width"
+    g = 8 if width else 4
+    decl = f"float[{g}] gq, float[{g}] gk, " + ("float[4] bq, float[4] bk, " if norm == "layer" else "")
+    body = _PRE_NORM_LAYER.format(s="", inp="x", out="y")
+    qk = []
+    for t in ("q", "k"):
+        src = t if width else f"{t}4"
+        if norm == "layer":
+            qk.append(f"    {t}n = LayerNormalization <axis = -1> ({t}4, g{t}, b{t})\n")
+        else:
+            qk.append(
+                f"    {t}sq = Mul ({src}, {src})\n"
+                f"    {t}ms = ReduceMean <keepdims = 1> ({t}sq, axes)\n"
+                f"    {t}e = Add ({t}ms, eps)\n"
+                f"    {t}rt = Sqrt ({t}e)\n"
+                f"    {t}inv = Reciprocal ({t}rt)\n"
+                f"    {t}n0 = Mul ({src}, {t}inv)\n"
+                f"    {t}n = Mul ({t}n0, g{t})\n"
+            )
+        if width:  # normalise first, then split into heads
+            body = body.replace(f"    {t}4 = Reshape ({t}, heads)\n", qk[-1] + f"    {t}4 = Reshape ({t}n, heads)\n")
+        else:
+            body = body.replace(f"Transpose <perm = [0, 2, {'1, 3' if t == 'q' else '3, 1'}]> ({t}4)",
+                                f"Transpose <perm = [0, 2, {'1, 3' if t == 'q' else '3, 1'}]> ({t}n)")
+            body = body.replace(f"    {t}t = Transpose", qk[-1] + f"    {t}t = Transpose")
+    header = _PRE_NORM_HEADER.replace("BATCH", batch).replace(
+        "int64[4] heads,", f"{decl}{'' if norm == 'layer' else 'float eps, int64[1] axes, '}int64[4] heads,"
+    )
+    return f"{header}{{\n{body}}}\n"
+
+
+def qk_norm_model(norm: str, rng: np.random.Generator) -> ir.Model:
+    """:func:`qk_norm_block` with random weights (gammas near 1) and its int64 constants."""
+    text = qk_norm_block(norm)
+    arrays = testing.random_float_initializers(text, rng, scale=0.5)
+    for g in ("gq", "gk"):
+        arrays[g] = 1.0 + arrays[g]
+    if norm != "layer":
+        arrays["eps"] = np.array(1e-6, np.float32)
+        arrays["axes"] = np.array([-2 if norm == "heads-axis" else -1], np.int64)
+    return testing.model_from_onnx_text(
+        text, **arrays, heads=np.array([0, 0, 2, 4], np.int64), merged=np.array([0, 0, 8], np.int64)
+    )

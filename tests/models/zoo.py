@@ -57,6 +57,9 @@ class Truth:
     activation: Literal["gelu", "gelu_tanh", "silu"]
     qkv_bias: bool
     attn_implementation: Literal["sdpa", "eager"]
+    qk_norm: bool = False  # per-head RMSNorm of Q and K after their projections (Qwen3)
+    qkv_split_op: Literal["Split", "Slice"] = "Split"  # how a fused QKV output is cut in three
+    fused_gate_up: bool = False  # gate and up are one linear whose output is cut in halves (Phi-3)
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,28 @@ def _qwen2() -> torch.nn.Module:
     return _hidden_state_wrapper(transformers.Qwen2Model(config), use_cache=False)
 
 
+def _qwen3() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=2, head_dim=HIDDEN // HEADS, intermediate_size=INTERMEDIATE,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    return _hidden_state_wrapper(transformers.Qwen3Model(config), use_cache=False)
+
+
+def _phi3() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=2, intermediate_size=INTERMEDIATE, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return _hidden_state_wrapper(transformers.Phi3Model(config), use_cache=False)
+
+
 def _vit() -> torch.nn.Module:
     import transformers
 
@@ -278,6 +303,25 @@ ZOO: dict[str, ZooEntry] = {
                         activation="silu", qkv_bias=True, attn_implementation="eager"),
             build=_qwen2,
             notes="like llama but with Q/K/V biases and eager attention (explicit MatMul-Softmax-MatMul)",
+            **_TEXT,
+        ),
+        ZooEntry(
+            name="qwen3",
+            truth=Truth(**_COMMON, num_kv_heads=2, intermediate_size=INTERMEDIATE, gated=True,
+                        norm="rms", pre_norm=True, causal=True, fused_qkv=False,
+                        activation="silu", qkv_bias=False, attn_implementation="sdpa", qk_norm=True),
+            build=_qwen3,
+            notes="like llama plus QK-norm: an RMSNorm over each head's head_dim on Q and K, before rotary",
+            **_TEXT,
+        ),
+        ZooEntry(
+            name="phi3",
+            truth=Truth(**_COMMON, num_kv_heads=2, intermediate_size=INTERMEDIATE, gated=True,
+                        norm="rms", pre_norm=True, causal=True, fused_qkv=True,
+                        activation="silu", qkv_bias=False, attn_implementation="sdpa",
+                        qkv_split_op="Slice", fused_gate_up=True),
+            build=_phi3,
+            notes="decoder, fused qkv_proj cut by three Slices (GQA widths 64/32/32), fused gate_up_proj cut in halves",
             **_TEXT,
         ),
         ZooEntry(

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 
 import tforge
-from tests.models import zoo
+from tests.models import tiny, zoo
 from tforge import testing
 from tforge.compiler import verify
 from tforge.compiler.calibration import FEEDS_KEY, STATS_KEY, calibrate_model
@@ -267,11 +267,16 @@ def test_zoo_models_run_after_heads_and_ffn_pruning(zoo_name: str, zoo_model, zo
         model, entry, "prune-heads{ratio=0.5 importance=magnitude},prune-ffn{ratio=0.5 multiple=8 importance=magnitude}"
     )
 
-    assert record["stats"]["pruned"] == entry.truth.num_layers
+    ffn_width = entry.truth.intermediate_size // 2
+    if entry.truth.fused_gate_up:  # prune-ffn does not cut a fused gate+up linear: it says so
+        assert record["stats"] == {"skipped: gate and up are halves of one fused linear": entry.truth.num_layers}
+        ffn_width = entry.truth.intermediate_size
+    else:
+        assert record["stats"]["pruned"] == entry.truth.num_layers
     for block in find_blocks(model).blocks:
         assert block.attention is not None and block.ffn is not None
         assert block.attention.num_heads == entry.truth.num_heads // 2
-        assert block.ffn.intermediate_size == entry.truth.intermediate_size // 2
+        assert block.ffn.intermediate_size == ffn_width
     _assert_consistent(model)
     for batch, seq in ZOO_SHAPES:
         [cmp] = verify.compare_outputs(original, model, entry.inputs(batch, seq, np.random.default_rng(3)))
@@ -353,3 +358,30 @@ def test_fused_qkv_with_gqa_gets_new_split_sizes(zero: list[int], kept: list[int
     assert (attn.num_heads, attn.num_kv_heads) == (2, kv_after)
     assert attn.q.out_features == 4 + 2 * 2 * kv_after and attn.qkv_split == (4, 2 * kv_after, 2 * kv_after)
     testing.assert_ort_allclose(original, model, _feeds(rng, 2, 3), atol=1e-5, rtol=0.0)
+
+
+@pytest.mark.parametrize("norm", ["head", "layer", "width"])
+def test_qk_norms_keep_their_gamma_per_head_and_lose_it_with_the_width(norm: str, rng: np.random.Generator) -> None:
+    """A per-head QK-norm (gamma [head_dim], shared by the heads) needs no change; one over the
+    projection's width (OLMo2) loses the removed head's gamma entries and averages over the
+    kept channels. The pruned graph is valid, still mapped with its QK-norm, and runs."""
+    model = tiny.qk_norm_model(norm, rng)
+    original = model.clone()
+    gq = const_array(model.graph.initializers["gq"]).copy()
+
+    result = PruneHeads(ratio=0.5, importance="magnitude")(model)
+
+    assert result.stats["pruned"] == 1, result.stats
+    (block,) = find_blocks(model).blocks
+    attn = block.attention
+    assert (attn.num_heads, attn.head_dim) == (1, 4) and attn.qk_norm
+    (layer,) = result.details["layers"]
+    (kept,) = layer["kept"]
+    new_gq = const_array(attn.q_norm.gamma)
+    if norm == "width":
+        np.testing.assert_array_equal(new_gq, gq[4 * kept : 4 * kept + 4])
+    else:
+        np.testing.assert_array_equal(new_gq, gq)
+    _assert_consistent(model)
+    [cmp] = verify.compare_outputs(original, model, {"x": rng.normal(size=(2, 4, 8)).astype(np.float32)})
+    assert np.isfinite(cmp.max_abs), cmp

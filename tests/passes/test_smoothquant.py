@@ -308,7 +308,9 @@ def test_zoo_model_keeps_its_outputs(zoo_name: str, zoo_model, zoo_entries) -> N
     stats = report.passes[-1].stats
     layers = entry.truth.num_layers
     assert stats["smoothed: norm"] == 2 * layers and stats["smoothed: v->o"] == layers, stats
-    if entry.truth.gated:
+    if entry.truth.fused_gate_up:  # not moved across a fused gate+up linear's halves: said so
+        assert stats["skipped: up->down: gate and up are halves of one fused linear"] == layers, stats
+    elif entry.truth.gated:
         assert stats["smoothed: up->down"] == layers, stats
     else:
         assert stats[f"skipped: up->down: {entry.truth.activation} is not positively homogeneous"] == layers
@@ -359,3 +361,25 @@ def test_smollm2_pipeline_keeps_its_outputs(smollm2_onnx) -> None:
     # 60 block norms and the final norm, which feeds the untied lm_head
     assert stats["smoothed: norm"] == 61 and stats["smoothed: v->o"] == 30, stats
     assert stats["smoothed: up->down"] == 30, stats
+
+
+@pytest.mark.parametrize("norm", ["head", "width", "layer"])
+def test_qk_norms_are_left_alone_with_a_precise_reason(norm: str, rng: np.random.Generator) -> None:
+    """A QK-norm's output goes to the scores: no linear reads it, so no scale is folded into it
+    (and none into Q's or K's columns, which it would undo); everything else stays exact."""
+    model = tiny.qk_norm_model(norm, rng)
+    feeds = _calibrated(model, rng)
+    original = model.clone()
+
+    result = SmoothQuant()(model)
+    migrated = LnMigrate()(model)
+
+    reasons = {f"skipped: QK-norm of the {role} projection: no linear reads it" for role in ("query", "key")}
+    assert {k: result.stats[k] for k in reasons} == dict.fromkeys(reasons, 1)
+    assert {k: migrated.stats[k] for k in reasons} == dict.fromkeys(reasons, 1)
+    assert result.stats["smoothed: norm"] == 2 and result.stats["smoothed: v->o"] == 1
+    for name in ("gq", "gk"):  # the QK-norm gammas are untouched
+        np.testing.assert_array_equal(
+            const_array(model.graph.initializers[name]), const_array(original.graph.initializers[name])
+        )
+    _assert_same_function(original, model, feeds[0])

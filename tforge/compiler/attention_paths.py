@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from tforge.compiler.ops import LAYOUT, only_reader
 from tforge.compiler.pass_infra import Skip
-from tforge.compiler.structure import Attention, const_array, nan_guarded_softmax
+from tforge.compiler.structure import Attention, const_array, nan_guarded_softmax, slice_bounds
 
 __all__ = ["ScoreChain", "graph_inputs_reached", "score_chain", "value_columns"]
 
@@ -61,12 +61,30 @@ def _walk_to_value_columns(attn: Attention) -> tuple[int, int]:
                 break
             index = next(i for i, out in enumerate(node.outputs) if out is value)
             return int(sum(widths[:index])), int(widths[index])
+        if node.op_type == "Slice" and attn.fused_qkv and node.inputs[0] is v.output:
+            return _sliced_value_columns(v.output, node, v.out_features)
         if node.op_type not in _VALUE_PATH:
             raise Skip(f"v->o: {node.op_type} between the value projection and probs @ V", node)
         if node.op_type == "Tile" and attn.num_heads != attn.num_kv_heads:
             raise Skip("v->o: KV heads repeated by Tile (query-head order unknown)", node)
         value = node.inputs[0]
     raise Skip("v->o: the path to the value projection was not followed", at)
+
+
+def _sliced_value_columns(fused: ir.Value, value_slice: ir.Node, width: int) -> tuple[int, int]:
+    """V's columns when a fused QKV output is cut by Slices of its last axis (Phi-3): every reader
+    of the fused output must be such a Slice, none of the others overlapping V's columns."""
+    bounds = slice_bounds(value_slice, width)
+    if bounds is None or fused.is_graph_output():
+        raise Skip("v->o: the Slice of the fused QKV output has no constant bounds on its last axis", value_slice)
+    start, end = bounds
+    for use in fused.uses():
+        if use.node is value_slice:
+            continue
+        other = slice_bounds(use.node, width) if use.idx == 0 else None
+        if other is None or (other[0] < end and start < other[1]):
+            raise Skip("v->o: the value columns of the fused QKV output are also read elsewhere", use.node)
+    return start, end - start
 
 
 def _split_widths(node: ir.Node) -> list[int] | None:

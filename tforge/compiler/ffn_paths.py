@@ -50,6 +50,10 @@ def ffn_intermediate(ffn: FFN, block_map: BlockMap | None = None) -> Intermediat
 
 
 def _walk(ffn: FFN) -> Intermediate:
+    if ffn.fused_gate_up:
+        # the intermediate's channels are two halves of one weight's columns: a rewrite of up's
+        # columns would have to take the gate's matching columns and the split with it
+        raise Skip("gate and up are halves of one fused linear", ffn.up.matmul)
     sources = {id(ffn.up.output)} | ({id(ffn.gate.output)} if ffn.gate is not None else set())
     width = ffn.intermediate_size
     where = ffn.down.matmul
@@ -106,6 +110,8 @@ def check_rescalable_up_down(ffn: FFN, block_map: BlockMap | None = None) -> Non
     move into down's rows: the path is linear in ``up``, or positively homogeneous (ReLU)
     without a gate. Both smoothquant and quantize-weights' AWQ move scales across this site.
     """
+    if ffn.fused_gate_up:
+        raise Skip("up->down: gate and up are halves of one fused linear", ffn.up.matmul)
     if ffn.gate is None and ffn.activation != "relu":
         raise Skip(f"up->down: {ffn.activation} is not positively homogeneous", ffn.down.matmul)
     down_in = ffn.down.input

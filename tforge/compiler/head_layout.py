@@ -1022,6 +1022,49 @@ def _broadcast_operand(ctx: LayoutContext, node: ir.Node, index: int, roles: lis
         ctx.edits.constants.append((node, index, sliced))
 
 
+def _reduce_mean(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
+    """``ReduceMean`` of a norm on the attention path (QK-norm): over ``head_dim`` (per head) or
+    over the projection's ``width`` (OLMo2, before the head split; the mean is then taken over
+    the kept heads' channels). Never over heads or the KV repeat."""
+    if inp is None:
+        raise Skip(f"ReduceMean '{node.name}' on an untraced layout", node)
+    axes = _axes(node)
+    noop = node.attributes.get("noop_with_empty_axes")
+    if not axes:
+        if noop is not None and int(noop.value):
+            return list(inp)
+        axes = list(range(len(inp)))
+    axes = sorted({a + len(inp) if a < 0 else a for a in axes})
+    for a in axes:
+        if inp[a].kind in ("heads", "rep") and inp[a].old > 1:
+            raise Skip(f"ReduceMean '{node.name}' averages over the {inp[a].kind} axis", node)
+    keep = node.attributes.get("keepdims")
+    if keep is not None and not int(keep.value):
+        return [r for i, r in enumerate(inp) if i not in axes]
+    return [_OTHER if i in axes else r for i, r in enumerate(inp)]
+
+
+def _layer_norm_rule(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], path: list[int]) -> list[Roles]:
+    """``LayerNormalization`` on the attention path (QK-norm): normalised axes may be ``dim`` or
+    ``width`` (scale and bias sliced with the width), never heads; Mean and InvStdDev outputs
+    keep the other axes."""
+    if path != [0]:
+        raise Skip(f"LayerNormalization '{node.name}' has a scale or bias computed on the attention path", node)
+    inp = roles[id(node.inputs[0])]
+    if inp is None:
+        raise Skip(f"LayerNormalization '{node.name}' on an untraced layout", node)
+    axis_attr = node.attributes.get("axis")
+    axis = int(axis_attr.value) if axis_attr is not None else -1
+    axis = axis + len(inp) if axis < 0 else axis
+    for r in inp[axis:]:
+        if r.kind in ("heads", "rep") and r.old > 1:
+            raise Skip(f"LayerNormalization '{node.name}' normalises over the {r.kind} axis", node)
+    for i in range(1, len(node.inputs)):
+        _broadcast_operand(ctx, node, i, inp)
+    stats = [r for r in inp[:axis]] + [_OTHER] * (len(inp) - axis)
+    return [list(inp), *([stats] * (len(node.outputs) - 1))]
+
+
 #: Ops whose output has the broadcast shape of their inputs.
 _BROADCASTING = frozenset({"And", "Or", "Xor", "Where", "Equal", "Add", "Sub", "Mul", "Div"})
 _SAME_SHAPE = frozenset({"Not", "Cast", "Identity", "Neg", "IsNaN", "IsInf"})
@@ -1086,6 +1129,8 @@ TRANSFER: dict[str, Rule] = {
     "Slice": _of_first(_slice),
     "Split": _split_rule,
     "Concat": _concat_rule,
+    "ReduceMean": _of_first(_reduce_mean),
+    "LayerNormalization": _layer_norm_rule,
     **{op: _elementwise_rule for op in sorted(AXIS_PRESERVING)},
 }
 

@@ -30,6 +30,9 @@ __all__ = ["NormScaling", "check_norm_scalable", "scale_norm_output", "scale_sta
 
 def check_norm_scalable(norm: Norm) -> np.ndarray:
     """Gamma (float64) when channel scaling can be folded into this norm and its readers; else Skip."""
+    if norm.normalizes is not None:
+        # QK-norm: its output goes to the attention scores; a scale has no linear to fold into
+        raise Skip(f"QK-norm of the {norm.normalizes} projection: no linear reads it", norm.node, blocked=False)
     if not norm.linears:
         raise Skip("no linear reads the norm output", norm.node)
     if norm.output.is_graph_output():

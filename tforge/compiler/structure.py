@@ -117,10 +117,19 @@ class Norm:
     nodes: list[ir.Node]
     linears: list[Linear] = dataclasses.field(default_factory=list)
     other_consumers: list[ir.Node] = dataclasses.field(default_factory=list)
+    #: Set for a QK-norm: the attention projection ("query" or "key") whose output this norm
+    #: normalises before the scores (per head, or over the projection's width); None otherwise.
+    normalizes: Literal["query", "key"] | None = None
 
     @property
     def output(self) -> ir.Value:
         return self.node.outputs[0]
+
+    @property
+    def channels(self) -> int | None:
+        """The size of the normalised axis (gamma's length), if gamma is a 1-D constant."""
+        g = const_array(self.gamma)
+        return int(g.shape[0]) if g is not None and g.ndim == 1 else None
 
     @property
     def name(self) -> str:
@@ -135,6 +144,7 @@ class Norm:
             "epsilon": self.epsilon,
             "linears": [lin.name for lin in self.linears],
             "other_consumers": [n.name for n in self.other_consumers],
+            "normalizes": self.normalizes,
         }
 
 
@@ -146,6 +156,11 @@ class Attention:
     whose output is split (``qkv_split`` gives the widths of the three parts).
     ``shape_nodes`` are the Reshape/Expand/Split/Slice nodes on the paths between the
     projections and the output linear: the constants that encode the head count or the width.
+    ``q_norm`` / ``k_norm`` are the norms between the query / key projection and the scores
+    (QK-norm: Qwen3, Gemma3 and OLMo2 normalise Q and K before rotary): over each head's
+    ``head_dim`` channels (``qk_norm_axis == "head_dim"``, gamma shared by every head) or over the
+    projection's whole width before the head split (``"width"``, OLMo2). A scale folded into the
+    columns of Q or K would be undone by such a norm.
     """
 
     q: Linear
@@ -162,10 +177,24 @@ class Attention:
     rotary: bool
     shape_nodes: list[ir.Node]
     qkv_split: tuple[int, int, int] | None = None
+    q_norm: Norm | None = None
+    k_norm: Norm | None = None
 
     @property
     def fused_qkv(self) -> bool:
         return self.q is self.k
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.q_norm is not None or self.k_norm is not None
+
+    @property
+    def qk_norm_axis(self) -> Literal["head_dim", "width"] | None:
+        """What the QK-norms normalise over: each head (``head_dim``) or the projection's width."""
+        norm = self.q_norm or self.k_norm
+        if norm is None:
+            return None
+        return "head_dim" if norm.channels == self.head_dim else "width"
 
     @property
     def qkv(self) -> Linear | None:
@@ -184,6 +213,9 @@ class Attention:
             "o": self.o.name,
             "causal": self.causal,
             "rotary": self.rotary,
+            "qk_norm": self.qk_norm_axis,
+            "q_norm": self.q_norm.name if self.q_norm else None,
+            "k_norm": self.k_norm.name if self.k_norm else None,
             "softmax": self.softmax.name,
             "shape_nodes": [n.name for n in self.shape_nodes],
         }
@@ -197,18 +229,27 @@ class FFN:
     gate: Linear | None
     down: Linear
     activation: str
+    #: Gate and up fused into one linear (``gate is up``) whose output is cut in two halves by a
+    #: Split or two Slices (Phi-3's gate_up_proj): the first column of the gate half and of the
+    #: up half. None for separate linears.
+    gate_up_halves: tuple[int, int] | None = None
 
     @property
     def gated(self) -> bool:
         return self.gate is not None
 
     @property
+    def fused_gate_up(self) -> bool:
+        return self.gate_up_halves is not None
+
+    @property
     def intermediate_size(self) -> int:
-        return self.up.out_features
+        return self.up.out_features // 2 if self.fused_gate_up else self.up.out_features
 
     def describe(self) -> dict:
         return {
             "gated": self.gated,
+            "fused_gate_up": list(self.gate_up_halves) if self.gate_up_halves else None,
             "intermediate_size": self.intermediate_size,
             "activation": self.activation,
             "up": self.up.name,
@@ -503,13 +544,23 @@ def _attach_consumers(norms: list[Norm], linears_by_input: dict[int, list[Linear
 class _Walk:
     """Backward walk from a value through data-movement and elementwise ops to the linears it came from."""
 
-    def __init__(self, linear_by_output: dict[int, Linear], norm_outputs: set[int]) -> None:
+    def __init__(self, linear_by_output: dict[int, Linear], norm_by_output: dict[int, Norm]) -> None:
         self.linear_by_output = linear_by_output
-        self.norm_outputs = norm_outputs
+        self.norm_by_output = norm_by_output
         self.visited: list[ir.Node] = []  # every node the last walk went through
+        self.norms_passed: list[Norm] = []  # the projection norms the last walk went through
 
-    def sources(self, start: ir.Value) -> tuple[list[Linear], list[ir.Node], str | None]:
-        """Linears reached, nodes on the shortest path to the first one, and why it stopped if none."""
+    def sources(
+        self, start: ir.Value, *, through_projection_norms: bool = False
+    ) -> tuple[list[Linear], list[ir.Node], str | None]:
+        """Linears reached, nodes on the shortest path to the first one, and why it stopped if none.
+
+        A norm output ends the walk (a norm starts a sub-block), except, with
+        ``through_projection_norms``, a norm that normalises one linear's output on its way to
+        the scores (:func:`projection_norm_source`: the QK-norm of Qwen3, Gemma3, OLMo2): the
+        walk goes on from the norm's input, the norm is listed in :attr:`norms_passed` and its
+        last node stands for it on the path.
+        """
         queue: deque[ir.Value] = deque([start])
         parent: dict[int, ir.Node | None] = {id(start): None}
         found: list[Linear] = []
@@ -517,6 +568,7 @@ class _Walk:
         stop_reason = None
         visited = 0
         self.visited = []
+        self.norms_passed = []
         while queue:
             value = queue.popleft()
             lin = self.linear_by_output.get(id(value))
@@ -526,7 +578,17 @@ class _Walk:
                     if len(found) == 1:
                         first_path = self._path(value, parent)
                 continue
-            if id(value) in self.norm_outputs:
+            norm = self.norm_by_output.get(id(value))
+            if norm is not None:
+                if (
+                    through_projection_norms
+                    and id(norm.input) not in parent
+                    and projection_norm_source(norm, self.linear_by_output) is not None
+                ):
+                    self.norms_passed.append(norm)
+                    parent[id(norm.input)] = norm.node
+                    queue.append(norm.input)
+                    continue
                 stop_reason = stop_reason or f"reached a norm output '{value.name}' before any linear"
                 continue
             node = value.producer()
@@ -561,6 +623,59 @@ class _Walk:
             path.append(node)
             node = parent.get(id(node.outputs[0]))
         return path
+
+
+def projection_norm_source(norm: Norm, linear_by_output: dict[int, Linear]) -> Linear | None:
+    """The linear whose output ``norm`` normalises, if it is a projection norm (QK-norm).
+
+    Such a norm reads, through layout ops only (the head split, a transpose), the output of one
+    linear; normalises the last axis alone (``LayerNormalization(axis=-1)``, or the RMSNorm
+    pattern with ``ReduceMean`` over ``-1``), whose extent divides the linear's width; and no
+    linear reads it. A block's pre-norm is read by linears; a post-norm (BERT) reads a residual
+    add, not a linear: neither is one.
+    """
+    if norm.linears or norm.output.is_graph_output():
+        return None
+    channels = norm.channels
+    if channels is None or not _normalises_last_axis(norm):
+        return None
+    dims = static_dims(norm.input)
+    if dims is not None and dims and dims[-1] is not None and dims[-1] != channels:
+        return None
+    value: ir.Value | None = norm.input
+    for _ in range(8):
+        if value is None:
+            return None
+        lin = linear_by_output.get(id(value))
+        if lin is not None:
+            return lin if lin.out_features % channels == 0 else None
+        node = value.producer()
+        if node is None or node.op_type not in _LAYOUT_OPS - {"Expand", "Tile"}:
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def _normalises_last_axis(norm: Norm) -> bool:
+    rank = norm.input.shape.rank() if norm.input.shape is not None else None
+    if norm.kind == "layer" or len(norm.nodes) == 1:
+        axis = norm.node.attributes.get("axis")
+        a = int(axis.value) if axis is not None else -1
+        return a == -1 or (rank is not None and a == rank - 1)
+    mean = next((n for n in norm.nodes if n.op_type == "ReduceMean"), None)
+    if mean is None:
+        return False
+    keep = mean.attributes.get("keepdims")
+    if keep is not None and int(keep.value) == 0:
+        return False
+    axes_value = mean.inputs[1] if len(mean.inputs) > 1 else None
+    axes = const_array(axes_value) if axes_value is not None else None
+    if axes is None and "axes" in mean.attributes:
+        axes = np.asarray(mean.attributes["axes"].value)
+    if axes is None or axes.size != 1:
+        return False
+    a = int(axes.reshape(()))
+    return a == -1 or (rank is not None and a == rank - 1)
 
 
 def _skip_forward(value: ir.Value, ops: Iterable[str]) -> ir.Value:
@@ -623,7 +738,9 @@ def _head_split(path: list[ir.Node], width: int) -> tuple[int, int] | None:
             if not cand or len(cand) < 3:
                 continue
             last = cand[-1]
-            if last is None or last <= 0 or width % last != 0 or last == width:
+            if last is None or last <= 0 or width % last != 0:
+                continue
+            if last == width and cand[-2] != 1:  # one head only when the split says so
                 continue
             return width // last, last
     return None
@@ -639,6 +756,57 @@ def _split_widths(path: list[ir.Node]) -> list[int] | None:
             if all(w and w[-1] for w in widths):
                 return [int(w[-1]) for w in widths]  # type: ignore[index]
     return None
+
+
+def slice_bounds(node: ir.Node, width: int) -> tuple[int, int] | None:
+    """(start, end) of a ``Slice`` of the last axis, ``width`` long, with constant bounds and step 1.
+
+    Bounds are clamped to the axis (``end`` may be INT64_MAX, "to the end"); None for any other
+    Slice (another axis, a step, bounds computed at run time).
+    """
+    if node.op_type != "Slice" or len(node.inputs) < 3:
+        return None
+    parts = [const_array(v) if v is not None else None for v in node.inputs[1:5]]
+    starts, ends = parts[0], parts[1]
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+        return None
+    rank = node.inputs[0].shape.rank() if node.inputs[0] is not None and node.inputs[0].shape is not None else None
+    if len(parts) > 2 and node.inputs[3] is not None:
+        axes = parts[2]
+        if axes is None or axes.size != 1:
+            return None
+        axis = int(axes.reshape(()))
+        if axis != -1 and (rank is None or axis != rank - 1):
+            return None
+    elif rank != 1:
+        return None
+    step = parts[3] if len(parts) > 3 and node.inputs[4] is not None else np.ones(1)
+    if step is None or step.size != 1 or int(step.reshape(())) != 1:
+        return None
+
+    def clamp(x: int) -> int:
+        x = x + width if x < 0 else x
+        return min(max(x, 0), width)
+
+    return clamp(int(starts.reshape(()))), clamp(int(ends.reshape(())))
+
+
+def _slice_widths(lin: Linear, *paths: list[ir.Node]) -> list[int] | None:
+    """Widths of Q, K and V when each path leaves the fused linear by one Slice of its last axis
+    and the three slices cover it in that order (Phi-3's qkv_proj)."""
+    bounds = []
+    for path in paths:
+        first = path[0] if path else None
+        if first is None or first.inputs[0] is not lin.output:
+            return None
+        b = slice_bounds(first, lin.out_features)
+        if b is None:
+            return None
+        bounds.append(b)
+    (q0, q1), (k0, k1), (v0, v1) = bounds
+    if q0 != 0 or k0 != q1 or v0 != k1 or v1 != lin.out_features or not q0 < q1 < k1 < v1:
+        return None
+    return [q1 - q0, k1 - k0, v1 - v0]
 
 
 def _depends_on(value: ir.Value, predicate, limit: int = 200) -> bool:
@@ -697,10 +865,12 @@ def _find_attention(
     context = _context_matmul(softmax)
     if context is None:
         return f"{where}: no probs @ V MatMul found after it"
-    q_lins, q_path, q_why = walk.sources(scores.inputs[0])
+    q_lins, q_path, q_why = walk.sources(scores.inputs[0], through_projection_norms=True)
+    q_norms = list(walk.norms_passed)
     # Rotary embedding: rotate_half negates one half of each head (Neg), or a fused op.
     rotary = any(n.op_type in ("Neg", "RotaryEmbedding") for n in walk.visited)
-    k_lins, k_path, k_why = walk.sources(scores.inputs[1])
+    k_lins, k_path, k_why = walk.sources(scores.inputs[1], through_projection_norms=True)
+    k_norms = list(walk.norms_passed)
     v_lins, v_path, v_why = walk.sources(context.inputs[1])
     for role, lins, why, node in (
         ("query", q_lins, q_why, scores),
@@ -725,9 +895,12 @@ def _find_attention(
     if fused:
         if v is not q:
             return f"{where}: query and key come from fused linear '{q.name}' but value from '{v.name}'"
-        widths = _split_widths(q_path) or _split_widths(k_path)
+        widths = _split_widths(q_path) or _split_widths(k_path) or _slice_widths(q, q_path, k_path, v_path)
         if widths is None or len(widths) != 3:
-            return f"{where}: fused QKV linear '{q.name}' is not split into three parts by a Split"
+            return (
+                f"{where}: fused QKV linear '{q.name}' is not split into three parts by a Split "
+                f"or by three Slices of its last axis (query, key, value in that order)"
+            )
         qkv_split = (widths[0], widths[1], widths[2])
         q_width, k_width = widths[0], widths[1]
     else:
@@ -741,6 +914,12 @@ def _find_attention(
     num_kv_heads = k_width // head_dim
     if num_heads % num_kv_heads:
         return f"{where}: {num_heads} query heads cannot share {num_kv_heads} KV heads evenly"
+    norms: dict[str, Norm | None] = {}
+    for role, passed, lin, width in (("query", q_norms, q, q_width), ("key", k_norms, k, k_width)):
+        found_norm = _qk_norm(role, passed, lin, width, head_dim, walk)
+        if isinstance(found_norm, str):
+            return f"{where}: {found_norm}"
+        norms[role] = found_norm
     shape_ops = {"Reshape", "Expand", "Split", "Slice", "Tile", "Concat"}
     shape_nodes: dict[int, ir.Node] = {}
     for node in [*q_path, *k_path, *v_path]:
@@ -758,7 +937,34 @@ def _find_attention(
         softmax=softmax, scores_matmul=scores, context_matmul=context,
         causal=_is_causal(scores, softmax), rotary=rotary,
         shape_nodes=list(shape_nodes.values()), qkv_split=qkv_split,
+        q_norm=norms["query"], k_norm=norms["key"],
     )
+
+
+def _qk_norm(
+    role: Literal["query", "key"], passed: list[Norm], lin: Linear, width: int, head_dim: int, walk: _Walk
+) -> Norm | None | str:
+    """The one QK-norm the walk to the ``role`` projection went through (None if none), or why not.
+
+    It must normalise that projection's output, over each head (``head_dim`` channels) or over
+    the projection's part of the width (``width`` channels, before the head split).
+    """
+    if not passed:
+        return None
+    if len(passed) > 1:
+        names = ", ".join(f"'{n.name}'" for n in passed)
+        return f"the {role} passes through {len(passed)} norms ({names}) on its way to the scores"
+    norm = passed[0]
+    if projection_norm_source(norm, walk.linear_by_output) is not lin:
+        return f"the {role} norm '{norm.name}' does not normalise the {role} projection '{lin.name}'"
+    if norm.channels not in (head_dim, width):
+        return (
+            f"the {role} norm '{norm.name}' normalises {norm.channels} channels, neither head_dim "
+            f"{head_dim} nor the {role} width {width}"
+        )
+    if norm.channels == width and lin.out_features != width:
+        return f"the {role} norm '{norm.name}' normalises the {role} part of a fused projection"
+    return norm
 
 
 # ----------------------------------------------------------------------------- FFN
@@ -770,6 +976,8 @@ def _find_ffn(down: Linear, walk: _Walk) -> FFN | None:
     seen: set[int] = set()
     reached: list[Linear] = []
     activations: list[str] = []
+    activation_inputs: list[ir.Value] = []
+    halves: dict[int, tuple[Linear, int, int]] = {}  # value -> (fused linear, start, end)
     gate_of: dict[int, bool] = {}
     steps = 0
     while queue and steps < 64:
@@ -778,6 +986,10 @@ def _find_ffn(down: Linear, walk: _Walk) -> FFN | None:
         if lin is not None:
             if all(lin is not r for r in reached):
                 reached.append(lin)
+            continue
+        part = _linear_part(value, walk.linear_by_output)
+        if part is not None:
+            halves[id(value)] = part
             continue
         node = value.producer()
         if node is None or id(node) in seen:
@@ -792,16 +1004,21 @@ def _find_ffn(down: Linear, walk: _Walk) -> FFN | None:
             return None
         if node.op_type in _ACTIVATIONS:
             activations.append(_activation_name(node))
+            activation_inputs.append(node.inputs[0])  # type: ignore[arg-type]
             # which linear does the activation sit on: that one is the gate (or the only up)
             src, _, _ = walk.sources(node.inputs[0])
             for s in src:
                 gate_of[id(s)] = True
         queue.extend(i for i in node.inputs if i is not None and const_array(i) is None)
-    if not activations or not 1 <= len(reached) <= 2:
+    if not activations:
         return None
     activation = activations[0]
     if activation == "gelu_tanh" and "Pow" not in {n.op_type for n in producers(down.input, 40)}:
         activation = "tanh"
+    if halves:
+        return _fused_gate_up(down, reached, halves, activation_inputs, activation)
+    if not 1 <= len(reached) <= 2:
+        return None
     if len(reached) == 1:
         return FFN(up=reached[0], gate=None, down=down, activation=activation)
     a, b = reached
@@ -811,6 +1028,78 @@ def _find_ffn(down: Linear, walk: _Walk) -> FFN | None:
     if not gate_of.get(id(gate)):
         return None
     return FFN(up=up, gate=gate, down=down, activation=activation)
+
+
+def _linear_part(value: ir.Value, linear_by_output: dict[int, Linear]) -> tuple[Linear, int, int] | None:
+    """(linear, start, end) when ``value`` is a contiguous part of a linear's output along its
+    last axis: an output of a Split of that axis, or a Slice of it with constant bounds."""
+    node = value.producer()
+    if node is None or node.op_type not in ("Split", "Slice") or node.inputs[0] is None:
+        return None
+    lin = linear_by_output.get(id(node.inputs[0]))
+    if lin is None:
+        return None
+    width = lin.out_features
+    if node.op_type == "Slice":
+        bounds = slice_bounds(node, width)
+        return (lin, *bounds) if bounds is not None and bounds[0] < bounds[1] else None
+    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    axis_attr = node.attributes.get("axis")
+    axis = int(axis_attr.value) if axis_attr is not None else 0
+    if axis != -1 and (rank is None or axis != rank - 1):
+        return None
+    widths = _split_widths([node])
+    if widths is None and width % len(node.outputs) == 0:
+        widths = [width // len(node.outputs)] * len(node.outputs)
+    if widths is None or sum(widths) != width:
+        return None
+    index = next(i for i, out in enumerate(node.outputs) if out is value)
+    start = sum(widths[:index])
+    return lin, start, start + widths[index]
+
+
+def _fused_gate_up(
+    down: Linear,
+    reached: list[Linear],
+    halves: dict[int, tuple[Linear, int, int]],
+    activation_inputs: list[ir.Value],
+    activation: str,
+) -> FFN | None:
+    """``down(act(gate) * up)`` where gate and up are the two halves of one linear's output."""
+    parts = {(id(lin), a, b): (lin, a, b) for lin, a, b in halves.values()}
+    if reached or len(parts) != 2:
+        return None
+    (lin, a0, a1), (lin2, b0, b1) = sorted(parts.values(), key=lambda part: part[1])
+    half = lin.out_features // 2
+    if lin2 is not lin or (a0, a1, b0, b1) != (0, half, half, lin.out_features) or down.in_features != half:
+        return None
+    # the gate is the half the activation reads (through elementwise ops)
+    under: set[int] = set()
+    for value in activation_inputs:
+        under |= _values_reached(value, set(halves))
+    gate_starts = {halves[v][1] for v in under}
+    if len(gate_starts) != 1:
+        return None
+    gate_start = gate_starts.pop()
+    up_start = half if gate_start == 0 else 0
+    return FFN(up=lin, gate=lin, down=down, activation=activation, gate_up_halves=(gate_start, up_start))
+
+
+def _values_reached(value: ir.Value, targets: set[int], limit: int = 32) -> set[int]:
+    """The ids of ``targets`` that ``value`` is computed from through elementwise ops."""
+    found: set[int] = set()
+    queue, seen = deque([value]), 0
+    while queue and seen < limit:
+        v = queue.popleft()
+        seen += 1
+        if id(v) in targets:
+            found.add(id(v))
+            continue
+        node = v.producer()
+        if node is None or node.op_type not in _ELEMENTWISE:
+            continue
+        queue.extend(i for i in node.inputs if i is not None and const_array(i) is None)
+    return found
 
 
 def _activation_name(node: ir.Node) -> str:
@@ -879,7 +1168,7 @@ def find_blocks(model: ir.Model | ir.Graph) -> BlockMap:
     for lin in linears:
         linears_by_input.setdefault(id(lin.input), []).append(lin)
     _attach_consumers(norms, linears_by_input)
-    walk = _Walk({id(lin.output): lin for lin in linears}, {id(n.output) for n in norms})
+    walk = _Walk({id(lin.output): lin for lin in linears}, {id(n.output): n for n in norms})
 
     unrecognized: list[str] = []
     attentions: list[Attention] = []
@@ -892,6 +1181,11 @@ def find_blocks(model: ir.Model | ir.Graph) -> BlockMap:
         else:
             attentions.append(found)
 
+    for attn in attentions:
+        if attn.q_norm is not None:
+            attn.q_norm.normalizes = "query"
+        if attn.k_norm is not None:
+            attn.k_norm.normalizes = "key"
     attention_linears = {id(lin) for a in attentions for lin in (a.q, a.k, a.v, a.o)}
     ffns: list[FFN] = []
     for lin in linears:

@@ -167,9 +167,9 @@ down's kept rows. Everything
 
     def _site(self, model: ir.Model, blocks: BlockMap, index: int, ffn: FFN) -> _Site:
         width = ffn.intermediate_size
+        path = ffn_intermediate(ffn, blocks)  # first: it names a fused gate+up linear
         if ffn.down.in_features != width or (ffn.gate is not None and ffn.gate.out_features != width):
             raise Skip("up, gate and down widths disagree", ffn.down.matmul)
-        path = ffn_intermediate(ffn, blocks)
         if path.reshapes:
             # their targets would need the new width; channel-wise ops adapt by themselves
             raise Skip("Reshape between up and down", path.reshapes[0])
