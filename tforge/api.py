@@ -84,8 +84,13 @@ def compile(  # noqa: A001 - mirrors the `tforge compile` command
     external_data: bool | None = None,
     progress: Any = None,
     strict: bool = False,
+    preset: str | None = None,
 ) -> CompileResult:
     """Run a pipeline on a model (mutated in place) and optionally save the result atomically.
+
+    ``preset`` (``"w8a8"``, ``"w4a8"``; see :mod:`tforge.presets`) replaces ``passes`` with the
+    recommended pipeline for this model, as ``tforge compile --preset`` does; a preset whose
+    pipeline reads no data on this model (w8a8 on a KV-cache decoder) ignores ``calibration``.
 
     ``calibration``: the data of the passes that run the model on data (``calibrate``,
     ``linear-attention``): a :class:`CalibrationData` (text file and tokenizer, or an .npz: the
@@ -95,6 +100,12 @@ def compile(  # noqa: A001 - mirrors the `tforge compile` command
     """
     if not isinstance(model, ir.Model):
         model = load(model)
+    if preset is not None:
+        from tforge.presets import preset_pipeline
+
+        passes = preset_pipeline(preset, model)
+        if not any(p.reads_calibration_data for p in PassManager.parse(passes).passes):
+            calibration = None
     pm = PassManager.parse(
         passes,
         verify_each=verify_each,

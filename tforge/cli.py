@@ -28,7 +28,7 @@ from tforge.errors import (
     TforgeError,
     UnsupportedModelError,
 )
-from tforge.presets import PRESETS
+from tforge.presets import PRESETS, preset_pipeline
 
 logger = logging.getLogger("tforge")
 
@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input", help="an .onnx file (with its external data beside it) or a .pt2 ExportedProgram")
     pipeline = c.add_mutually_exclusive_group(required=True)
     pipeline.add_argument("--passes", metavar="SPEC", help="e.g. 'canonicalize,smoothquant{alpha=0.5}'")
-    pipeline.add_argument("--preset", choices=sorted(PRESETS), help="a recommended pipeline (see tforge/presets.py), "
-                          "e.g. w8a8: int8 weights and activations (needs --calib-text and --tokenizer)")
+    pipeline.add_argument("--preset", choices=sorted(PRESETS), help="a recommended pipeline (see tforge/presets.py): "
+                          "w8a8: int8 weights and activations; w4a8: 4-bit GPTQ weights, int8 activations; both "
+                          "need --calib-text and --tokenizer, except w8a8 on a KV-cache decoder (8-bit MatMulNBits)")
     c.add_argument("-o", "--output", help="where to write the compiled .onnx (atomically); omit for a dry run")
     c.add_argument("--report", metavar="FILE", help="write the pass report as JSON")
     c.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=DIMS",
@@ -269,6 +270,18 @@ def _write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _drop_unread_calibration(args: argparse.Namespace) -> None:
+    """A preset whose pipeline for this model reads no data ignores the calibration flags (with a
+    note) instead of failing: the same command line serves models with and without a cache."""
+    given = [flag for flag, value in (("--calib-text", args.calib_text), ("--tokenizer", args.tokenizer),
+                                      ("--calib-npz", args.calib_npz), ("--calib-samples", args.calib_samples),
+                                      ("--workers", args.workers), ("--cluster", args.cluster))
+             if value is not None]  # fmt: skip
+    if given:
+        logger.info("preset %s reads no calibration data on this model: %s not used", args.preset, ", ".join(given))
+    args.calib_text = args.tokenizer = args.calib_npz = args.calib_samples = args.workers = args.cluster = None
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     import tforge
     from tforge.compiler.pipeline import NumericsCheck
@@ -278,11 +291,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         numerics = NumericsCheck(
             atol=args.check_numerics.get("atol"), min_cosine=args.check_numerics.get("min-cosine")
         )
-    if args.preset is not None:
-        args.passes = PRESETS[args.preset]
-        logger.info("preset %s: %s", args.preset, args.passes)
-    # Parse the pipeline and check the output before loading: a typo should not cost a model load.
-    tforge.PassManager.parse(args.passes)
+    if args.passes is not None:
+        # Parse the pipeline and check the output before loading: a typo should not cost a model load.
+        tforge.PassManager.parse(args.passes)
     if args.output is not None and Path(args.output).resolve() == Path(args.input).resolve():
         raise UnsupportedModelError(
             f"{args.output}: the output would overwrite the input model; choose another output path"
@@ -292,6 +303,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     model = tforge.load(args.input)
     from tforge.compiler.pipeline import PassManager
 
+    if args.preset is not None:  # a preset's pipeline can depend on the model (a KV cache)
+        args.passes = preset_pipeline(args.preset, model)
+        logger.info("preset %s: %s", args.preset, args.passes)
+        if not any(p.reads_calibration_data for p in PassManager.parse(args.passes).passes):
+            _drop_unread_calibration(args)
     data = None
     if any(v is not None for v in (args.calib_text, args.tokenizer, args.calib_npz, args.workers, args.cluster)):
         from tforge.compiler.calibration import CalibrationData
@@ -397,8 +413,8 @@ def _format_inspect(info: dict[str, Any]) -> str:
     ]
     for b in info["blocks"]:
         a, f = b["attention"], b["ffn"]
-        parts = [f"  [{b['index']:>2}] {'pre' if b['pre_norm'] else 'post'}-norm"]
-        norm = b["attention_norm"] or b["ffn_norm"]
+        parts = [f"  [{b['index']:>2}] {b.get('norm_placement') or ('pre' if b['pre_norm'] else 'post')}-norm"]
+        norm = b["attention_norm"] or b["ffn_norm"] or b.get("attention_post_norm") or b.get("ffn_post_norm")
         if norm:
             parts.append(f"{norm['kind']}norm")
         if a:

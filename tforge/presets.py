@@ -1,40 +1,88 @@
 """Named pipelines: the passes tforge recommends for a goal, so that a user needs one flag.
 
 ``tforge compile model.onnx --preset w8a8 --calib-text FILE --tokenizer PATH -o model.int8.onnx``
-runs ``PRESETS["w8a8"]``. Each preset is the best pipeline measured by ``tools/bench.py
---section int8`` on MiniLM and SmolLM2 (see BENCHMARKS.md); change one only with a new
-measurement.
+runs the preset's pipeline (``tforge.compile(model, preset="w8a8", ...)`` in Python). A preset
+can have a second pipeline for graphs with a KV cache (``DECODER_PRESETS``): generation token
+by token is bound by the weight bytes read and the nodes run per token, not by multiply-adds,
+so what is fastest there is not what is fastest on an encoder's 8 x 128 batch. Each pipeline is
+the best one measured (``tools/bench.py --section int8`` on MiniLM and SmolLM2,
+``tools/bench_decode.py`` on SmolLM2 with a cache; see BENCHMARKS.md); change one only with a
+new measurement.
 
-- ``w8a8``: int8 weights (per output channel) and int8 activations. ``smoothquant`` (alpha 0.5)
-  first moves activation outliers into the weights; ``quantize{activations=auto}`` then quantizes
-  each activation per tensor with a calibrated scale where the statistics predict at least
-  33 dB of signal-to-quantization noise (the cheapest kernel path), and per token at run time
-  elsewhere (the FFN down projections, whose inputs keep outliers smoothing cannot fold through
-  GELU/SiLU). Per-tensor activations everywhere (ORT's ``quantize_dynamic``/``quantize_static``) cost
-  SmolLM2 18-300% perplexity; per token everywhere costs MiniLM several % of speed.
-  ``ort-layernorm`` last keeps ORT on LayerNormalization rather than its slower fused
-  SkipLayerNormalization (post-norm models such as BERT; it changes nothing in pre-norm ones).
-  A dynamic per-tensor middle tier (``min-sqnr-dynamic=28``) measured 2-5% faster, at +2.7%
-  SmolLM2 perplexity against +2.1%: too little margin under the 3% limit to make it the default.
+- ``w8a8``: int8 weights and int8 activations.
+
+  - Without a cache: ``smoothquant`` (alpha 0.5) first moves activation outliers into the
+    weights; ``quantize{activations=auto}`` then quantizes each activation per tensor with a
+    calibrated scale where the statistics predict at least 33 dB of signal-to-quantization
+    noise (the cheapest kernel path), and per token at run time elsewhere (the FFN down
+    projections, whose inputs keep outliers smoothing cannot fold through GELU/SiLU).
+    Per-tensor activations everywhere (ORT's ``quantize_dynamic``/``quantize_static``) cost
+    SmolLM2 18-300% perplexity; per token everywhere costs MiniLM several % of speed.
+    ``ort-layernorm`` keeps ORT on LayerNormalization rather than its slower fused
+    SkipLayerNormalization (post-norm models such as BERT). A dynamic per-tensor middle tier
+    (``min-sqnr-dynamic=28``) measured 2-5% faster, at +2.7% SmolLM2 perplexity against
+    +2.1%: too little margin under the 3% limit to make it the default.
+  - With a KV cache: every linear and the token embedding (with the tied LM head) as 8-bit
+    symmetric blocks of 32 on ONNX Runtime's ``MatMulNBits``/``GatherBlockQuantized``, which at
+    accuracy level 4 quantize the activations to int8 per block of 32 inside the kernel, then
+    ``ort-fuse`` (GroupQueryAttention, the RMSNorm fusions). On SmolLM2 it decodes faster than
+    the per-token int8 graph of the pipeline above (which runs a quantization chain of nodes
+    per linear per token) at a smaller perplexity loss, and needs no calibration.
+
+- ``w4a8``: 4-bit weights, int8 activations (``MatMulNBits`` accuracy level 4): GPTQ on the
+  calibration data's second moments, asymmetric blocks of 128 rows; the token embedding and
+  the LM head tied to it stay at 8 bits (blocks of 64), since the head's rounding errors reach
+  the logits directly and cost more perplexity than all the 4-bit linears together; then
+  ``ort-fuse``. Needs --calib-text/--tokenizer (or --calib-npz).
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
+from typing import Any
 
-from tforge.errors import PassConfigError
+from tforge.errors import PassConfigError, UnsupportedModelError
 
-__all__ = ["PRESETS", "preset_pipeline"]
+__all__ = ["DECODER_PRESETS", "PRESETS", "has_kv_cache", "preset_pipeline"]
 
+logger = logging.getLogger(__name__)
+
+#: every preset's pipeline, for models without a KV cache
 PRESETS: dict[str, str] = {
     "w8a8": "canonicalize,calibrate,smoothquant,quantize{activations=auto},ort-layernorm",
+    "w4a8": (
+        "canonicalize,calibrate,quantize-weights{method=gptq block=128 symmetric=false "
+        "embedding-bits=8 embedding-block=64},ort-fuse"
+    ),
+}
+
+#: a preset's pipeline for graphs with a KV cache, where it differs
+DECODER_PRESETS: dict[str, str] = {
+    "w8a8": "canonicalize,quantize-weights{bits=8 block=32 embedding-bits=8},ort-fuse",
 }
 
 
-def preset_pipeline(name: str) -> str:
-    """The pipeline spec of preset ``name``; PassConfigError naming the known presets otherwise."""
-    if name in PRESETS:
-        return PRESETS[name]
-    near = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.5)
-    hint = f"did you mean {near[0]!r}? " if near else ""
-    raise PassConfigError(f"preset: unknown preset {name!r}; {hint}known presets: {', '.join(sorted(PRESETS))}")
+def has_kv_cache(model: Any) -> bool:
+    """Whether ``model`` (an onnx_ir model, a path or a session) is a decoder graph with a KV
+    cache that generation can feed (``past_key_values``-style inputs with ``present`` outputs)."""
+    from tforge.runtime import generate
+
+    try:
+        generate.cache_layout(generate.graph_io(model))
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+def preset_pipeline(name: str, model: Any = None) -> str:
+    """The pipeline spec of preset ``name`` for ``model`` (its KV-cache pipeline when the model
+    has a cache and the preset has one); PassConfigError naming the known presets otherwise."""
+    if name not in PRESETS:
+        near = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.5)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise PassConfigError(f"preset: unknown preset {name!r}; {hint}known presets: {', '.join(sorted(PRESETS))}")
+    if model is not None and name in DECODER_PRESETS and has_kv_cache(model):
+        logger.info("preset %s: the model has a KV cache, so the decoding pipeline", name)
+        return DECODER_PRESETS[name]
+    return PRESETS[name]

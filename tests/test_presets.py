@@ -1,0 +1,80 @@
+"""Presets: the pipeline follows the model (a KV-cache decoder gets the decoding pipeline), the
+CLI and the API resolve it the same way, and each preset's output runs and stays close to float.
+
+On the random tiny LLaMA with a cache (``llama_cache``) and its word-level tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import tforge
+from tests.conftest import cosine, teacher_forced
+from tforge.cli import main
+from tforge.compiler.calibration import CalibrationData
+from tforge.errors import PassConfigError
+from tforge.presets import DECODER_PRESETS, PRESETS, has_kv_cache, preset_pipeline
+
+PREFILL = 6
+
+
+def _ops(model: ir.Model) -> dict[str, list[ir.Node]]:
+    found: dict[str, list[ir.Node]] = {}
+    for node in model.graph:
+        found.setdefault(node.op_type, []).append(node)
+    return found
+
+
+def test_the_pipeline_follows_the_model(llama_cache, zoo_model: Callable[[str], Path]) -> None:
+    cache_model, encoder = tforge.load(llama_cache.dynamo), tforge.load(zoo_model("bert"))
+    assert has_kv_cache(cache_model) and has_kv_cache(llama_cache.torchscript)
+    assert not has_kv_cache(encoder)
+    assert preset_pipeline("w8a8", cache_model) == DECODER_PRESETS["w8a8"]
+    assert preset_pipeline("w8a8", encoder) == preset_pipeline("w8a8") == PRESETS["w8a8"]
+    assert preset_pipeline("w4a8", cache_model) == PRESETS["w4a8"]  # one pipeline for both
+    with pytest.raises(PassConfigError, match="unknown preset 'w4a4'; did you mean"):
+        preset_pipeline("w4a4", cache_model)
+
+
+def test_cli_w8a8_on_a_cache_decoder_needs_no_data_and_decodes_close_to_float(
+    llama_cache, llama_text: Path, tokenizer_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "w8a8.onnx"
+    # the same command line as for an encoder: the calibration flags are not needed, and said so
+    with caplog.at_level("INFO", logger="tforge"):
+        code = main(["compile", str(llama_cache.dynamo), "--preset", "w8a8", "--calib-text", str(llama_text),
+                     "--tokenizer", str(tokenizer_dir), "-o", str(out)])  # fmt: skip
+    assert code == 0
+    assert "reads no calibration data on this model: --calib-text, --tokenizer not used" in caplog.text
+    model = tforge.load(out)
+    ops = _ops(model)
+    assert {n.attributes["bits"].value for n in ops["MatMulNBits"]} == {8}
+    assert len(ops["MatMulNBits"]) == 15 and "MatMul" not in ops  # 7 linears a layer and the LM head
+    assert len(ops["GroupQueryAttention"]) == 2
+    ids = np.random.default_rng(0).integers(3, 96, size=PREFILL + 4)
+    reference, _ = teacher_forced(llama_cache.dynamo, ids, PREFILL)
+    got, _ = teacher_forced(out, ids, PREFILL)
+    assert min(cosine(a, b) for a, b in zip(reference, got, strict=True)) > 0.999
+
+
+def test_api_w4a8_quantizes_to_4_bits_from_text(llama_cache, llama_text: Path, tokenizer_dir: Path) -> None:
+    model = tforge.load(llama_cache.dynamo)
+    result = tforge.compile(
+        model, preset="w4a8", calibration=CalibrationData(text=str(llama_text), tokenizer=str(tokenizer_dir), samples=8)
+    )
+    names = [record.name for record in result.report.passes]
+    assert names == ["canonicalize", "calibrate", "quantize-weights", "ort-fuse"]
+    record = result.report.passes[2]
+    assert record.stats["quantized: 4-bit gptq"] == 15  # the LM head too: the table it is tied to stays float
+    # the tiny model's 32-wide table has no block of 64: the embedding stays float, said so
+    assert [s["reason"] for s in record.skipped] == [
+        "embedding width 32 is not a multiple of embedding-block 64 (set embedding-block to a divisor)"
+    ]
+    ids = np.random.default_rng(1).integers(3, 96, size=PREFILL + 4)
+    reference, _ = teacher_forced(llama_cache.dynamo, ids, PREFILL)
+    got, _ = teacher_forced(result.model, ids, PREFILL)
+    assert min(cosine(a, b) for a, b in zip(reference, got, strict=True)) > 0.88  # measured 0.940 (random weights)
