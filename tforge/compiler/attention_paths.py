@@ -6,20 +6,47 @@
 - :func:`score_chain`: how the scores become probabilities: the constant scale, the additive
   mask and the ``[batch, seq]`` padding-mask input it comes from (linear attention, and the
   attention fusions for ONNX Runtime).
+- :func:`softmax_score_chain` and :func:`peel_scale`: the same read from the ``Softmax`` alone,
+  for graphs whose projections the block map does not read as linears (after ``quantize``).
+- :func:`attention_core`: the whole core between the Q/K/V ``[batch, seq, width]`` values and
+  the merged ``[batch, seq, heads * head_dim]`` context, read from the ``Softmax`` alone, with
+  the head split, K^T and head merge *proven* by tracing which logical axes (batch, sequence,
+  heads, head_dim) every axis holds through ``Reshape``/``Transpose``, shapes computed at run
+  time from ``Shape`` included (the ONNX Runtime ``MultiHeadAttention`` fusion).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterable
 
+import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.ops import LAYOUT, only_reader
+from tforge.compiler.ops import LAYOUT, data_uses, is_default_domain, only_reader
 from tforge.compiler.pass_infra import Skip
-from tforge.compiler.structure import Attention, const_array, nan_guarded_softmax, slice_bounds
+from tforge.compiler.structure import (
+    Attention,
+    const_array,
+    nan_guarded_softmax,
+    producers,
+    scalar,
+    slice_bounds,
+    static_dims,
+)
 
-__all__ = ["ScoreChain", "graph_inputs_reached", "score_chain", "value_columns"]
+__all__ = [
+    "AttentionCore",
+    "ScoreChain",
+    "SoftmaxScores",
+    "attention_core",
+    "graph_inputs_reached",
+    "peel_scale",
+    "score_chain",
+    "softmax_score_chain",
+    "value_columns",
+]
 
 # Between the V projection and probs @ V: layout ops only (a Cast would change what is scaled).
 _VALUE_PATH = LAYOUT - {"Cast"}
@@ -217,3 +244,602 @@ def graph_inputs_reached(value: ir.Value, graph: ir.Graph, *, stop: Iterable[ir.
             continue  # only the shape is read: no data dependence
         stack.extend(i for i in node.inputs if i is not None)
     return list(found.values())
+
+
+# ----------------------------------------------------------------------------- read from the Softmax alone
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SoftmaxScores:
+    """``Softmax(...)`` of ``scale * (Q @ K^T) + mask`` read back from the Softmax, without the block map."""
+
+    scale: float  # product of every scalar Mul/Div between the scores MatMul and the Softmax
+    mask: ir.Value | None  # the additive mask's operand, if any
+    scores: ir.Node  # the Q @ K^T MatMul
+    #: the part of ``scale`` applied after the mask was added, which therefore scales the mask too
+    #: (1.0 when the scale comes first, as every exporter writes it, or when there is no mask)
+    mask_scale: float = 1.0
+
+
+def softmax_score_chain(softmax: ir.Node) -> SoftmaxScores:
+    """The scores chain of ``softmax``, each value on it read by the chain only, or :class:`Skip`.
+
+    Between the ``Softmax`` and the ``Q @ K^T`` MatMul (both operands computed) there may be
+    scalar constant ``Mul``/``Div`` (the scale), one ``Add`` of a mask that does not depend on
+    the scores (computed, or a constant), and ``Cast``/``Identity``.
+    """
+    scale, mask, mask_scale = 1.0, None, 1.0
+    value = softmax.inputs[0]
+    for _ in range(8):
+        node = value.producer() if value is not None else None
+        if node is None or only_reader(value) is None:
+            break
+        data = [i for i in node.inputs if i is not None and const_array(i) is None]
+        if node.op_type == "MatMul" and len(data) == 2:
+            return SoftmaxScores(scale, mask, node, mask_scale if mask is not None else 1.0)
+        if node.op_type in ("Mul", "Div") and len(data) == 1 and len(node.inputs) == 2:
+            c = scalar(node.inputs[1] if node.inputs[0] is data[0] else node.inputs[0])
+            if c is None or (node.op_type == "Div" and node.inputs[1] is data[0]):
+                break
+            scale *= c if node.op_type == "Mul" else 1.0 / c
+            value = data[0]
+        elif node.op_type == "Add" and len(data) == 2 and mask is None:
+            on_path = [_reaches_matmul(d) for d in data]
+            if sum(on_path) != 1:
+                break
+            value, mask = (data[0], data[1]) if on_path[0] else (data[1], data[0])
+            mask_scale = scale  # what was peeled so far comes after the add
+        elif node.op_type == "Add" and len(data) == 1 and len(node.inputs) == 2 and mask is None:
+            # a constant mask (static-shape exports fold SDPA's mask into one)
+            value = data[0]
+            mask = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+            mask_scale = scale
+        elif node.op_type in ("Cast", "Identity") and len(data) == 1:
+            value = data[0]
+        else:
+            break
+    raise Skip("the Softmax input is not scale * (Q @ K^T) + mask", softmax)
+
+
+def _reaches_matmul(value: ir.Value) -> bool:
+    """Whether ``value`` is a non-constant MatMul's output, through scalar scalings only."""
+    for _ in range(4):
+        node = value.producer()
+        if node is None:
+            return False
+        if node.op_type == "MatMul":
+            return const_array(node.inputs[1]) is None
+        if node.op_type not in ("Mul", "Div", "Cast", "Identity"):
+            return False
+        data = [i for i in node.inputs if i is not None and const_array(i) is None]
+        if len(data) != 1:
+            return False
+        value = data[0]
+    return False
+
+
+def peel_scale(value: ir.Value | None) -> tuple[float, ir.Value]:
+    """Scalar constant ``Mul``/``Div`` read only on the way (SDPA's sqrt(scale) on Q and on K):
+    (their product, the value before them)."""
+    scale = 1.0
+    while value is not None:
+        node = value.producer()
+        if node is None or node.op_type not in ("Mul", "Div") or only_reader(value) is None:
+            break
+        data, other = node.inputs[0], node.inputs[1]
+        c = scalar(other)
+        if c is None and node.op_type == "Mul":
+            data, other = other, data
+            c = scalar(other)
+        if c is None or data is None or const_array(data) is not None:
+            break
+        scale *= c if node.op_type == "Mul" else 1.0 / c
+        value = data
+    if value is None:
+        raise Skip("a scores operand is missing")
+    return scale, value
+
+
+# ----------------------------------------------------------------------------- the attention core
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttentionCore:
+    """Everything between the Q/K/V values and the merged context of one attention, traced.
+
+    ``q``, ``k``, ``v`` are ``[batch, seq, width]`` values (projection outputs, bias included, or
+    the parts of a fused QKV projection) whose last axis is split head-major into
+    ``num_heads x head_dim``; ``output`` is ``[batch, seq, num_heads * v_head_dim]``, head-major,
+    equal to ``softmax(scale * Q K^T + mask) V`` per head (``[batch * seq, ..]`` when
+    ``flat_output``: some exports merge the heads straight to 2-D). ``mask`` is additive, unscaled, of
+    rank 4 and broadcastable to ``[batch, heads, seq, total]``; ``mask_full`` says its last two
+    dims are known to be ``[seq, total]`` already (no broadcast needed there).
+    """
+
+    softmax: ir.Node
+    scores_matmul: ir.Node
+    context_matmul: ir.Node
+    q: ir.Value
+    k: ir.Value
+    v: ir.Value
+    output: ir.Value
+    num_heads: int
+    head_dim: int
+    v_head_dim: int
+    scale: float
+    mask: ir.Value | None
+    mask_full: bool
+    flat_output: bool = False  # ``output`` is ``[batch * seq, width]`` (merged straight to 2-D)
+
+
+#: An extent: an integer times a product of named symbolic dims (sorted), e.g. ``(12, ("batch",))``.
+Size = tuple[int, tuple[str, ...]]
+_ONE: Size = (1, ())
+#: Ops that only regroup or reorder axes, which the trace follows.
+_REGROUP = frozenset({"Reshape", "Transpose", "Identity", "Unsqueeze", "Squeeze"})
+_SHAPE_DEPTH = 12  # ops of shape arithmetic followed back from a Reshape target
+
+
+@dataclasses.dataclass(frozen=True)
+class _Atom:
+    """A logical axis: ``<tensor>.b`` (batch), ``.s`` (sequence), ``.w`` (width) of a ``[b, s, w]``
+    start value; splitting an atom gives ``<role>0`` (outer part) and ``<role>1`` (inner part)."""
+
+    role: str
+    size: Size
+
+
+_Layout = tuple[tuple[_Atom, ...], ...]  # per axis, the atoms it holds, outermost first
+
+
+def _mul(a: Size, b: Size) -> Size:
+    return a[0] * b[0], tuple(sorted(a[1] + b[1]))
+
+
+def _div(a: Size, b: Size) -> Size | None:
+    """``a / b`` when ``b`` divides ``a`` (integer part and symbols), else None."""
+    if b[0] == 0 or a[0] % b[0]:
+        return None
+    have, take = collections.Counter(a[1]), collections.Counter(b[1])
+    if take - have:
+        return None
+    return a[0] // b[0], tuple(sorted((have - take).elements()))
+
+
+def _axis_size(axis: tuple[_Atom, ...]) -> Size:
+    size = _ONE
+    for atom in axis:
+        size = _mul(size, atom.size)
+    return size
+
+
+def _annotated(value: ir.Value) -> list[Size | None] | None:
+    """The value's annotated dims as extents (None where unknown)."""
+    if value.shape is None:
+        return None
+    out: list[Size | None] = []
+    for dim in value.shape.dims:
+        if isinstance(dim, int):
+            out.append((dim, ()))
+        elif isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str) and dim.value:
+            out.append((1, (dim.value,)))
+        else:
+            out.append(None)
+    return out
+
+
+def _roles(layout: _Layout) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(a.role for a in axis) for axis in layout)
+
+
+class _Tracer:
+    """Which atoms every axis of the values on the core's paths holds, op by op."""
+
+    def __init__(self) -> None:
+        self.layouts: dict[int, _Layout] = {}
+        self._fresh = 0
+
+    def start(self, value: ir.Value, tensor: str, what: str) -> _Layout:
+        dims = _annotated(value)
+        if dims is None or len(dims) != 3:
+            raise Skip(f"the {what} is not a [batch, seq, width] value", value.producer() or value)
+        if dims[2] is None or dims[2][1]:
+            raise Skip(f"the {what}'s width is not a known integer", value.producer() or value)
+        atoms = []
+        for role, size in zip(("b", "s", "w"), dims, strict=True):
+            if size is None:  # unnamed dim: a symbol of its own, equal to nothing else
+                self._fresh += 1
+                size = (1, (f"?{tensor}{self._fresh}",))
+            atoms.append(() if size == _ONE else (_Atom(f"{tensor}.{role}", size),))
+        layout = tuple(atoms)
+        self.layouts[id(value)] = layout
+        return layout
+
+    def dims(self, value: ir.Value) -> list[Size | None] | None:
+        if id(value) in self.layouts:
+            return [_axis_size(axis) for axis in self.layouts[id(value)]]
+        return _annotated(value)
+
+    def elems(self, value: ir.Value | None, depth: int = 0) -> list[Size | int | None] | None:
+        """A 1-D (or scalar) int64 shape value: per element an extent, ``-1``/``0`` as themselves
+        (Reshape's markers), or None when computed at run time from something not traced."""
+        if value is None or depth > _SHAPE_DEPTH:
+            return None
+        arr = const_array(value)
+        if arr is not None:
+            flat = np.asarray(arr).ravel()
+            if flat.size > 16:
+                return None
+            return [int(x) if int(x) in (-1, 0) else (int(x), ()) for x in flat]
+        node = value.producer()
+        if node is None or not is_default_domain(node):
+            return None
+        op = node.op_type
+        if op == "Shape":
+            dims = self.dims(node.inputs[0]) if node.inputs[0] is not None else None
+            if dims is None:
+                return None
+            rank = len(dims)
+            start = node.attributes.get("start")
+            end = node.attributes.get("end")
+            lo = int(start.value) if start is not None else 0
+            hi = int(end.value) if end is not None else rank
+            lo, hi = (lo + rank if lo < 0 else lo), (hi + rank if hi < 0 else hi)
+            return list(dims[max(lo, 0) : min(hi, rank)])
+        if op in ("Identity", "Cast", "Squeeze", "Unsqueeze") or (op == "Reshape" and _flat_target(node)):
+            return self.elems(node.inputs[0], depth + 1)
+        if op == "Concat":
+            out: list[Size | int | None] = []
+            for part in node.inputs:
+                got = self.elems(part, depth + 1)
+                if got is None:
+                    length = static_dims(part)
+                    if length is None or len(length) != 1 or length[0] is None:
+                        return None
+                    got = [None] * int(length[0])
+                out += got
+            return out
+        if op in ("Slice", "Gather"):
+            inner = self.elems(node.inputs[0], depth + 1)
+            if inner is None:
+                return None
+            picked = _picked(node, len(inner))
+            return None if picked is None else [inner[i] for i in picked]
+        if op == "Mul" and len(node.inputs) == 2:
+            a, b = (self.elems(i, depth + 1) for i in node.inputs)
+            if a is None or b is None or len(a) != 1 or len(b) != 1:
+                return None
+            x, y = a[0], b[0]
+            if isinstance(x, tuple) and isinstance(y, tuple):
+                return [_mul(x, y)]
+            return [None]
+        length = static_dims(value)
+        if length is not None and len(length) <= 1 and (not length or length[0] is not None):
+            return [None] * (int(length[0]) if length else 1)
+        return None
+
+    def step(self, node: ir.Node, layout: _Layout, what: str) -> _Layout:
+        """The layout of ``node``'s output from that of its data input, or :class:`Skip`."""
+        op = node.op_type
+        if op in ("Identity", "Mul", "Div"):  # scalar scalings keep the layout
+            return layout
+        if op == "Transpose":
+            perm_attr = node.attributes.get("perm")
+            perm = list(perm_attr.value) if perm_attr is not None else list(range(len(layout)))[::-1]
+            if sorted(perm) != list(range(len(layout))):
+                raise Skip(f"Transpose '{node.name}' on the {what} path does not permute its {len(layout)} axes", node)
+            return tuple(layout[p] for p in perm)
+        if op in ("Unsqueeze", "Squeeze"):
+            axes = _axes_of(node)
+            if op == "Unsqueeze":
+                if axes is None:
+                    raise Skip(f"Unsqueeze '{node.name}' on the {what} path has no constant axes", node)
+                rank = len(layout) + len(axes)
+                out = list(layout)
+                for a in sorted(a + rank if a < 0 else a for a in axes):
+                    out.insert(a, ())
+                return tuple(out)
+            if axes is None:  # every axis that is 1 at run time: a batch of one too
+                raise Skip(f"Squeeze '{node.name}' on the {what} path has no constant axes", node)
+            drop = {a + len(layout) if a < 0 else a for a in axes}
+            if any(layout[a] for a in drop if 0 <= a < len(layout)):
+                raise Skip(f"Squeeze '{node.name}' on the {what} path removes an axis not known to be 1", node)
+            return tuple(axis for i, axis in enumerate(layout) if i not in drop)
+        if op == "Reshape":
+            return self._reshape(node, layout, what)
+        raise Skip(f"{op} '{node.name}' on the {what} path", node)
+
+    def _reshape(self, node: ir.Node, layout: _Layout, what: str) -> _Layout:
+        why = f"Reshape '{node.name}' on the {what} path: its target shape was not traced to whole or split axes"
+        elems = self.elems(node.inputs[1] if len(node.inputs) > 1 else None)
+        if elems is None:
+            raise Skip(why, node)
+        allowzero = node.attributes.get("allowzero")
+        annotated = _annotated(node.outputs[0])
+        if annotated is not None and len(annotated) != len(elems):
+            annotated = None
+        targets: list[Size | None] = []
+        for i, e in enumerate(elems):
+            if e == 0 and not (allowzero is not None and int(allowzero.value)):
+                if i >= len(layout):
+                    raise Skip(why, node)
+                e = _axis_size(layout[i])
+            if isinstance(e, int):  # -1 (the rest, inferred below), or a literal 0 dim
+                if e == 0:
+                    raise Skip(f"Reshape '{node.name}' on the {what} path makes an empty tensor", node)
+                targets.append(None)
+                continue
+            if e is None and annotated is not None and annotated[i] is not None:
+                e = annotated[i]  # computed at run time from something not traced: trust the annotation
+            targets.append(e)
+        out = _regroup([a for axis in layout for a in axis], targets)
+        if out is None:
+            raise Skip(why, node)
+        return out
+
+
+def _flat_target(node: ir.Node) -> bool:
+    target = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    return target is not None and [int(x) for x in np.asarray(target).ravel()] == [-1]
+
+
+def _axes_of(node: ir.Node) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = const_array(node.inputs[1])
+        return None if arr is None else [int(x) for x in np.asarray(arr).ravel()]
+    attr = node.attributes.get("axes")
+    return [int(a) for a in attr.value] if attr is not None else None
+
+
+def _picked(node: ir.Node, length: int) -> list[int] | None:
+    """Indices a constant ``Slice`` (axis 0) or ``Gather`` (axis 0) takes from a 1-D vector."""
+    if node.op_type == "Gather":
+        axis = node.attributes.get("axis")
+        idx = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if idx is None or (axis is not None and int(axis.value) != 0):
+            return None
+        out = [int(i) + length if int(i) < 0 else int(i) for i in np.asarray(idx).ravel()]
+        return out if all(0 <= i < length for i in out) else None
+    parts = [const_array(i) if i is not None else None for i in node.inputs[1:5]]
+    if len(parts) < 2 or parts[0] is None or parts[1] is None:
+        return None
+    if any(p is not None and np.asarray(p).size != 1 for p in parts):
+        return None
+    start, stop = int(np.asarray(parts[0]).ravel()[0]), int(np.asarray(parts[1]).ravel()[0])
+    axis = int(np.asarray(parts[2]).ravel()[0]) if len(parts) > 2 and parts[2] is not None else 0
+    step = int(np.asarray(parts[3]).ravel()[0]) if len(parts) > 3 and parts[3] is not None else 1
+    if axis not in (0, -1) or step != 1:
+        return None
+    return list(range(length))[slice(start, stop)]
+
+
+def _regroup(atoms: list[_Atom], targets: list[Size | None]) -> _Layout | None:
+    """Row-major regrouping of ``atoms`` into axes of the ``targets`` extents (at most one None:
+    the rest), splitting an integer atom where a target takes part of it; None if impossible."""
+    unknown = [i for i, t in enumerate(targets) if t is None]
+    if len(unknown) > 1:
+        return None
+    rest = list(atoms)
+    cut = unknown[0] if unknown else len(targets)
+    front = _take(rest, targets[:cut], from_back=False)
+    if front is None:
+        return None
+    if not unknown:
+        return tuple(front) if not rest else None
+    back = _take(rest, targets[cut + 1 :][::-1], from_back=True)
+    if back is None:
+        return None
+    return (*front, tuple(rest), *back[::-1])
+
+
+def _take(atoms: list[_Atom], targets: list[Size | None], *, from_back: bool) -> list[tuple[_Atom, ...]] | None:
+    """Consume ``atoms`` (in place) into one axis per target, from the front or the back."""
+    out = []
+    for target in targets:
+        assert target is not None
+        group: list[_Atom] = []
+        have = _ONE
+        while have != target:
+            need = _div(target, have)
+            if need is None or not atoms:
+                return None
+            atom = atoms[-1] if from_back else atoms[0]
+            if _div(need, atom.size) is not None:
+                group.append(atom)
+                atoms.pop(-1 if from_back else 0)
+                have = _mul(have, atom.size)
+            elif not atom.size[1] and not need[1] and atom.size[0] % need[0] == 0:
+                part = _Atom(atom.role + ("1" if from_back else "0"), need)
+                other = _Atom(atom.role + ("0" if from_back else "1"), (atom.size[0] // need[0], ()))
+                group.append(part)
+                atoms[-1 if from_back else 0] = other
+                have = target
+            else:
+                return None
+        out.append(tuple(group[::-1] if from_back else group))
+    return out
+
+
+def _operand_path(value: ir.Value | None, what: str) -> tuple[ir.Value, list[ir.Node], float]:
+    """(start value, the layout ops from it to ``value`` in order, product of scalar scalings on
+    the way) walking back from a MatMul operand through regrouping ops and scalar Mul/Div."""
+    if value is None:
+        raise Skip(f"the {what} operand is missing")
+    chain: list[ir.Node] = []
+    scale = 1.0
+    for _ in range(24):
+        node = value.producer()
+        if node is None or not is_default_domain(node):
+            break
+        if node.op_type in _REGROUP and node.inputs[0] is not None:
+            chain.append(node)
+            value = node.inputs[0]
+            continue
+        if node.op_type in ("Mul", "Div") and len(node.inputs) == 2:
+            places = (1,) if node.op_type == "Div" else (1, 0)
+            found = next((i for i in places if scalar(node.inputs[i]) is not None), None)
+            data = node.inputs[1 - found] if found is not None else None
+            if data is not None and const_array(data) is None:
+                c = scalar(node.inputs[found])  # type: ignore[index]
+                if c == 0:
+                    raise Skip(f"the {what} is scaled by 0", node)
+                scale *= c if node.op_type == "Mul" else 1.0 / c  # type: ignore[operator]
+                chain.append(node)
+                value = data
+                continue
+        break
+    chain.reverse()
+    return value, chain, scale
+
+
+def _why_not_a_start(value: ir.Value, what: str) -> str:
+    """Why the walk back from a MatMul operand stopped at ``value`` instead of a [b, s, w] value."""
+    node = value.producer()
+    seen = producers(value, 24)
+    ops = {n.op_type for n in seen}
+    if "RotaryEmbedding" in ops or ("Neg" in ops and "Concat" in ops and node is not None and node.op_type == "Add"):
+        return f"rotary embedding on the {what}: MultiHeadAttention is fused only without rotary"
+    if any(n.op_type == "Concat" and any(o.is_graph_output() for o in n.outputs) for n in seen[:8]):
+        return f"the {what} is read from a KV cache"
+    if node is not None and node.op_type == "Expand":
+        return f"repeat-kv (Expand) on the {what}: MultiHeadAttention needs as many key/value heads as query heads"
+    label = f"{node.op_type} '{node.name}'" if node is not None else "a graph input"
+    rank = value.shape.rank() if value.shape is not None else "unknown"
+    return f"the {what} path starts at {label} (rank {rank}), not at a [batch, seq, width] value"
+
+
+def _flat(layout_part: tuple[tuple[_Atom, ...], ...]) -> list[str]:
+    return [a.role for axis in layout_part for a in axis]
+
+
+def _unprefixed(layout_part: tuple[tuple[_Atom, ...], ...]) -> list[tuple[str, ...]]:
+    return [tuple(a.role.split(".", 1)[1] for a in axis) for axis in layout_part]
+
+
+def attention_core(softmax: ir.Node, opset: int = 18) -> AttentionCore:
+    """The attention core around ``softmax``, its layout proven, or :class:`Skip` saying why not.
+
+    Walks back from the scores and context MatMuls through ``Reshape``/``Transpose``/``Identity``/
+    ``(Un)Squeeze`` and scalar ``Mul``/``Div`` to the values Q, K and V come from, which must be
+    ``[batch, seq, width]``; then traces forward which logical axes every axis holds: Q must reach
+    the scores MatMul as ``[.., heads, seq, head_dim]``, K as ``[.., heads, head_dim, total]``
+    (K^T), V as ``[.., heads, total, v_head_dim]``, the batch and heads axes grouped alike, and the
+    context must be merged back to ``[batch, seq, heads * v_head_dim]`` (head-major) by layout ops
+    alone. Reshape targets computed at run time (``Shape``, ``Slice``, ``Gather``, ``Concat``) are
+    followed; the annotated dims of values off the paths (e.g. the mask input) are trusted.
+    """
+    axis = softmax.attributes.get("axis")
+    if (axis is None and opset < 13) or (axis is not None and int(axis.value) not in (-1, 3)):
+        raise Skip("Softmax is not over the last axis", softmax)
+    chain = softmax_score_chain(softmax)
+    if chain.mask is not None and abs(chain.mask_scale - 1.0) > 1e-12:
+        raise Skip("the scores are scaled after the mask is added (the scale multiplies the mask too)", softmax)
+    probs = softmax.outputs[0]
+    readers = data_uses(probs)
+    context = readers[0].node if len(readers) == 1 and readers[0].idx == 0 else None
+    if probs.is_graph_output() or context is None or context.op_type != "MatMul":
+        guard = next((u.node for u in readers if nan_guarded_softmax(u.node) is softmax), None)
+        if guard is not None:
+            raise Skip("a NaN guard Where(IsNaN(p), 0, p) follows the Softmax (canonicalize drops it where it cannot fire)", guard)
+        raise Skip("the Softmax is not read by exactly one probs @ V MatMul", softmax)
+    scores = chain.scores
+    tracer = _Tracer()
+    traced: dict[str, tuple[ir.Value, _Layout]] = {}
+    scale = chain.scale
+    for tensor, what, operand in (
+        ("q", "query", scores.inputs[0]),
+        ("k", "key", scores.inputs[1]),
+        ("v", "value", context.inputs[1]),
+    ):
+        start, path, factor = _operand_path(operand, what)
+        if tensor != "v":
+            scale *= factor
+        elif factor != 1.0:
+            raise Skip("the value is scaled on its way to probs @ V", path[0] if path else context)
+        if start.shape is None or start.shape.rank() != 3:
+            raise Skip(_why_not_a_start(start, what), start.producer() or context)
+        layout = tracer.start(start, tensor, what)
+        for node in path:
+            layout = tracer.step(node, layout, what)
+            tracer.layouts[id(node.outputs[0])] = layout
+        traced[tensor] = (start, layout)
+
+    (q, lq), (k, lk), (v, lv) = traced["q"], traced["k"], traced["v"]
+    if min(len(lq), len(lk), len(lv)) < 3 or not len(lq) == len(lk) == len(lv):
+        raise Skip("the query, key and value reach the MatMuls with different or too few axes", scores)
+    present = {a.role: a.size for layout in (lq, lk, lv) for axis in layout for a in axis}
+    for tensor, layout, what in (("q", lq, "query"), ("k", lk, "key (transposed)"), ("v", lv, "value")):
+        batch_roles = ([f"{tensor}.b"] if f"{tensor}.b" in present else []) + [f"{tensor}.w0"]
+        seq = (f"{tensor}.s",) if f"{tensor}.s" in present else ()
+        dim = (f"{tensor}.w1",)
+        want_rows = (dim, seq) if tensor == "k" else (seq, dim)
+        if _flat(layout[:-2]) != batch_roles or _roles(layout[-2:]) != want_rows:
+            order = "heads, head_dim, total" if tensor == "k" else "heads, seq, head_dim"
+            raise Skip(
+                f"the {what} does not reach its MatMul as [batch, {order}] split head-major from its width",
+                scores if tensor != "v" else context,
+            )
+    if not _unprefixed(lq[:-2]) == _unprefixed(lk[:-2]) == _unprefixed(lv[:-2]):
+        raise Skip("the batch and heads axes of query, key and value are grouped differently", scores)
+    heads = present["q.w0"][0]
+    if present["k.w0"][0] != heads or present["v.w0"][0] != heads:
+        raise Skip("query, key and value have different head counts (grouped-query attention?)", scores)
+    head_dim, v_head_dim = present["q.w1"][0], present["v.w1"][0]
+    if present["k.w1"][0] != head_dim:
+        raise Skip("query and key heads differ in size", scores)
+    if not present.get("q.b") == present.get("k.b") == present.get("v.b"):
+        raise Skip("query, key and value differ in batch size", scores)
+    if present.get("k.s") != present.get("v.s"):
+        raise Skip("key and value differ in sequence length", scores)
+    if abs(scale) < 1e-30 or not np.isfinite(scale):
+        raise Skip(f"the attention scale {scale} is not usable", scores)
+
+    # the context [.., heads, seq, v_head_dim], merged back by layout ops to [batch, seq, width]
+    # or, as Conv1D-style exports (GPT-2) write it, straight to [batch * seq, width]
+    layout: _Layout = (*lq[:-2], lq[-2], lv[-1])
+    rows = [f"q.{r}" for r in ("b", "s") if f"q.{r}" in present]
+    merged = (*(((r,) if r in rows else ()) for r in ("q.b", "q.s")), ("q.w0", "v.w1"))
+    flattened = (tuple(rows), ("q.w0", "v.w1"))
+    value = context.outputs[0]
+    for _ in range(12):
+        if _roles(layout) in (merged, flattened):
+            break
+        uses = data_uses(value)
+        node = uses[0].node if len(uses) == 1 else None
+        if value.is_graph_output() or node is None or not is_default_domain(node) or node.op_type not in _REGROUP:
+            raise Skip("the context heads are not merged back to [batch, seq, heads * head_dim] by layout ops", node or context)
+        layout = tracer.step(node, layout, "context")
+        value = node.outputs[0]
+        tracer.layouts[id(value)] = layout
+    else:
+        raise Skip("the context heads are not merged back to [batch, seq, heads * head_dim] by layout ops", context)
+
+    mask, mask_full = chain.mask, False
+    zeros = const_array(mask) if mask is not None else None
+    if zeros is not None and not np.any(zeros):
+        mask = None  # a constant mask of zeros adds nothing
+    if mask is not None:
+        mask_full = _check_mask(mask, lq, present, heads, scores)
+    return AttentionCore(
+        softmax=softmax, scores_matmul=scores, context_matmul=context, q=q, k=k, v=v, output=value,
+        num_heads=int(heads), head_dim=int(head_dim), v_head_dim=int(v_head_dim), scale=float(scale),
+        mask=mask, mask_full=mask_full, flat_output=_roles(layout) == flattened,
+    )  # fmt: skip
+
+
+def _check_mask(mask: ir.Value, lq: _Layout, present: dict[str, Size], heads: int, at: ir.Node) -> bool:
+    """Whether the rank-4 additive mask is already [.., .., seq, total]; Skip if it is not a mask
+    of the scores' shape [batch, heads, seq, total] (dims 1 or equal, fewer axes none)."""
+    if len(lq) != 4:
+        raise Skip("a mask on attention whose scores are not [batch, heads, seq, total]", at)
+    dims = _annotated(mask)
+    if dims is None or len(dims) != 4:
+        raise Skip("the additive mask is not of rank 4 ([batch or 1, heads or 1, seq or 1, total])", mask.producer() or at)
+    batch = present.get("q.b", _ONE)
+    if _axis_size(lq[0]) != batch or _axis_size(lq[1]) != (heads, ()):
+        raise Skip("the scores' leading axes are not [batch, heads]", at)
+    want = [batch, (heads, ()), present.get("q.s", _ONE), present.get("k.s", _ONE)]
+    for i, (got, full) in enumerate(zip(dims, want, strict=True)):
+        if got is not None and got not in (_ONE, full):
+            raise Skip(f"the additive mask's dim {i} is neither 1 nor the scores'", mask.producer() or at)
+    return dims[2] == want[2] and dims[3] == want[3]

@@ -283,7 +283,7 @@ class QuantizeWeights(Pass):
     ) -> None:  # fmt: skip
         self._lower(editor, lin, q, tied)
         stats["quantized"] += 1
-        stats[f"quantized: {q.bits}-bit {self.method}"] += 1
+        stats[f"quantized: {q.bits}-bit {self.method if tied is None else 'rtn (tied to the embedding)'}"] += 1
         details["layers"].append(
             {
                 "linear": lin.name,
