@@ -215,3 +215,91 @@ def test_fused_qkv_slices_out_of_order_are_reported(rng: np.random.Generator) ->
     (message,) = block_map.unrecognized
     assert "fused QKV linear 'wqkv' is not split into three parts" in message
     assert "three Slices of its last axis (query, key, value in that order)" in message
+
+
+@pytest.mark.parametrize(("pre_norms", "placement"), [(True, "sandwich"), (False, "output")])
+def test_norms_of_sub_block_outputs_before_the_residual_adds(
+    pre_norms: bool, placement: str, rng: np.random.Generator
+) -> None:
+    """``x + LN(o(...))``, ``r + LN(down(...))``: beside the pre-norms (Gemma 2/3) or instead of
+    them (OLMo 2). The output norms are recorded on the block, with the adds found through them."""
+    block_map = find_blocks(tiny.output_norm_model(pre_norms, rng))
+    assert block_map.unrecognized == []
+    (block,) = block_map.blocks
+    attn, ffn = block.attention, block.ffn
+    assert attn is not None and ffn is not None and attn.num_heads == 2
+    assert block.pre_norm and block.norm_placement == placement
+    post_attn, post_ffn = block.attention_post_norm, block.ffn_post_norm
+    assert post_attn is not None and post_attn.gamma.name == "gp1" and post_attn.follows == "attention"
+    assert post_ffn is not None and post_ffn.gamma.name == "gp2" and post_ffn.follows == "ffn"
+    assert post_attn.input is attn.o.output and post_ffn.input is ffn.down.output
+    assert not post_attn.linears and not post_ffn.linears
+    assert [add.outputs[0].name for add in block.residual_adds] == ["r", "y"]
+    if pre_norms:
+        assert block.attention_norm.gamma.name == "g1" and block.ffn_norm.gamma.name == "g2"
+        assert block.attention_norm.follows is None and block.ffn_norm.follows is None
+    else:
+        assert block.attention_norm is None and block.ffn_norm is None
+    described = block.describe()
+    assert described["norm_placement"] == placement
+    assert described["attention_post_norm"]["gamma"] == "gp1" and described["ffn_post_norm"]["follows"] == "ffn"
+
+
+def test_pre_and_post_norm_blocks_have_no_output_norms(rng: np.random.Generator) -> None:
+    (pre,) = find_blocks(_model(rng)).blocks
+    assert pre.norm_placement == "pre" and pre.attention_post_norm is None and pre.ffn_post_norm is None
+    # a norm of the attention output that a linear reads (no residual add after it) is no output norm
+    text = tiny.output_norm_block(pre_norms=False).replace("r = Add (x, on)", "r = MatMul (on, wo)")
+    arrays = testing.random_float_initializers(text, rng)
+    model = testing.model_from_onnx_text(
+        text, **arrays, heads=np.array([0, 0, 2, 4], np.int64), merged=np.array([0, 0, 8], np.int64)
+    )
+    (block,) = find_blocks(model).blocks
+    assert block.attention is not None and block.attention_post_norm is None
+    assert block.ffn_post_norm is not None and [add.outputs[0].name for add in block.residual_adds] == ["y"]
+
+
+PER_HEAD_QKV = """
+<ir_version: 10, opset_import: ["" : 18]>
+block (float[B, 4, 8] x) => (float[B, 4, 8] y)
+<float[8, 24] wqkv, float[8, 8] wo, int64[4] heads, int64[3] merged, int64[3] parts>
+{
+    qkv = MatMul (x, wqkv)
+    h4 = Reshape (qkv, heads)
+    ht = Transpose <perm = [0, 2, 1, 3]> (h4)
+    q, k, v = Split <axis = -1> (ht, parts)
+    kt = Transpose <perm = [0, 1, 3, 2]> (k)
+    s = MatMul (q, kt)
+    p = Softmax <axis = -1> (s)
+    c = MatMul (p, v)
+    ct = Transpose <perm = [0, 2, 1, 3]> (c)
+    cm = Reshape (ct, merged)
+    o = MatMul (cm, wo)
+    y = Add (x, o)
+}
+"""
+
+
+def test_fused_qkv_laid_out_per_head_is_mapped_and_left_to_pruning(rng: np.random.Generator) -> None:
+    """GPT-NeoX: the fused output is reshaped to [b, s, heads, 3 * head_dim] first, then split
+    into Q, K, V inside each head. Head pruning does not cut that layout yet: it says so."""
+    from tforge.passes.prune_heads import PruneHeads
+
+    model = testing.model_from_onnx_text(
+        PER_HEAD_QKV, wqkv=rng.normal(size=(8, 24)), wo=rng.normal(size=(8, 8)),
+        heads=np.array([0, 0, 2, 12], np.int64), merged=np.array([0, 0, 8], np.int64),
+        parts=np.array([4, 4, 4], np.int64),
+    )  # fmt: skip
+    block_map = find_blocks(model)
+    assert block_map.unrecognized == []
+    (block,) = block_map.blocks
+    attn = block.attention
+    assert attn is not None and attn.fused_qkv and attn.qkv_per_head
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.qkv_split) == (2, 2, 4, (8, 8, 8))
+    assert attn.describe()["qkv_layout"] == "per_head"
+
+    result = PruneHeads(keep=1, importance="magnitude")(model)
+    assert not result.changed
+    assert result.stats == {
+        "skipped: fused QKV laid out per head ([heads, 3, head_dim], GPT-NeoX): its head columns are not cut yet": 1
+    }

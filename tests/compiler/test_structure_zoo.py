@@ -46,6 +46,16 @@ def test_block_map_matches_ground_truth(zoo_name, zoo_model, zoo_entries) -> Non
             assert (q, k, v) == (truth.num_heads * truth.head_dim, *[truth.num_kv_heads * truth.head_dim] * 2)
         assert ffn.activation == truth.activation
         assert block.pre_norm == truth.pre_norm
+        assert block.norm_placement == truth.norm_placement
+        if truth.output_norms:  # x + norm(o(...)), h + norm(down(...)): read by the residual adds only
+            post_attn, post_ffn = block.attention_post_norm, block.ffn_post_norm
+            assert post_attn is not None and post_attn.follows == "attention" and not post_attn.linears
+            assert post_ffn is not None and post_ffn.follows == "ffn" and not post_ffn.linears
+            assert post_attn.input is attn.o.output and post_ffn.input is ffn.down.output
+            assert post_attn.kind == post_ffn.kind == truth.norm
+            assert len(block.residual_adds) == 2
+        else:
+            assert block.attention_post_norm is None and block.ffn_post_norm is None
         norm = block.attention_norm
         assert norm is not None and block.ffn_norm is not None and norm.kind == truth.norm
         if truth.pre_norm:

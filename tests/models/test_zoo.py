@@ -55,14 +55,19 @@ def test_ground_truth_is_visible_in_the_graph(
     layers = truth.num_layers
 
     assert ops["Softmax"] == layers
-    norms = 2 * layers + 1  # two per block, plus the embedding (BERT) or final (others) norm
+    # two per block (four with output norms), plus the embedding (BERT) or final (others) norm
+    norms = (4 if truth.output_norms else 2) * layers + 1
     norms += 2 * layers if truth.qk_norm else 0  # and one on Q, one on K per block
     if truth.norm == "layer":
         assert ops["LayerNormalization"] == norms
     else:  # RMSNorm is decomposed: x * 1/sqrt(mean(x^2) + eps) * gamma
         assert ops["LayerNormalization"] == 0
         assert ops["ReduceMean"] == ops["Reciprocal"] == norms
-    assert ops["Sigmoid"] == (layers if truth.gated else 0)  # SiLU is x * Sigmoid(x)
+    assert ops["Sigmoid"] == (layers if truth.gated and truth.activation == "silu" else 0)  # SiLU: x * Sigmoid(x)
+    if truth.attn_softcap:  # cap * tanh(scores / cap), once per layer
+        assert ops["Tanh"] == layers
+    if truth.sliding_window is not None:  # the window compares positions once more
+        assert ops["Greater"] + ops["Less"] > 0
     qkv_splits = truth.fused_qkv and truth.qkv_split_op == "Split"
     assert ops["Split"] == layers * (int(qkv_splits) + int(truth.fused_gate_up))  # gate_up: chunk(2)
     assert (ops["LessOrEqual"] > 0) == truth.causal  # the causal mask compares positions

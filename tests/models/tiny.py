@@ -156,3 +156,38 @@ def qk_norm_model(norm: str, rng: np.random.Generator) -> ir.Model:
     return testing.model_from_onnx_text(
         text, **arrays, heads=np.array([0, 0, 2, 4], np.int64), merged=np.array([0, 0, 8], np.int64)
     )
+
+
+def output_norm_block(pre_norms: bool = True, batch: str = "B") -> str:
+    """:func:`pre_norm_block` that normalises each sub-block's output before its residual add.
+
+    ``x + LN(o(...))`` and ``r + LN(down(...))`` with LayerNorms ``gp1, bp1`` / ``gp2, bp2``:
+    with ``pre_norms`` the pre-norms stay (Gemma 2/3 "sandwich"), without them Q/K/V read ``x``
+    and up reads ``r`` directly (OLMo 2).
+    """
+    body = _PRE_NORM_LAYER.format(s="", inp="x", out="y")
+    body = body.replace(
+        "    r = Add (x, o)\n", "    on = LayerNormalization <axis = -1> (o, gp1, bp1)\n    r = Add (x, on)\n"
+    ).replace(
+        "    y = Add (r, d)\n", "    dn = LayerNormalization <axis = -1> (d, gp2, bp2)\n    y = Add (r, dn)\n"
+    )
+    header = _PRE_NORM_HEADER.replace("BATCH", batch).replace(
+        "int64[4] heads,", "float[8] gp1, float[8] bp1, float[8] gp2, float[8] bp2, int64[4] heads,"
+    )
+    if not pre_norms:
+        body = body.replace("    h = LayerNormalization <axis = -1> (x, g1, b1)\n", "").replace("(h, ", "(x, ")
+        body = body.replace("    h2 = LayerNormalization <axis = -1> (r, g2, b2)\n", "").replace("(h2, ", "(r, ")
+        header = header.replace("<float[8] g1, float[8] b1, ", "<").replace(" float[8] g2, float[8] b2,", "")
+    return f"{header}{{\n{body}}}\n"
+
+
+def output_norm_model(pre_norms: bool, rng: np.random.Generator) -> ir.Model:
+    """:func:`output_norm_block` with random weights (gammas near 1)."""
+    text = output_norm_block(pre_norms)
+    arrays = testing.random_float_initializers(text, rng, scale=0.5)
+    for g in ("g1", "g2", "gp1", "gp2"):
+        if g in arrays:
+            arrays[g] = 1.0 + arrays[g]
+    return testing.model_from_onnx_text(
+        text, **arrays, heads=np.array([0, 0, 2, 4], np.int64), merged=np.array([0, 0, 8], np.int64)
+    )

@@ -60,6 +60,17 @@ class Truth:
     qk_norm: bool = False  # per-head RMSNorm of Q and K after their projections (Qwen3)
     qkv_split_op: Literal["Split", "Slice"] = "Split"  # how a fused QKV output is cut in three
     fused_gate_up: bool = False  # gate and up are one linear whose output is cut in halves (Phi-3)
+    # each sub-block's output is normalised before its residual add, x + norm(f(norm(x))) (Gemma 2)
+    output_norms: bool = False
+    attn_softcap: bool = False  # scores squashed by cap * tanh(scores / cap) before the mask (Gemma 2)
+    sliding_window: int | None = None  # a layer of two attends to the last n positions only (Gemma 2)
+
+    @property
+    def norm_placement(self) -> Literal["pre", "post", "sandwich"]:
+        """What the block map reports as ``Block.norm_placement``."""
+        if not self.pre_norm:
+            return "post"
+        return "sandwich" if self.output_norms else "pre"
 
 
 @dataclass(frozen=True)
@@ -243,6 +254,17 @@ def _phi3() -> torch.nn.Module:
     return _hidden_state_wrapper(transformers.Phi3Model(config), use_cache=False)
 
 
+def _gemma2() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=2, head_dim=HIDDEN // HEADS, intermediate_size=INTERMEDIATE,
+        max_position_embeddings=64, sliding_window=4, attn_implementation="eager",
+    )  # fmt: skip
+    return _hidden_state_wrapper(transformers.Gemma2Model(config), use_cache=False)
+
+
 def _vit() -> torch.nn.Module:
     import transformers
 
@@ -322,6 +344,18 @@ ZOO: dict[str, ZooEntry] = {
                         qkv_split_op="Slice", fused_gate_up=True),
             build=_phi3,
             notes="decoder, fused qkv_proj cut by three Slices (GQA widths 64/32/32), fused gate_up_proj cut in halves",
+            **_TEXT,
+        ),
+        ZooEntry(
+            name="gemma2",
+            truth=Truth(**_COMMON, num_kv_heads=2, intermediate_size=INTERMEDIATE, gated=True,
+                        norm="rms", pre_norm=True, causal=True, fused_qkv=False,
+                        activation="gelu_tanh", qkv_bias=False, attn_implementation="eager",
+                        output_norms=True, attn_softcap=True, sliding_window=4),
+            build=_gemma2,
+            notes="decoder, sandwich RMSNorms (pre and output norms, gamma written 1 + w), embedding "
+                  "scaled by sqrt(hidden), GeGLU (tanh), attention logits soft-capped, layer 0 with a "
+                  "4-token sliding window beside layer 1's full causal mask",
             **_TEXT,
         ),
         ZooEntry(

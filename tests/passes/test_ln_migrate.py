@@ -7,6 +7,7 @@ import onnx_ir as ir
 import pytest
 
 import tforge
+from tests.models import tiny
 from tforge import testing
 from tforge.compiler import verify
 from tforge.compiler.calibration import STATS_KEY, attached_stats, calibrate_model
@@ -262,3 +263,23 @@ def test_smollm2_keeps_its_outputs(smollm2_onnx) -> None:
     assert "skipped: |gamma| below min-abs-gamma" not in stats
     feeds = verify.make_inputs(original, dims={"batch": 1, "sequence": 24}, rng=np.random.default_rng(0))
     _assert_same_function(original, model, feeds)
+
+
+@pytest.mark.parametrize("pre_norms", [True, False], ids=["sandwich", "output-only"])
+def test_output_norms_before_residual_adds_are_left_with_their_reason(pre_norms: bool, rng: np.random.Generator) -> None:
+    """``x + LN(o(...))`` (Gemma 2/3 beside pre-norms, OLMo 2 alone): the residual add reads the
+    output norm, no linear does; only the pre-norms migrate, and the function is unchanged."""
+    model = tiny.output_norm_model(pre_norms, rng)
+    original = model.clone()
+    gp1 = const_array(model.graph.initializers["gp1"]).copy()
+
+    result = LnMigrate()(model)
+
+    assert result.stats == {
+        **({"migrated": 2} if pre_norms else {}),
+        "skipped: output norm of the attention before its residual add: no linear reads it": 1,
+        "skipped: output norm of the ffn before its residual add: no linear reads it": 1,
+    }
+    assert result.changed == pre_norms
+    np.testing.assert_array_equal(const_array(model.graph.initializers["gp1"]), gp1)
+    _assert_same_function(original, model, {"x": _x(rng, 2, 4, 8)})

@@ -182,6 +182,24 @@ def test_post_norm_scale_folds_into_the_migrated_gamma_mul(rng: np.random.Genera
     _assert_same_function(original, model, _feeds(model, rng, 1)[0])
 
 
+@pytest.mark.parametrize("pre_norms", [True, False], ids=["sandwich", "output-only"])
+def test_output_norms_before_residual_adds_are_not_smoothed(pre_norms: bool, rng: np.random.Generator) -> None:
+    model = tiny.output_norm_model(pre_norms, rng)
+    original = model.clone()
+    _calibrated(model, rng)
+
+    result = SmoothQuant()(model)
+
+    assert result.stats == {
+        **({"smoothed: norm": 2} if pre_norms else {}),
+        "smoothed: v->o": 1,
+        "smoothed: up->down": 1,
+        "skipped: output norm of the attention before its residual add: no linear reads it": 1,
+        "skipped: output norm of the ffn before its residual add: no linear reads it": 1,
+    }, result.stats
+    _assert_same_function(original, model, _feeds(model, rng, 1)[0])
+
+
 # ----------------------------------------------------------------------------- math
 
 

@@ -215,6 +215,11 @@ def plan_head_removal(
 ) -> HeadEdits:
     """Propagate axis roles through ``region`` for keeping query ``heads`` and ``kv_heads``
     (``per_group`` query heads per kept KV head); collect the edits that needs, or Skip."""
+    if attn.qkv_per_head:
+        raise Skip(
+            "fused QKV laid out per head ([heads, 3, head_dim], GPT-NeoX): its head columns are not cut yet",
+            attn.q.matmul,
+        )
     d = attn.head_dim
     ctx = LayoutContext.keeping(attn.num_heads, attn.num_kv_heads, d, heads, kv_heads, per_group, attn)
     q_mask, kv_mask = ctx.q_mask, ctx.kv_mask

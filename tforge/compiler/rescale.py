@@ -33,6 +33,14 @@ def check_norm_scalable(norm: Norm) -> np.ndarray:
     if norm.normalizes is not None:
         # QK-norm: its output goes to the attention scores; a scale has no linear to fold into
         raise Skip(f"QK-norm of the {norm.normalizes} projection: no linear reads it", norm.node, blocked=False)
+    if norm.follows is not None:
+        # x + norm(o(...)) (Gemma 2/3 sandwich, OLMo 2): its reader is the residual add, so a
+        # scale has no linear to fold into; the stream it writes is read through the next norm
+        raise Skip(
+            f"output norm of the {norm.follows} before its residual add: no linear reads it",
+            norm.node,
+            blocked=False,
+        )
     if not norm.linears:
         raise Skip("no linear reads the norm output", norm.node)
     if norm.output.is_graph_output():

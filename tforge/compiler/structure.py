@@ -120,6 +120,10 @@ class Norm:
     #: Set for a QK-norm: the attention projection ("query" or "key") whose output this norm
     #: normalises before the scores (per head, or over the projection's width); None otherwise.
     normalizes: Literal["query", "key"] | None = None
+    #: Set for a sub-block's output norm (Gemma 2/3 "sandwich", OLMo 2): the sub-block
+    #: ("attention" or "ffn") whose output projection this norm reads, before the residual add
+    #: that is its only reader; None otherwise.
+    follows: Literal["attention", "ffn"] | None = None
 
     @property
     def output(self) -> ir.Value:
@@ -135,6 +139,17 @@ class Norm:
     def name(self) -> str:
         return self.node.name or self.gamma.name or "?"
 
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """The norm of ``x`` over its last axis, in float64 (for constants folded through it)."""
+        x = np.asarray(x, np.float64)
+        gamma = np.asarray(const_array(self.gamma), np.float64)
+        if self.kind == "rms":
+            return gamma * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.epsilon)
+        centered = x - x.mean(axis=-1, keepdims=True)
+        out = gamma * centered / np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + self.epsilon)
+        beta = const_array(self.beta)
+        return out + np.asarray(beta, np.float64) if beta is not None else out
+
     def describe(self) -> dict:
         return {
             "kind": self.kind,
@@ -145,6 +160,7 @@ class Norm:
             "linears": [lin.name for lin in self.linears],
             "other_consumers": [n.name for n in self.other_consumers],
             "normalizes": self.normalizes,
+            "follows": self.follows,
         }
 
 
@@ -179,6 +195,10 @@ class Attention:
     qkv_split: tuple[int, int, int] | None = None
     q_norm: Norm | None = None
     k_norm: Norm | None = None
+    #: A fused QKV output laid out per head, ``[heads, 3, head_dim]`` (GPT-NeoX): reshaped into
+    #: heads first, then split into Q, K and V inside each head. ``qkv_split`` then gives the three
+    #: total widths, not contiguous column ranges of the fused weight.
+    qkv_per_head: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -207,6 +227,7 @@ class Attention:
             "head_dim": self.head_dim,
             "fused_qkv": self.fused_qkv,
             "qkv_split": list(self.qkv_split) if self.qkv_split else None,
+            "qkv_layout": ("per_head" if self.qkv_per_head else "contiguous") if self.fused_qkv else None,
             "q": self.q.name,
             "k": self.k.name,
             "v": self.v.name,
@@ -258,13 +279,21 @@ class FFN:
         }
 
 
+NormPlacement = Literal["pre", "post", "sandwich", "output", "none"]
+
+
 @dataclasses.dataclass(eq=False)
 class Block:
     """One transformer layer: attention and FFN with the norms that feed or follow them.
 
     Pre-norm: ``x + attn(norm1(x))``, then ``h + ffn(norm2(h))``; the norms are those feeding
     attention and FFN. Post-norm (BERT): ``norm1(x + attn(x))``, ``norm2(h + ffn(h))``; the
-    norms are those after each residual add.
+    norms are those after each residual add. A sub-block may also normalise its own output
+    before the residual add, ``x + norm(attn(...))``: ``attention_post_norm`` / ``ffn_post_norm``
+    (Gemma 2/3 have them beside the pre-norms, "sandwich"; OLMo 2 has only them, and its
+    ``attention_norm`` / ``ffn_norm`` are None). The residual stream is then never normalised,
+    so ``pre_norm`` is True. ``residual_adds`` holds the adds found directly after the output
+    projection or through such a norm.
     """
 
     index: int
@@ -274,15 +303,33 @@ class Block:
     ffn_norm: Norm | None
     residual_adds: list[ir.Node]
     pre_norm: bool
+    attention_post_norm: Norm | None = None
+    ffn_post_norm: Norm | None = None
+
+    @property
+    def norm_placement(self) -> NormPlacement:
+        """Where the block's norms sit: ``pre`` (``x + f(norm(x))``), ``post`` (BERT,
+        ``norm(x + f(x))``), ``sandwich`` (``x + norm(f(norm(x)))``, Gemma 2/3), ``output``
+        (``x + norm(f(x))``, OLMo 2), or ``none``."""
+        if not self.pre_norm:
+            return "post"
+        pre = self.attention_norm is not None or self.ffn_norm is not None
+        after = self.attention_post_norm is not None or self.ffn_post_norm is not None
+        if after:
+            return "sandwich" if pre else "output"
+        return "pre" if pre else "none"
 
     def describe(self) -> dict:
         return {
             "index": self.index,
             "pre_norm": self.pre_norm,
+            "norm_placement": self.norm_placement,
             "attention_norm": self.attention_norm.describe() if self.attention_norm else None,
             "attention": self.attention.describe() if self.attention else None,
+            "attention_post_norm": self.attention_post_norm.describe() if self.attention_post_norm else None,
             "ffn_norm": self.ffn_norm.describe() if self.ffn_norm else None,
             "ffn": self.ffn.describe() if self.ffn else None,
+            "ffn_post_norm": self.ffn_post_norm.describe() if self.ffn_post_norm else None,
             "residual_adds": [n.name for n in self.residual_adds],
         }
 
@@ -746,6 +793,42 @@ def _head_split(path: list[ir.Node], width: int) -> tuple[int, int] | None:
     return None
 
 
+def _per_head_qkv(lin: Linear, path: list[ir.Node]) -> tuple[int, int] | None | str:
+    """(heads, head_dim) when a fused QKV output is reshaped to ``[..., heads, 3 * head_dim]``
+    and then split in three equal parts of its last axis inside each head (GPT-NeoX); None when
+    the path does not split a Reshape's heads that way; why not, when it does but unevenly.
+
+    The path runs from the fused linear's output forward to the scores, so the Reshape comes
+    before the Split on it.
+    """
+    split_at = next((i for i, n in enumerate(path) if n.op_type == "Split"), None)
+    if split_at is None:
+        return None
+    split = path[split_at]
+    widths = _split_widths([split])
+    rank = split.inputs[0].shape.rank() if split.inputs[0] is not None and split.inputs[0].shape is not None else None
+    axis_attr = split.attributes.get("axis")
+    axis = int(axis_attr.value) if axis_attr is not None else 0
+    if widths is None or len(widths) != 3 or (axis != -1 and (rank is None or axis != rank - 1)):
+        return None
+    per_head = sum(widths)
+    if per_head >= lin.out_features or lin.out_features % per_head:
+        return None
+    heads = lin.out_features // per_head
+    for node in path[:split_at]:
+        if node.op_type != "Reshape":
+            continue
+        for cand in (static_dims(node.outputs[0]), reshape_target(node)):
+            if cand and len(cand) >= 3 and cand[-1] == per_head and cand[-2] in (heads, -1, 0, None):
+                if len(set(widths)) != 1:
+                    return (
+                        f"fused QKV linear '{lin.name}' is split per head into unequal parts {widths} "
+                        "(a grouped-query per-head layout is not read)"
+                    )
+                return heads, widths[0]
+    return None
+
+
 def _split_widths(path: list[ir.Node]) -> list[int] | None:
     for node in path:
         if node.op_type == "Split":
@@ -892,10 +975,17 @@ def _find_attention(
         return f"{where}: no output linear reads the attention context (it feeds {users})"
     fused = q is k
     qkv_split = None
+    per_head = None
     if fused:
         if v is not q:
             return f"{where}: query and key come from fused linear '{q.name}' but value from '{v.name}'"
+        per_head = _per_head_qkv(q, q_path)
+        if isinstance(per_head, str):
+            return f"{where}: {per_head}"
         widths = _split_widths(q_path) or _split_widths(k_path) or _slice_widths(q, q_path, k_path, v_path)
+        if per_head is not None:
+            heads, head_dim = per_head
+            widths = [heads * head_dim] * 3
         if widths is None or len(widths) != 3:
             return (
                 f"{where}: fused QKV linear '{q.name}' is not split into three parts by a Split "
@@ -905,7 +995,7 @@ def _find_attention(
         q_width, k_width = widths[0], widths[1]
     else:
         q_width, k_width = q.out_features, k.out_features
-    q_heads = _head_split(q_path, q_width)
+    q_heads = per_head or _head_split(q_path, q_width)
     if q_heads is None:
         return f"{where}: no Reshape splits the query projection '{q.name}' ({q_width} wide) into heads"
     num_heads, head_dim = q_heads
@@ -937,7 +1027,7 @@ def _find_attention(
         softmax=softmax, scores_matmul=scores, context_matmul=context,
         causal=_is_causal(scores, softmax), rotary=rotary,
         shape_nodes=list(shape_nodes.values()), qkv_split=qkv_split,
-        q_norm=norms["query"], k_norm=norms["key"],
+        q_norm=norms["query"], k_norm=norms["key"], qkv_per_head=per_head is not None,
     )
 
 
@@ -1197,6 +1287,11 @@ def find_blocks(model: ir.Model | ir.Graph) -> BlockMap:
 
     norm_by_output = {id(n.output): n for n in norms}
     blocks = _assemble_blocks(attentions, ffns, norm_by_output, order, unrecognized)
+    for block in blocks:
+        if block.attention_post_norm is not None:
+            block.attention_post_norm.follows = "attention"
+        if block.ffn_post_norm is not None:
+            block.ffn_post_norm.follows = "ffn"
     unrecognized.extend(_runtime_fused_ops(graph))
     return BlockMap(blocks=blocks, norms=norms, linears=linears, unrecognized=unrecognized)
 
@@ -1238,6 +1333,9 @@ def _assemble_blocks(
     order: dict[int, int],
     unrecognized: list[str],
 ) -> list[Block]:
+    norm_by_input: dict[int, Norm] = {}
+    for norm in norm_by_output.values():
+        norm_by_input.setdefault(id(norm.input), norm)
     events: list[tuple[int, Attention | FFN]] = [(order[id(a.softmax)], a) for a in attentions]
     events += [(order[id(f.down.matmul)], f) for f in ffns]
     events.sort(key=lambda e: e[0])
@@ -1246,13 +1344,13 @@ def _assemble_blocks(
     for _, item in events:
         if isinstance(item, Attention):
             if pending is not None:  # two attentions in a row (e.g. cross-attention): own block
-                blocks.append(_make_block(len(blocks), pending, None, norm_by_output))
+                blocks.append(_make_block(len(blocks), pending, None, norm_by_output, norm_by_input))
             pending = item
         else:
-            blocks.append(_make_block(len(blocks), pending, item, norm_by_output))
+            blocks.append(_make_block(len(blocks), pending, item, norm_by_output, norm_by_input))
             pending = None
     if pending is not None:
-        blocks.append(_make_block(len(blocks), pending, None, norm_by_output))
+        blocks.append(_make_block(len(blocks), pending, None, norm_by_output, norm_by_input))
     return blocks
 
 
@@ -1291,17 +1389,59 @@ def _norm_after(add: ir.Node | None, norm_by_output: dict[int, Norm]) -> Norm | 
     return next((norm for norm in norm_by_output.values() if norm.input is add.outputs[0]), None)
 
 
+def _output_norm(
+    output: ir.Value, norm_by_input: dict[int, Norm]
+) -> tuple[Norm, ir.Node, ir.Value | None] | None:
+    """A norm of a sub-block's output before its residual add, with that add and the stream.
+
+    ``x + norm(o(...))``: Gemma 2/3 ("sandwich", beside the pre-norms) and OLMo 2 (instead of
+    them). ``output`` (through single-reader Reshape/Identity/Cast/Dropout hops) must be read by
+    the nodes of one norm only, and that norm's output by one residual Add; otherwise None.
+    """
+    value = output
+    norm = None
+    for _ in range(4):
+        norm = norm_by_input.get(id(value))
+        if norm is not None:
+            break
+        users = data_uses(value)
+        if value.is_graph_output() or len(users) != 1:
+            return None
+        if users[0].node.op_type not in ("Reshape", "Identity", "Cast", "Dropout"):
+            return None
+        value = users[0].node.outputs[0]
+    if norm is None or value.is_graph_output():
+        return None
+    members = {id(node) for node in norm.nodes}
+    if any(id(use.node) not in members for use in data_uses(value)):
+        return None
+    add, stream = _residual_after(norm.output)
+    if add is None or norm.output.is_graph_output():
+        return None
+    return norm, add, stream
+
+
 def _make_block(
-    index: int, attention: Attention | None, ffn: FFN | None, norm_by_output: dict[int, Norm]
+    index: int,
+    attention: Attention | None,
+    ffn: FFN | None,
+    norm_by_output: dict[int, Norm],
+    norm_by_input: dict[int, Norm],
 ) -> Block:
     adds: list[ir.Node] = []
     attn_add = ffn_add = None
     attn_stream = ffn_stream = None
+    attn_post = ffn_post = None
     if attention is not None:
         attn_add, attn_stream = _residual_after(attention.o.output)
+        if attn_add is None and (found := _output_norm(attention.o.output, norm_by_input)) is not None:
+            attn_post, attn_add, attn_stream = found
     if ffn is not None:
         ffn_add, ffn_stream = _residual_after(ffn.down.output)
-    adds = [a for a in (attn_add, ffn_add) if a is not None]
+        if ffn_add is None and (found := _output_norm(ffn.down.output, norm_by_input)) is not None:
+            ffn_post, ffn_add, ffn_stream = found
+    # parallel attention and FFN (GPT-NeoX, Phi) may share one residual add
+    adds = list({id(a): a for a in (attn_add, ffn_add) if a is not None}.values())
     # Post-norm: the residual stream entering the add is itself a norm output (BERT).
     stream = attn_stream if attention is not None else ffn_stream
     post_norm = stream is not None and _norm_of(stream, norm_by_output) is not None and (
@@ -1321,4 +1461,6 @@ def _make_block(
         ffn_norm=ffn_norm,
         residual_adds=adds,
         pre_norm=not post_norm,
+        attention_post_norm=attn_post,
+        ffn_post_norm=ffn_post,
     )

@@ -31,7 +31,8 @@ Grouped-query attention: a kept KV head keeps the same number of query heads as 
 (:func:`tforge.passes.math.importance.select_heads`). Rotary embeddings act per head on
 ``head_dim``, which does not change. A layer that loses every head becomes its output
 projection's bias (plus the removed heads' mean contribution with ``compensate``), added to the
-residual stream; the rest of its attention is deleted.
+residual stream (through the attention's output norm, folded in NumPy, when the block normalises
+the attention's output before the add: Gemma 2/3, OLMo 2); the rest of its attention is deleted.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from tforge.compiler.head_layout import HeadEdits, apply_edits, attention_region
 from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import GraphEditor
-from tforge.compiler.structure import Attention, Block, block_map, const_array
+from tforge.compiler.structure import Attention, Block, Norm, block_map, const_array
 from tforge.errors import PassConfigError
 from tforge.passes.math import compensation
 from tforge.passes.math import importance as imp
@@ -290,7 +291,8 @@ class PruneHeads(Pass):
     ) -> pruning.Compensation:
         """Replace the attention's contribution to the residual stream by a constant."""
         attn = site.attn
-        add, index = _residual_input(attn)
+        post = site.block.attention_post_norm  # x + norm(o(...)): the constant goes through it
+        add, index = _residual_input(attn, post)
         o = pruning.weight_of(attn.o).astype(np.float64)
         bias = pruning.linear_bias(attn.o)
         constant = np.zeros(o.shape[1]) if bias is None else bias.astype(np.float64)
@@ -302,10 +304,16 @@ class PruneHeads(Pass):
             else:
                 constant = constant + compensation.mean_shift(o, np.arange(o.shape[0]), act.mean)
                 kind = pruning.Compensation("bias")
+        zero = bias is None and kind.kind == "none"
+        if post is not None:
+            if post.channels != constant.shape[0]:
+                raise Skip("the attention's output norm does not normalise the projection's width", post.node)
+            constant = post.apply(constant)
+            zero = not np.any(constant)
         branch = add.inputs[index]
         stream = add.inputs[1 - index]
         out = add.outputs[0]
-        if bias is None and kind.kind == "none" and not out.is_graph_output() and stream is not None:
+        if zero and not out.is_graph_output() and stream is not None:
             out.replace_all_uses_with(stream)
         else:
             dtype = branch.dtype.numpy() if branch is not None and branch.dtype is not None else np.float32
@@ -331,13 +339,15 @@ def _head_columns(heads: Sequence[int], head_dim: int) -> np.ndarray:
     return np.asarray([h * head_dim + i for h in heads for i in range(head_dim)], np.int64)
 
 
-def _residual_input(attn: Attention) -> tuple[ir.Node, int]:
-    """The residual Add reading the attention's output, and which of its inputs that is."""
-    value = attn.o.output
+def _residual_input(attn: Attention, post: Norm | None = None) -> tuple[ir.Node, int]:
+    """The residual Add reading the attention's output (or its output norm ``post``), and which
+    of its inputs that is."""
+    value = attn.o.output if post is None else post.output
+    what = "attention output" if post is None else "attention's output norm"
     for _ in range(6):
         users = list(value.uses())
         if len(users) != 1 or value.is_graph_output():
-            raise Skip("the attention output is not read by one residual Add only", value.producer())
+            raise Skip(f"the {what} is not read by one residual Add only", value.producer())
         node, idx = users[0].node, users[0].idx
         if node.op_type == "Add" and const_array(node.inputs[1 - idx]) is None:
             return node, idx
