@@ -40,6 +40,8 @@ def test_compile_writes_output_and_report(block_path: Path, tmp_path: Path, caps
     onnx.checker.check_model(onnx.load(out))
     data = json.loads(report.read_text())
     assert data["passes"][0]["name"] == "canonicalize" and data["numerics"][0]["max_abs"] < 1e-4
+    # written atomically, yet with the permissions of a plain write (not the temp file's 0600)
+    assert report.stat().st_mode & 0o777 == out.stat().st_mode & 0o777
     assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["000-input.ir", "001-canonicalize.ir"]
     assert "canonicalize:" in stdout
     assert "[1/1] canonicalize" in stderr
