@@ -35,6 +35,8 @@ new measurement.
   (on SmolLM2 the 4-bit table alone cost +14.8% perplexity); then ``ort-fuse``. Measured on
   SmolLM2 with a cache (GPTQ, 8-bit table): symmetric blocks of 32 +7.0%, asymmetric 64 +9.8%,
   asymmetric 128 +10.5% (RTN there +38.7%). Needs --calib-text/--tokenizer (or --calib-npz).
+  It is for decoding, where a call has few rows: on an encoder batch (MiniLM 8 x 128) it makes
+  the file 4x smaller but runs at 0.91x fp32, where ``w8a8`` runs 2.5x faster.
 """
 
 from __future__ import annotations
