@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import tforge
 from tforge.backends import genai
 from tforge.errors import UnsupportedModelError
 from tforge.frontends.onnx import load_onnx
@@ -76,3 +77,27 @@ def test_genai_generator_gives_tforges_greedy_tokens(llama_cache, tmp_path: Path
 
     expected = generate.greedy(path, PROMPT, steps, eos_ids=[2]).tokens  # genai stops at eos too
     assert tokens == expected and len(set(expected)) > 3
+
+
+def test_genai_runs_a_pruned_model(llama_cache, tmp_path: Path) -> None:
+    """prune-heads keeping every KV group (one query head of each removed): the cache keeps its
+    shape, the folder is written from the model's own config and genai's tokens are tforge's."""
+    og = pytest.importorskip("onnxruntime_genai")
+    pruned = tforge.load(llama_cache.dynamo)
+    result = tforge.compile(pruned, "canonicalize,prune-heads{keep=2 importance=magnitude}", output=tmp_path / "pruned.onnx")
+    assert result.report.passes[1].stats["pruned"] == 2
+    config = {**llama_cache.model.config.to_dict(), "num_attention_heads": 2}
+    genai.write_genai_folder(tmp_path / "pruned.onnx", tmp_path / "bundle", hf_config=config)
+    steps = 12
+
+    model = og.Model(str(tmp_path / "bundle"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + steps, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROMPT)
+    while not generator.is_done():
+        generator.generate_next_token()
+    tokens = [int(t) for t in generator.get_sequence(0)][len(PROMPT):]
+
+    expected = generate.greedy(tmp_path / "pruned.onnx", PROMPT, steps, eos_ids=[2]).tokens
+    assert tokens == expected and len(expected) == steps
