@@ -425,7 +425,8 @@ def _format_inspect(info: dict[str, Any]) -> str:
             kind = "fused-qkv " if a["fused_qkv"] else ""
             parts.append(
                 f"attention {kind}heads={a['num_heads']} kv_heads={a['num_kv_heads']} head_dim={a['head_dim']}"
-                f"{' causal' if a['causal'] else ''}{' rotary' if a['rotary'] else ''}"
+                f"{' causal' if a['causal'] else ''}"
+                f"{' window=' + str(a['sliding_window']) if a.get('sliding_window') else ''}{' rotary' if a['rotary'] else ''}"
                 f"{' qk-norm(' + a['qk_norm'] + ')' if a.get('qk_norm') else ''}"
             )
         if f:

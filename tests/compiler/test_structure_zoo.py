@@ -23,6 +23,9 @@ def test_block_map_matches_ground_truth(zoo_name, zoo_model, zoo_entries) -> Non
     block_map = find_blocks(_canonical(zoo_model(zoo_name)))
     assert block_map.unrecognized == []
     assert len(block_map.blocks) == truth.num_layers
+    # Gemma 2 alternates local and global layers, local first: k > q - window beside k <= q
+    windows = [truth.sliding_window if i % 2 == 0 else None for i in range(truth.num_layers)]
+    assert [b.attention.sliding_window for b in block_map.blocks if b.attention] == windows
     for block in block_map.blocks:
         attn, ffn = block.attention, block.ffn
         assert attn is not None and ffn is not None

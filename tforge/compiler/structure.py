@@ -199,6 +199,9 @@ class Attention:
     #: heads first, then split into Q, K and V inside each head. ``qkv_split`` then gives the three
     #: total widths, not contiguous column ranges of the fused weight.
     qkv_per_head: bool = False
+    #: keys a query attends to when the mask also limits how far back it looks (Gemma 2's local
+    #: layers: ``q - window < k <= q``), read from the mask's comparison; None: no such limit found
+    sliding_window: int | None = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -233,6 +236,7 @@ class Attention:
             "v": self.v.name,
             "o": self.o.name,
             "causal": self.causal,
+            "sliding_window": self.sliding_window,
             "rotary": self.rotary,
             "qk_norm": self.qk_norm_axis,
             "q_norm": self.q_norm.name if self.q_norm else None,
@@ -908,6 +912,55 @@ def _depends_on(value: ir.Value, predicate, limit: int = 200) -> bool:
 
 def _is_causal(scores: ir.Node, softmax: ir.Node) -> bool:
     """A causal mask compares two position ranges (query index >= key index) or uses Trilu."""
+
+    def causal_op(node: ir.Node) -> bool:
+        if node.op_type == "Trilu":
+            return True
+        if node.op_type in _COMPARISONS:
+            return all(i is not None and _depends_on(i, _is_position_range, limit=30) for i in node.inputs)
+        return False
+
+    return any(_depends_on(m, causal_op, limit=400) for m in _mask_operands(scores, softmax))
+
+
+def _is_position_range(node: ir.Node) -> bool:
+    return node.op_type in ("Range", "CumSum")
+
+
+def _sliding_window(scores: ir.Node, softmax: ir.Node) -> int | None:
+    """The window ``w`` of a mask that also compares a key position with ``query position - w``
+    (``k > q - w``, as ``transformers`` writes a sliding window): ``Sub(positions, w)`` or
+    ``Add(positions, -w)`` with a positive scalar constant ``w`` beside a position range."""
+    found: list[int] = []
+
+    def window_op(node: ir.Node) -> bool:
+        if node.op_type not in _COMPARISONS:
+            return False
+        for side in node.inputs:
+            shifted = side.producer() if side is not None else None
+            if shifted is None or shifted.op_type not in ("Sub", "Add") or len(shifted.inputs) != 2:
+                continue
+            offset = scalar(shifted.inputs[1])
+            base = shifted.inputs[0]
+            if offset is None or base is None or not _depends_on(base, _is_position_range, limit=30):
+                continue
+            window = offset if shifted.op_type == "Sub" else -offset
+            others = [i for i in node.inputs if i is not side]
+            if window > 0 and float(window).is_integer() and all(
+                i is not None and _depends_on(i, _is_position_range, limit=30) for i in others
+            ):
+                found.append(int(window))
+                return True
+        return False
+
+    for mask in _mask_operands(scores, softmax):
+        if _depends_on(mask, window_op, limit=400):
+            return found[-1]
+    return None
+
+
+def _mask_operands(scores: ir.Node, softmax: ir.Node) -> list[ir.Value]:
+    """The non-constant operands added to the scores between their MatMul and the Softmax."""
     between = deque([softmax.inputs[0]])
     masks: list[ir.Value] = []
     seen = set()
@@ -924,18 +977,7 @@ def _is_causal(scores: ir.Node, softmax: ir.Node) -> bool:
                 between.append(inp)
             else:
                 masks.append(inp)
-
-    def causal_op(node: ir.Node) -> bool:
-        if node.op_type == "Trilu":
-            return True
-        if node.op_type in _COMPARISONS:
-            return all(
-                i is not None and _depends_on(i, lambda n: n.op_type in ("Range", "CumSum"), limit=30)
-                for i in node.inputs
-            )
-        return False
-
-    return any(_depends_on(m, causal_op, limit=400) for m in masks)
+    return masks
 
 
 def _find_attention(
@@ -1025,7 +1067,7 @@ def _find_attention(
         q=q, k=k, v=v, o=o,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         softmax=softmax, scores_matmul=scores, context_matmul=context,
-        causal=_is_causal(scores, softmax), rotary=rotary,
+        causal=_is_causal(scores, softmax), rotary=rotary, sliding_window=_sliding_window(scores, softmax),
         shape_nodes=list(shape_nodes.values()), qkv_split=qkv_split,
         q_norm=norms["query"], k_norm=norms["key"], qkv_per_head=per_head is not None,
     )
