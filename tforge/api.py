@@ -104,7 +104,7 @@ def compile(  # noqa: A001 - mirrors the `tforge compile` command
         from tforge.presets import preset_pipeline
 
         passes = preset_pipeline(preset, model)
-        if not any(p.reads_calibration_data for p in PassManager.parse(passes).passes):
+        if not reads_data(PassManager.parse(passes).passes):
             calibration = None
     pm = PassManager.parse(
         passes,
@@ -167,8 +167,13 @@ def _with_calibration(
         raise PassConfigError(f"calibrate: {e}") from None
 
 
+def reads_data(passes: Sequence[Pass]) -> bool:
+    """Whether a pipeline runs the model on calibration data (``calibrate``, ``linear-attention``, ...)."""
+    return any(p.reads_calibration_data for p in passes)
+
+
 def _check_reads_data(passes: Sequence[Pass]) -> None:
-    if not any(p.reads_calibration_data for p in passes):
+    if not reads_data(passes):
         raise PassConfigError(
             "calibration data is read by 'calibrate', which is not in the pipeline (nor any other "
             "pass that runs on data, such as 'linear-attention'); add 'calibrate' after 'canonicalize'"

@@ -310,7 +310,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.preset is not None:  # a preset's pipeline can depend on the model (a KV cache)
         args.passes = preset_pipeline(args.preset, model)
         logger.info("preset %s: %s", args.preset, args.passes)
-        if not any(p.reads_calibration_data for p in PassManager.parse(args.passes).passes):
+        from tforge.api import reads_data
+
+        if not reads_data(PassManager.parse(args.passes).passes):
             _drop_unread_calibration(args)
     data = None
     if any(v is not None for v in (args.calib_text, args.tokenizer, args.calib_npz, args.workers, args.cluster)):

@@ -66,7 +66,7 @@ The pass invalidates ``canonical``: the block map reads neither fused op.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -144,7 +144,7 @@ class OrtFuse(Pass):
         if self.attention:
             _AttentionFusion(self, model, editor, found, stats).run(cached)
         if self.encoder_attention:
-            _EncoderAttentionFusion(model, editor, found, stats).run(plain)
+            _EncoderAttentionFusion(editor, found, stats).run(plain)
         else:
             for softmax in plain:
                 stats.skip(Skip("attention without a KV cache left unfused (encoder-attention=false)", softmax, blocked=False))
@@ -261,21 +261,21 @@ class _Site:
     position_ids: ir.Value
 
 
-class _AttentionFusion:
-    def __init__(self, opts: OrtFuse, model: ir.Model, editor: GraphEditor, found: BlockMap, stats: SiteStats) -> None:
-        self.opts, self.model, self.editor, self.stats = opts, model, editor, stats
-        self.graph = model.graph
+class _SoftmaxFusion:
+    """An attention fusion: every site is read (from its Softmax) before any is rewritten, so a
+    rewrite never changes what a later site reads; each site that cannot be fused is a Skip."""
+
+    def __init__(self, editor: GraphEditor, found: BlockMap, stats: SiteStats) -> None:
+        self.editor, self.stats = editor, stats
         self.by_softmax: dict[int, Attention] = {
             id(b.attention.softmax): b.attention for b in found.blocks if b.attention is not None
         }
-        self.caches: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
-        self.lengths: dict[int, tuple[ir.Value, ir.Value]] = {}
 
     def run(self, softmaxes: list[ir.Node]) -> None:
         sites = []
-        for node in softmaxes:
+        for softmax in softmaxes:
             try:
-                sites.append(self._site(node))
+                sites.append(self._site(softmax))
             except Skip as skip:
                 self.stats.skip(skip)
         for site in sites:
@@ -283,6 +283,21 @@ class _AttentionFusion:
                 self._rewrite(site)
             except Skip as skip:
                 self.stats.skip(skip)
+
+    def _site(self, softmax: ir.Node) -> Any:
+        raise NotImplementedError
+
+    def _rewrite(self, site: Any) -> None:
+        raise NotImplementedError
+
+
+class _AttentionFusion(_SoftmaxFusion):
+    def __init__(self, opts: OrtFuse, model: ir.Model, editor: GraphEditor, found: BlockMap, stats: SiteStats) -> None:
+        super().__init__(editor, found, stats)
+        self.opts, self.model = opts, model
+        self.graph = model.graph
+        self.caches: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        self.lengths: dict[int, tuple[ir.Value, ir.Value]] = {}
 
     # ------------------------------------------------------------------ reading a site
 
@@ -443,7 +458,7 @@ class _AttentionFusion:
 # ----------------------------------------------------------------------------- attention without a cache
 
 
-class _EncoderAttentionFusion:
+class _EncoderAttentionFusion(_SoftmaxFusion):
     """Attention without a KV cache -> ``com.microsoft.MultiHeadAttention``.
 
     The core (head split, K^T, scale, mask add, Softmax, probs @ V, head merge) is read from the
@@ -455,26 +470,10 @@ class _EncoderAttentionFusion:
     they were.
     """
 
-    def __init__(self, model: ir.Model, editor: GraphEditor, found: BlockMap, stats: SiteStats) -> None:
-        self.editor, self.stats = editor, stats
+    def __init__(self, editor: GraphEditor, found: BlockMap, stats: SiteStats) -> None:
+        super().__init__(editor, found, stats)
         self.opset = editor.opset
-        self.by_softmax: dict[int, Attention] = {
-            id(b.attention.softmax): b.attention for b in found.blocks if b.attention is not None
-        }
         self.biases: dict[tuple, ir.Value] = {}
-
-    def run(self, softmaxes: list[ir.Node]) -> None:
-        cores = []
-        for softmax in softmaxes:
-            try:
-                cores.append(self._site(softmax))
-            except Skip as skip:
-                self.stats.skip(skip)
-        for core in cores:
-            try:
-                self._rewrite(core)
-            except Skip as skip:
-                self.stats.skip(skip)
 
     def _site(self, softmax: ir.Node) -> AttentionCore:
         attn = self.by_softmax.get(id(softmax))
