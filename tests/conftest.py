@@ -7,7 +7,8 @@
 - a test with a ``zoo_name`` argument runs once per zoo model, unless it parametrizes it itself.
 - ``minilm_onnx`` / ``smollm2_onnx``: real pretrained exports in ``.cache/models`` (reused when
   current); tests using them must be marked ``@pytest.mark.slow``.
-- ``llama_cache``: a random tiny LLaMA exported with a KV cache; ``tokenizer_dir``: a word-level
+- ``llama_cache``: a random tiny LLaMA exported with a KV cache (``llama_canonical``: its exports
+  canonicalized, shared by the session); ``tokenizer_dir``: a word-level
   tokenizer over its 96-token vocabulary (``WORDS``: token ``i`` is ``WORDS[i]``); ``llama_text``:
   calibration text in that vocabulary.
 - ``teacher_forced(model, ids, prefill)``: a cache graph's logits at prefill and at each decode
@@ -166,6 +167,20 @@ def llama_cache(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
         torchscript=reports["torchscript"].path,
         folder=folder,
     )
+
+
+@pytest.fixture(scope="session")
+def llama_canonical(llama_cache):  # type: ignore[no-untyped-def]
+    """``llama_cache``'s exports canonicalized once: {"dynamo": model, "torchscript": model}.
+    Shared by every test of the session: a test that changes a model clones it first."""
+    import tforge
+
+    models = {}
+    for exporter in ("dynamo", "torchscript"):
+        model = tforge.load(getattr(llama_cache, exporter))
+        tforge.compile(model, "canonicalize", progress=lambda _: None)
+        models[exporter] = model
+    return models
 
 
 @pytest.fixture(scope="session")

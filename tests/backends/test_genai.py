@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,14 +67,7 @@ def test_genai_generator_gives_tforges_greedy_tokens(llama_cache, tmp_path: Path
     genai.write_genai_folder(path, tmp_path / "bundle", hf_config=llama_cache.model.config.to_dict())
     steps = 20
 
-    model = og.Model(str(tmp_path / "bundle"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + steps, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(PROMPT)
-    while not generator.is_done():
-        generator.generate_next_token()
-    tokens = [int(t) for t in generator.get_sequence(0)][len(PROMPT):]
+    tokens = _genai_greedy(og, tmp_path / "bundle", steps)
 
     expected = generate.greedy(path, PROMPT, steps, eos_ids=[2]).tokens  # genai stops at eos too
     assert tokens == expected and len(set(expected)) > 3
@@ -90,14 +84,19 @@ def test_genai_runs_a_pruned_model(llama_cache, tmp_path: Path) -> None:
     genai.write_genai_folder(tmp_path / "pruned.onnx", tmp_path / "bundle", hf_config=config)
     steps = 12
 
-    model = og.Model(str(tmp_path / "bundle"))
+    tokens = _genai_greedy(og, tmp_path / "bundle", steps)
+
+    expected = generate.greedy(tmp_path / "pruned.onnx", PROMPT, steps, eos_ids=[2]).tokens
+    assert tokens == expected and len(expected) == steps
+
+
+def _genai_greedy(og: Any, folder: Path, steps: int) -> list[int]:
+    """The tokens onnxruntime-genai's generator adds greedily to PROMPT (it stops at eos)."""
+    model = og.Model(str(folder))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(PROMPT) + steps, do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(PROMPT)
     while not generator.is_done():
         generator.generate_next_token()
-    tokens = [int(t) for t in generator.get_sequence(0)][len(PROMPT):]
-
-    expected = generate.greedy(tmp_path / "pruned.onnx", PROMPT, steps, eos_ids=[2]).tokens
-    assert tokens == expected and len(expected) == steps
+    return [int(t) for t in generator.get_sequence(0)][len(PROMPT):]

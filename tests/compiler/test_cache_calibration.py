@@ -36,22 +36,12 @@ EXPORTERS = ["dynamo", "torchscript"]
 KV_HEADS, HEAD_DIM = 2, 8  # llama_cache's geometry (hf_models.random_llama defaults)
 
 
-@pytest.fixture(scope="module")
-def canonical(llama_cache):  # type: ignore[no-untyped-def]
-    """Each export canonicalized once; tests clone it."""
-    models = {}
-    for exporter in EXPORTERS:
-        model = tforge.load(getattr(llama_cache, exporter))
-        tforge.compile(model, "canonicalize")
-        models[exporter] = model
-    return models
-
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_text_feeds_of_a_cache_graph_are_prefill_windows_with_decode_tokens(
-    canonical, exporter: str, llama_text: Path, tokenizer_dir: Path
+    llama_canonical, exporter: str, llama_text: Path, tokenizer_dir: Path
 ) -> None:
-    model = canonical[exporter]
+    model = llama_canonical[exporter]
     feeds = list(
         text_feeds(model, llama_text, tokenizer_dir, samples=3, seq_len=20, decode_steps=5)
     )
@@ -76,9 +66,9 @@ def test_text_feeds_of_a_cache_graph_are_prefill_windows_with_decode_tokens(
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_statistics_cover_prefill_and_decode_steps(
-    canonical, exporter: str, llama_text: Path, tokenizer_dir: Path
+    llama_canonical, exporter: str, llama_text: Path, tokenizer_dir: Path
 ) -> None:
-    model = canonical[exporter].clone()
+    model = llama_canonical[exporter].clone()
     samples, seq_len, steps = 3, 16, 6
     result = tforge.compile(
         model,
@@ -111,11 +101,11 @@ def test_statistics_cover_prefill_and_decode_steps(
 
 
 def test_cache_windows_reach_a_worker_intact(
-    canonical, llama_text: Path, tokenizer_dir: Path
+    llama_canonical, llama_text: Path, tokenizer_dir: Path
 ) -> None:
     # What a Ray worker runs (compiler/distributed.py): the model rebuilt from bytes, the shard
     # pickled; the decode steps must survive the trip.
-    model = canonical["torchscript"]
+    model = llama_canonical["torchscript"]
     feeds = list(
         text_feeds(model, llama_text, tokenizer_dir, samples=2, seq_len=12, decode_steps=4)
     )
@@ -130,9 +120,9 @@ def test_cache_windows_reach_a_worker_intact(
 
 
 def test_npz_calibration_of_a_cache_graph_still_works(
-    llama_cache, canonical, tmp_path: Path
+    llama_cache, llama_canonical, tmp_path: Path
 ) -> None:
-    model = canonical["dynamo"].clone()
+    model = llama_canonical["dynamo"].clone()
     layout = generate.cache_layout(generate.graph_io(llama_cache.dynamo))
     ids = np.random.default_rng(1).integers(3, 96, (4, 1, 7))
     arrays = {
@@ -148,9 +138,9 @@ def test_npz_calibration_of_a_cache_graph_still_works(
 
 
 def test_text_calibration_refuses_a_cache_graph_with_a_fixed_length(
-    canonical, llama_text: Path, tokenizer_dir: Path
+    llama_canonical, llama_text: Path, tokenizer_dir: Path
 ) -> None:
-    model = canonical["dynamo"].clone()
+    model = llama_canonical["dynamo"].clone()
     ids = next(v for v in model.graph.inputs if v.name == "input_ids")
     ids.shape = ir.Shape([1, 16])
     with pytest.raises(PassConfigError, match="cannot decode one token a step"):

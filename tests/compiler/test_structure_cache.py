@@ -34,16 +34,6 @@ HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 8, 2  # hf_models.random_llama's defau
 PROMPT = [1, 5, 9, 20, 33, 7, 60, 11]
 
 
-@pytest.fixture(scope="module")
-def canonical(llama_cache):  # type: ignore[no-untyped-def]
-    """Each export canonicalized once; tests clone it."""
-    models = {}
-    for exporter in EXPORTERS:
-        model = tforge.load(getattr(llama_cache, exporter))
-        PassManager.parse("canonicalize", progress=lambda _: None).run(model)
-        models[exporter] = model
-    return models
-
 
 def test_llama_cache_config_is_what_the_tests_assume(llama_cache) -> None:
     config = llama_cache.model.config
@@ -54,8 +44,8 @@ def test_llama_cache_config_is_what_the_tests_assume(llama_cache) -> None:
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_block_map_recognises_cached_attention(canonical, exporter: str) -> None:
-    model = canonical[exporter]
+def test_block_map_recognises_cached_attention(llama_canonical, exporter: str) -> None:
+    model = llama_canonical[exporter]
     found = find_blocks(model)
 
     assert found.unrecognized == []
@@ -73,9 +63,9 @@ def test_block_map_recognises_cached_attention(canonical, exporter: str) -> None
     assert len(found.describe()["other_linears"]) == 1
 
 
-def test_torchscript_context_is_read_by_a_shape_node(canonical) -> None:
+def test_torchscript_context_is_read_by_a_shape_node(llama_canonical) -> None:
     """The case this file is about: the context has two readers, one of which reads its shape only."""
-    for block in find_blocks(canonical["torchscript"]).blocks:
+    for block in find_blocks(llama_canonical["torchscript"]).blocks:
         context = block.attention.context_matmul.outputs[0]
         readers = {u.node.op_type for u in context.uses()}
         assert readers == {"Shape", "Reshape"}
@@ -108,9 +98,9 @@ def _prune(model: ir.Model, spec: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_prune_a_whole_kv_group_rewrites_the_cache(canonical, exporter: str, tmp_path: Path) -> None:
+def test_prune_a_whole_kv_group_rewrites_the_cache(llama_canonical, exporter: str, tmp_path: Path) -> None:
     """Heads 2 and 3 (KV head 1) go: the past/present caches lose a head, outputs stay exact."""
-    model = canonical[exporter].clone()
+    model = llama_canonical[exporter].clone()
     _make_heads_inert(model, heads=[2, 3], kv_heads=[1])
     save_model(model, tmp_path / "reference.onnx")
 
@@ -141,11 +131,11 @@ def test_prune_a_whole_kv_group_rewrites_the_cache(canonical, exporter: str, tmp
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_prune_one_head_per_group_torchscript_skips_with_reason(canonical, tmp_path: Path) -> None:
+def test_prune_one_head_per_group_torchscript_skips_with_reason(llama_canonical, tmp_path: Path) -> None:
     """One query head per KV head kept: the TorchScript export merges repeated KV heads into a
     count computed at run time (``Shape(kv)[1] * 2``), which does not follow a change of the
     repeat count; the pass skips each layer and says why, and the graph is unchanged."""
-    model = canonical["torchscript"].clone()
+    model = llama_canonical["torchscript"].clone()
     _make_heads_inert(model, heads=[1, 3], kv_heads=[])
     save_model(model, tmp_path / "reference.onnx")
 
@@ -161,9 +151,9 @@ def test_prune_one_head_per_group_torchscript_skips_with_reason(canonical, tmp_p
     assert _logits(tmp_path / "same.onnx")[1][0].tolist() == _logits(tmp_path / "reference.onnx")[1][0].tolist()
 
 
-def test_prune_one_head_per_group_dynamo_works(canonical, tmp_path: Path) -> None:
+def test_prune_one_head_per_group_dynamo_works(llama_canonical, tmp_path: Path) -> None:
     """The same selection on the dynamo export, whose repeat-KV shapes are constants: pruned, exact."""
-    model = canonical["dynamo"].clone()
+    model = llama_canonical["dynamo"].clone()
     _make_heads_inert(model, heads=[1, 3], kv_heads=[])
     save_model(model, tmp_path / "reference.onnx")
 
@@ -182,10 +172,10 @@ def test_prune_one_head_per_group_dynamo_works(canonical, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_calibrated_prune_heads_runs_at_prefill_and_decode(canonical, exporter: str, tmp_path: Path) -> None:
+def test_calibrated_prune_heads_runs_at_prefill_and_decode(llama_canonical, exporter: str, tmp_path: Path) -> None:
     """The brief's pipeline with calibration-driven importance: the model still generates; each
     layer is pruned or skipped with its reason, never left half-rewritten."""
-    model = canonical[exporter].clone()
+    model = llama_canonical[exporter].clone()
     feeds = [dict(generate.cache_layout(generate.open_session(_saved(model, tmp_path))).prefill_feeds(
         np.asarray([PROMPT], np.int64)))]
     report = tforge.compile(model, "calibrate,prune-heads{ratio=0.5}", calibration=feeds)
@@ -206,10 +196,10 @@ def _saved(model: ir.Model, folder: Path) -> Path:
     return path
 
 
-def test_run_time_slice_bounds_on_head_dim_are_traced(canonical) -> None:
+def test_run_time_slice_bounds_on_head_dim_are_traced(llama_canonical) -> None:
     """TorchScript's rotate_half slices head_dim at Shape(x)[-1] // 2: no heads axis is cut, so
     the head-layout analysis accepts it (the dry run of a whole-group removal succeeds)."""
-    model = canonical["torchscript"]
+    model = llama_canonical["torchscript"]
     order = {id(node): i for i, node in enumerate(model.graph)}
     for block in find_blocks(model).blocks:
         attn = block.attention

@@ -208,25 +208,15 @@ LOSSY = [
 
 
 
-@pytest.fixture(scope="module")
-def canonical(llama_cache):  # type: ignore[no-untyped-def]
-    """Each export canonicalized once: the float reference; cases clone it."""
-    models = {}
-    for exporter in EXPORTERS:
-        model = tforge.load(getattr(llama_cache, exporter))
-        tforge.compile(model, "canonicalize")
-        models[exporter] = model
-    return models
-
 
 @pytest.fixture(scope="module")
-def reference(canonical) -> dict[str, list[np.ndarray]]:  # type: ignore[no-untyped-def]
+def reference(llama_canonical) -> dict[str, list[np.ndarray]]:  # type: ignore[no-untyped-def]
     """The reference's teacher-forced logits per export."""
-    return {e: teacher_forced(m, IDS, PREFILL, optimize=False)[0] for e, m in canonical.items()}
+    return {e: teacher_forced(m, IDS, PREFILL, optimize=False)[0] for e, m in llama_canonical.items()}
 
 
 @pytest.fixture(scope="module")
-def compiled(canonical, llama_text: Path, tokenizer_dir: Path) -> Compiled:  # type: ignore[no-untyped-def]
+def compiled(llama_canonical, llama_text: Path, tokenizer_dir: Path) -> Compiled:  # type: ignore[no-untyped-def]
     """``compiled(case) -> (model, record of the pass)``, each case compiled once."""
     data = CalibrationData(
         text=str(llama_text), tokenizer=str(tokenizer_dir), samples=4, seq_len=16
@@ -235,7 +225,7 @@ def compiled(canonical, llama_text: Path, tokenizer_dir: Path) -> Compiled:  # t
 
     def get(case: Case) -> tuple[ir.Model, PassRecord]:
         if case.id not in done:
-            model = canonical[case.exporter].clone()
+            model = llama_canonical[case.exporter].clone()
             result = tforge.compile(model, f"calibrate,{case.spec}", calibration=data)
             done[case.id] = (model, result.report.passes[-1])
         return done[case.id]
