@@ -317,6 +317,29 @@ def test_unknown_and_constant_values_are_rejected(rng: np.random.Generator) -> N
         calibrate_model(no_linears, [{"x": np.ones((2, 8), np.float32)}])
 
 
+def test_the_session_runs_only_the_nodes_the_values_need(rng: np.random.Generator) -> None:
+    """ORT runs every node whatever outputs are asked for; calibration drops the nodes past the
+    requested values, so a block's inputs cost that block's depth (sequential GPTQ's rounds). The
+    node after ``h`` cannot run (a Reshape to a size that does not fit): asking for ``h`` works."""
+    model = testing.model_from_onnx_text(
+        """
+        <ir_version: 10, opset_import: ["" : 18]>
+        g (float[2, 8] x) => (float[5, 7] y)
+        <float[8, 8] w, int64[2] bad>
+        {
+            h = Relu (x)
+            z = MatMul (h, w)
+            y = Reshape (z, bad)
+        }
+        """,
+        w=rng.normal(size=(8, 8)).astype(np.float32), bad=np.array([5, 7], np.int64),
+    )  # fmt: skip
+    x = rng.normal(size=(2, 8)).astype(np.float32)
+    stats = calibrate_model(model, [{"x": x}], ["h"], progress=lambda _: None)
+    np.testing.assert_array_equal(stats["h"].absmax, np.maximum(x, 0).max(axis=0))
+    assert [n.op_type for n in model.graph] == ["Relu", "MatMul", "Reshape"]  # the model is left alone
+
+
 def test_graph_inputs_can_be_calibrated_directly(rng: np.random.Generator) -> None:
     model = testing.model_from_onnx_text(
         MASKED,

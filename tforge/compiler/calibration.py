@@ -550,7 +550,10 @@ def calibrate_model(
     stream = iter(feeds)
     first = next(stream, None)
     cache = first.layout if isinstance(first, CacheWindow) else None
-    presents = [c.present for c in cache.cache if c.present not in computed] if cache is not None else []
+    # windows without decode steps (prefill only) feed nothing back: exposing no present lets the
+    # session drop every node past the requested values
+    decodes = cache is not None and first.decode_ids.shape[1] > 0
+    presents = [c.present for c in cache.cache if c.present not in computed] if decodes else []
     exposed = [*computed, *presents]
     session = None
     if exposed:

@@ -42,7 +42,10 @@ inputs are gathered by running the pipeline's calibration data (``pipeline_feeds
 each round) through the model as it is then, blocks ``1..k-1`` already ``MatMulNBits`` in ONNX
 Runtime, so their rounding errors reach the statistics GPTQ compensates against. One round per
 block (linears outside the blocks form rounds of their own, in graph order); each round exposes
-only that block's linear inputs, so memory holds one block's Grams. It costs one calibration run
+only that block's linear inputs, so memory holds one block's Grams, and its session holds only
+the nodes up to them (a round costs its block's depth, half the model on average). A KV-cache
+graph's windows are prefilled with an empty cache, without the decode steps ``calibrate`` adds
+(their presents would have to be computed by every later block). It costs one calibration run
 per block, which is why it is off by default, and needs the pipeline's calibration data
 (``--calib-text``/``--calib-npz``/``calibration=``): without it the pass refuses to run.
 
@@ -389,7 +392,8 @@ class QuantizeWeights(Pass):
         data = model.meta.get(DATA_KEY)
         explicit = data is not None and not data.empty and data.samples is not None
         found = pipeline_feeds(
-            model, samples=DEFAULT_SAMPLES if explicit else MAX_AUTO_SAMPLES, seq_len=_ROUND_SEQ_LEN
+            model, samples=DEFAULT_SAMPLES if explicit else MAX_AUTO_SAMPLES, seq_len=_ROUND_SEQ_LEN,
+            decode_steps=0,  # prefills only: no present fed back, so the session ends at this block
         )
         if found is None:  # check() ran first
             raise PreconditionError("quantize-weights: sequential=true needs the pipeline's calibration data")

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 import onnxruntime as ort
 
 from tforge.errors import PreconditionError, UnsupportedModelError
@@ -364,6 +365,9 @@ def session_exposing(model: ir.Model, names: Sequence[str], *, optimize: bool) -
     by_name = values_by_name(clone.graph)
     clone.graph.outputs.clear()
     clone.graph.outputs.extend(by_name[n] for n in dict.fromkeys(names))
+    # ORT runs every node of a graph whatever outputs are asked for: without the nodes past the
+    # exposed values, a session exposing one block's inputs costs that block's depth, not the model
+    common_passes.RemoveUnusedNodesPass()(clone)
     return create_session(clone, optimize=optimize)
 
 
