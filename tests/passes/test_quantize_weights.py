@@ -184,6 +184,11 @@ def test_gptq_chooses_the_tied_tables_codes_from_the_heads_inputs(rng: np.random
     assert by_rtn.stats["quantized: 4-bit rtn (tied to the embedding)"] == 1
     assert head_error(by_gptq) < 0.8 * head_error(by_rtn), (head_error(by_gptq), head_error(by_rtn))
 
+    # sequential rounds pack the table first, from the head's statistics on the float model
+    head_input = next(n for n in base.graph if n.op_type == "MatMul" and n.outputs[0].is_graph_output()).inputs[0]
+    assert QuantizeWeights(method="gptq", sequential=True).gram_wanted(base) == {head_input.name}
+    assert QuantizeWeights(method="gptq", sequential=True, embedding_bits=0).gram_wanted(base) == set()
+
     clone = _with_head_input(gptq_model)  # the gather's rows are the head's columns, one copy
     gather = next(n for n in clone.graph if n.op_type == "GatherBlockQuantized")
     gather.outputs[0].name = "rows"

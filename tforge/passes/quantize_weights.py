@@ -29,8 +29,10 @@ one copy. With ``method=gptq`` the table's codes are GPTQ's on the head's input 
 head's ``K`` is the table's hidden axis, its blocks are the table's): the tied head is the
 most sensitive tensor of a small LM (SmolLM2-135M at 4 bits: +14.8% perplexity by RTN, +2.5%
 by GPTQ, every other linear float), while the gathered rows only shift the residual stream.
-Otherwise (and in ``sequential`` rounds, which gather no statistics for the head before the
-table is packed) the table is rounded to nearest. ``embedding-symmetric`` sets its grid apart
+With ``sequential=true`` the table is packed before the first round (the rounds' statistics
+see the quantized embedding), so its codes come from the head's statistics on the float model,
+which ``calibrate`` collects for it (``gram_wanted``). Otherwise (no statistics, RTN, AWQ) the
+table is rounded to nearest. ``embedding-symmetric`` sets its grid apart
 from the linears'. Every linear left in float is counted with the reason; ``details`` give each layer's
 bits and its relative output error ``E||x (W - W_q)||^2 / E||x W||^2`` when the input's second
 moment is known (else the relative Frobenius error). ``calibrate`` collects the second moments
@@ -229,9 +231,19 @@ class QuantizeWeights(Pass):
         memory than it is worth on a large model (its errors are then relative Frobenius ones,
         unless ``calibrate{gram=true}`` collected them anyway).
         """
-        if (self.method == "rtn" and not self._budgeted) or self.sequential:
-            return set()  # sequential gathers its own, block by block; a budget measures on them
+        if self.sequential:  # gathers its own, block by block; the tied table is packed first
+            return {lin.input.name for lin in self._tied_heads(model) if lin.input.name} if self.method == "gptq" else set()
+        if self.method == "rtn" and not self._budgeted:
+            return set()  # a budget measures on them
         return {lin.input.name for lin in block_map(model).linears if lin.input.name and not self._excluded(lin)}
+
+    def _tied_heads(self, model: ir.Model) -> list[Linear]:
+        """The LM heads that will read a quantized embedding's bytes."""
+        if not (self.tie and self.embedding_bits):
+            return []
+        linears = list(block_map(model).linears)
+        heads = (tied_head(emb, linears) for emb in find_embeddings(model.graph))
+        return [head for head in heads if head is not None]
 
     def run(self, model: ir.Model) -> PassResult:
         stats = SiteStats()
