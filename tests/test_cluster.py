@@ -141,3 +141,29 @@ def test_sharded_embeddings(local_ray, rng: np.random.Generator) -> None:
     expected = evaluate.sentence_embeddings(lambda f: session.run(None, f)[0], tokenizer, texts, batch_size=3)
     got = evaluate.sharded_embeddings(encoder, tokenizer, texts, workers=2, batch_size=3)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_sequential_gptq_rounds_on_workers(local_ray, rng: np.random.Generator) -> None:
+    """quantize-weights{sequential=true} with the pipeline's workers: each round's Gram matrices
+    in shards on Ray, merged; the codes are those of one process (Grams equal to float rounding)."""
+    from tests.passes.test_quantize_weights_sequential import _model as two_layers
+    from tests.passes.test_quantize_weights_sequential import _packed
+    from tforge.compiler.calibration import DATA_KEY, FEEDS_KEY, CalibrationData
+    from tforge.compiler.pipeline import PassManager
+
+    model, feeds, _ = two_layers(rng)
+    model.meta[FEEDS_KEY] = feeds[:16]  # two shards a round
+    sharded = model.clone()
+    sharded.meta.update(model.meta)
+    sharded.meta[DATA_KEY] = CalibrationData(workers=2)
+    spec = "quantize-weights{method=gptq block=16 accuracy-level=0 sequential=true}"
+    one = PassManager.parse(spec, progress=lambda _: None).run(model).passes[-1]
+    two = PassManager.parse(spec, progress=lambda _: None).run(sharded).passes[-1]
+
+    assert one.stats["sequential calibration runs"] == two.stats["sequential calibration runs"] == 2
+    a, b = _packed(model), _packed(sharded)
+    assert a.keys() == b.keys() and len(a) == 12
+    differing = sum(int((a[n] != b[n]).sum()) for n in a) / sum(a[n].size for n in a)
+    assert differing < 0.005, differing  # a rounding tie may flip where a Gram sum differs in its last bit
+    errors = {r["linear"]: r["relative_output_error"] for r in one.details["layers"]}
+    assert all(abs(r["relative_output_error"] - errors[r["linear"]]) < 1e-3 for r in two.details["layers"])

@@ -48,7 +48,9 @@ only that block's linear inputs, so memory holds one block's Grams, and its sess
 the nodes up to them (a round costs its block's depth, half the model on average). A KV-cache
 graph's windows are prefilled with an empty cache, without the decode steps ``calibrate`` adds
 (their presents would have to be computed by every later block). It costs one calibration run
-per block, which is why it is off by default, and needs the pipeline's calibration data
+per block, which is why it is off by default; with the pipeline's ``--workers``/``--cluster``
+(``CalibrationData.workers``/``cluster``) each round runs in shards on Ray workers, merged
+exactly as ``calibrate{workers=N}`` does, and needs the pipeline's calibration data
 (``--calib-text``/``--calib-npz``/``calibration=``): without it the pass refuses to run.
 
 Mixed precision: ``budget-mb`` (10^6 bytes of the quantized linears' packed weights, scales and
@@ -65,6 +67,7 @@ candidate; linears left in float count as "kept in float by the bit budget".
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -364,6 +367,25 @@ class QuantizeWeights(Pass):
         model = editor.model
         rounds = _rounds(model, blocks, linears)
         details["sequential_rounds"] = []
+        with self._round_cluster(model):
+            self._rounds(editor, rounds, shared, stats, details)
+        stats["sequential calibration runs"] = len(details["sequential_rounds"])
+
+    @staticmethod
+    def _round_cluster(model: ir.Model) -> contextlib.AbstractContextManager[Any]:
+        """One Ray cluster for every round when the pipeline calibrates on workers (started once)."""
+        data = model.meta.get(DATA_KEY)
+        if data is None or not (data.workers or data.cluster):
+            return contextlib.nullcontext()
+        from tforge.runtime import cluster
+
+        return cluster.cluster(data.workers or 1, data.cluster or None)
+
+    def _rounds(
+        self, editor: GraphEditor, rounds: list[tuple[str, list[Linear]]], shared: dict[int, _Packed],
+        stats: SiteStats, details: dict[str, Any],
+    ) -> None:  # fmt: skip
+        model = editor.model
         for k, (label, group) in enumerate(rounds, start=1):
             todo: list[Linear] = []
             for lin in group:
@@ -397,7 +419,6 @@ class QuantizeWeights(Pass):
                     continue
                 self._lower_and_record(editor, lin, q, error, tied, stats, details, {"round": k})
             del calibration  # one block's Gram matrices at a time
-        stats["sequential calibration runs"] = len(details["sequential_rounds"])
 
     def _round_statistics(self, model: ir.Model, names: list[str]) -> CalibrationStats:
         """Statistics with Gram matrices of ``names`` on the model as it is now (the pipeline's data)."""
@@ -413,6 +434,15 @@ class QuantizeWeights(Pass):
         if not explicit:
             widest = max((_last_dim(model, name) for name in names), default=0)
             feeds = until_enough(feeds, DEFAULT_SAMPLES, GRAM_TOKENS_PER_CHANNEL * widest, MAX_AUTO_SAMPLES)
+        workers = data.workers if data is not None and data.workers else 0
+        address = data.cluster if data is not None and data.cluster else ""
+        if workers or address:  # the pipeline's cluster: each round's samples in shards, merged exactly
+            from tforge.compiler.distributed import calibrate_sharded
+
+            return calibrate_sharded(
+                model, feeds, workers=workers or 1, address=address or None, values=names, gram=set(names),
+                progress=lambda message: logger.debug("%s", message),
+            )  # fmt: skip
         return calibrate_model(
             model, feeds, names, gram=set(names), progress=lambda message: logger.debug("%s", message)
         )
