@@ -116,3 +116,15 @@ def test_real_model_map_and_canonicalize(request, fixture, num_blocks, expected,
     feeds = verify.make_inputs(original, dims=dims, rng=np.random.default_rng(0))
     (output,) = verify.compare_outputs(original, model, feeds)
     assert output.max_abs < 1e-4, output
+
+
+def test_static_export_mask_constants_give_causality_and_window(zoo_name, zoo_static_model, zoo_entries) -> None:
+    """A fixed-shape export folds its mask into a constant: causality (every later key blocked)
+    and Gemma 2's window (keys ``window`` or more back blocked) are read from its values. The
+    static sequence (6) is longer than the window (4), so the window shows in the constant."""
+    truth = zoo_entries[zoo_name].truth
+    blocks = find_blocks(_canonical(zoo_static_model(zoo_name))).blocks
+    windows = [truth.sliding_window if i % 2 == 0 else None for i in range(truth.num_layers)]
+    assert [(b.attention.causal, b.attention.sliding_window) for b in blocks] == [
+        (truth.causal, w) for w in windows
+    ]

@@ -101,11 +101,14 @@ class ZooEntry:
         module: torch.nn.Module | None = None,
         *,
         static: tuple[int, int] | None = None,
+        exporter: Literal["dynamo", "torchscript"] = "dynamo",
     ) -> Path:
         """Export to ``folder/<name>.onnx`` and return the path.
 
         ``static=(batch, seq)``: a fixed-shape export at that batch and sequence length (every
         shape constant), written to ``folder/<name>.static-<batch>x<seq>.onnx``.
+        ``exporter="torchscript"``: the TorchScript tracer (``torch.onnx.export(dynamo=False)``,
+        the route of Hugging Face's own exporters), written to ``folder/<name>.torchscript.onnx``.
         """
         import torch
 
@@ -113,6 +116,9 @@ class ZooEntry:
         batch, seq = static if static is not None else (2, 7)
         example = self.inputs(batch, seq, np.random.default_rng(SEED))
         args = tuple(torch.from_numpy(example[name]) for name in self.input_names)
+        suffix = f".static-{batch}x{seq}" if static is not None else ""
+        if exporter == "torchscript":
+            return _export_torchscript(self, module, args, Path(folder) / f"{self.name}{suffix}.torchscript.onnx", static)
         model = from_torch(
             module,
             args,
@@ -120,8 +126,31 @@ class ZooEntry:
             output_names=[self.output_name],
             dynamic_axes=None if static is not None else self.dynamic_axes,
         )
-        suffix = f".static-{batch}x{seq}" if static is not None else ""
         return save_model(model, Path(folder) / f"{self.name}{suffix}.onnx")
+
+
+def _export_torchscript(
+    entry: ZooEntry, module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, static: tuple[int, int] | None
+) -> Path:
+    """``torch.onnx.export(dynamo=False)`` into a temporary file, then tforge's atomic save."""
+    import tempfile
+    import warnings
+
+    import torch
+
+    from tforge.frontends.onnx import load_onnx
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer warns at every Python branch on a tensor
+        raw = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            module, args, str(raw), input_names=list(entry.input_names), output_names=[entry.output_name],
+            dynamic_axes=None if static is not None else {**entry.dynamic_axes, entry.output_name: {0: "batch", 1: "sequence"}},
+            opset_version=18, dynamo=False,
+        )  # fmt: skip
+        model = load_onnx(raw)
+        model.meta.pop("tforge.source_path", None)  # the temporary file is not the source
+        return save_model(model, path)
 
 
 def _perturb_constant_parameters(module: torch.nn.Module) -> None:
@@ -265,6 +294,18 @@ def _gemma2() -> torch.nn.Module:
     return _hidden_state_wrapper(transformers.Gemma2Model(config), use_cache=False)
 
 
+def _falcon(new_decoder_architecture: bool) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        ffn_hidden_size=INTERMEDIATE, max_position_embeddings=64, bias=False, alibi=False,
+        parallel_attn=True, multi_query=not new_decoder_architecture,
+        new_decoder_architecture=new_decoder_architecture, num_kv_heads=2 if new_decoder_architecture else None,
+    )  # fmt: skip
+    return _hidden_state_wrapper(transformers.FalconModel(config), use_cache=False)
+
+
 def _vit() -> torch.nn.Module:
     import transformers
 
@@ -374,3 +415,32 @@ ZOO: dict[str, ZooEntry] = {
 }  # fmt: skip
 
 NAMES: tuple[str, ...] = tuple(ZOO)
+
+
+#: Models outside the zoo every zoo test runs over: the layouts one recognition step reads, each
+#: covered by its own tests (tests/compiler/test_structure_layouts.py).
+EXTRA: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in [
+        ZooEntry(
+            name="falcon_mq",
+            truth=Truth(**_COMMON, num_kv_heads=1, intermediate_size=INTERMEDIATE, gated=False,
+                        norm="layer", pre_norm=True, causal=True, fused_qkv=True,
+                        activation="gelu", qkv_bias=False, attn_implementation="sdpa"),
+            build=lambda: _falcon(new_decoder_architecture=False),
+            notes="multi-query Falcon: query_key_value reshaped to [heads + 2, head_dim] slots, K and V "
+                  "the last two (one KV head, broadcast by the scores MatMul); parallel attention and MLP",
+            **_TEXT,
+        ),
+        ZooEntry(
+            name="falcon_gqa",
+            truth=Truth(**_COMMON, num_kv_heads=2, intermediate_size=INTERMEDIATE, gated=False,
+                        norm="layer", pre_norm=True, causal=True, fused_qkv=True,
+                        activation="gelu", qkv_bias=False, attn_implementation="sdpa"),
+            build=lambda: _falcon(new_decoder_architecture=True),
+            notes="Falcon's new decoder architecture: query_key_value reshaped per KV group to "
+                  "[kv_heads, heads / kv_heads + 2, head_dim], K and V expanded to the group's query heads",
+            **_TEXT,
+        ),
+    ]
+}  # fmt: skip

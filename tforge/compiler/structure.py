@@ -202,6 +202,13 @@ class Attention:
     #: keys a query attends to when the mask also limits how far back it looks (Gemma 2's local
     #: layers: ``q - window < k <= q``), read from the mask's comparison; None: no such limit found
     sliding_window: int | None = None
+    #: A fused QKV output reshaped into head-sized slots (``[..., slots, head_dim]``, or
+    #: ``[..., groups, slots, head_dim]``) of which Q, K and V each select some (Falcon: multi-query
+    #: ``[heads + 2, head_dim]``, one K and one V slot; the new decoder architecture per KV group
+    #: ``[kv_heads, heads / kv_heads + 2, head_dim]``): the slot of each query head, in head order,
+    #: then of each KV head for K and for V. Slot ``s`` is columns ``s * head_dim`` to
+    #: ``(s + 1) * head_dim`` of the fused linear; ``qkv_split`` gives the three total widths.
+    qkv_slots: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -223,6 +230,16 @@ class Attention:
     def qkv(self) -> Linear | None:
         return self.q if self.fused_qkv else None
 
+    @property
+    def qkv_layout(self) -> Literal["contiguous", "per_head", "head_slots"] | None:
+        """How Q, K and V lie in a fused QKV output: three contiguous parts of its last axis,
+        per head (``[heads, 3, head_dim]``), or head slots selected after a reshape; None unfused."""
+        if not self.fused_qkv:
+            return None
+        if self.qkv_per_head:
+            return "per_head"
+        return "head_slots" if self.qkv_slots is not None else "contiguous"
+
     def describe(self) -> dict:
         return {
             "num_heads": self.num_heads,
@@ -230,7 +247,8 @@ class Attention:
             "head_dim": self.head_dim,
             "fused_qkv": self.fused_qkv,
             "qkv_split": list(self.qkv_split) if self.qkv_split else None,
-            "qkv_layout": ("per_head" if self.qkv_per_head else "contiguous") if self.fused_qkv else None,
+            "qkv_layout": self.qkv_layout,
+            "qkv_slots": [list(x) for x in self.qkv_slots] if self.qkv_slots else None,
             "q": self.q.name,
             "k": self.k.name,
             "v": self.v.name,
@@ -833,6 +851,209 @@ def _per_head_qkv(lin: Linear, path: list[ir.Node]) -> tuple[int, int] | None | 
     return None
 
 
+# Ops that only select or rearrange elements: a fused QKV output's columns can be followed
+# through them by evaluating them on the column indices themselves (see _columns_on_path).
+_INDEX_OPS = frozenset(
+    {"Reshape", "Transpose", "Slice", "Gather", "GatherND", "Split", "Squeeze", "Unsqueeze",
+     "Expand", "Identity", "Flatten"}
+)  # fmt: skip
+
+
+def _columns_on_path(lin: Linear, path: list[ir.Node], end: ir.Value) -> np.ndarray | None:
+    """Which columns of ``lin``'s output each element of the value on ``path`` holds, evaluated
+    on the column indices with every run-time dim (batch, sequence) taken as 1.
+
+    The walk follows the path from the linear while its ops only select or rearrange elements,
+    and stops before the first other op, or before one that would move or resize the last axis
+    once it has been cut below the linear's width (the head_dim axis: a transpose to K^T, the
+    halves of rotary). None when a step cannot be evaluated from constants.
+    """
+    if not path or path[0].inputs[0] is not lin.output:
+        return None
+    rank = lin.output.shape.rank() if lin.output.shape is not None else 2
+    cols = np.arange(lin.out_features, dtype=np.int64).reshape([1] * (rank - 1) + [lin.out_features])
+    for i, node in enumerate(path):
+        if node.op_type not in _INDEX_OPS or not node.inputs or node.inputs[0] is None:
+            break
+        later = path[i + 1] if i + 1 < len(path) else None
+        out = next(
+            (o for o in node.outputs if (later is not None and o in later.inputs) or (later is None and o is end)),
+            None,
+        )
+        if out is None:
+            return None
+        new = _evaluate_index_op(node, cols, out)
+        if new is None:
+            return None
+        if cols.shape[-1] < lin.out_features and new.shape[-1] != cols.shape[-1]:
+            break
+        if node.op_type == "Transpose" and cols.shape[-1] < lin.out_features:
+            perm = node.attributes.get("perm")
+            if perm is None or int(perm.value[-1]) != cols.ndim - 1:
+                break
+        cols = new
+    return cols
+
+
+def _evaluate_index_op(node: ir.Node, data: np.ndarray, out: ir.Value) -> np.ndarray | None:
+    """``node`` applied to ``data`` (its first input) for its output ``out``; None if some
+    operand is not a constant or the shapes do not agree."""
+
+    def ints(index: int, attr: str | None = None) -> list[int] | None:
+        arr = const_array(node.inputs[index]) if index < len(node.inputs) and node.inputs[index] is not None else None
+        if arr is None and attr is not None and attr in node.attributes:
+            arr = np.asarray(node.attributes[attr].value)
+        return None if arr is None else [int(x) for x in np.asarray(arr).ravel()]
+
+    op = node.op_type
+    try:
+        if op in ("Identity",):
+            return data
+        if op == "Transpose":
+            perm = node.attributes.get("perm")
+            return np.transpose(data, [int(p) for p in perm.value] if perm is not None else None)
+        if op in ("Reshape", "Expand"):
+            shape = _evaluated_shape(node, data, out)
+            if shape is None:
+                return None
+            return data.reshape(shape) if op == "Reshape" else np.broadcast_to(data, shape)
+        if op == "Flatten":
+            axis_attr = node.attributes.get("axis")
+            axis = int(axis_attr.value) if axis_attr is not None else 1
+            axis = axis + data.ndim if axis < 0 else axis
+            return data.reshape(int(np.prod(data.shape[:axis])), -1)
+        if op == "Slice":
+            starts, ends = ints(1), ints(2)
+            axes = ints(3) if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(len(starts or [])))
+            steps = ints(4) if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(axes or [])
+            if starts is None or ends is None or axes is None or steps is None:
+                return None
+            index: list[slice] = [slice(None)] * data.ndim
+            for a, b, e, st in zip(axes, starts, ends, steps, strict=True):
+                index[a] = slice(b, e, st)
+            return data[tuple(index)]
+        if op == "Gather":
+            indices = const_array(node.inputs[1])
+            axis_attr = node.attributes.get("axis")
+            if indices is None:
+                return None
+            return np.take(data, indices.astype(np.int64), axis=int(axis_attr.value) if axis_attr is not None else 0)
+        if op == "GatherND":
+            indices = const_array(node.inputs[1])
+            batch = node.attributes.get("batch_dims")
+            if indices is None or (batch is not None and int(batch.value) != 0):
+                return None
+            indices = indices.astype(np.int64)
+            return data[tuple(indices[..., j] for j in range(indices.shape[-1]))]
+        if op == "Split":
+            axis_attr = node.attributes.get("axis")
+            axis = int(axis_attr.value) if axis_attr is not None else 0
+            sizes = ints(1, "split")
+            n = len(node.outputs)
+            if sizes is None:
+                sizes = [data.shape[axis] // n] * n
+            bounds = np.cumsum(sizes)[:-1]
+            return np.split(data, bounds, axis=axis)[list(node.outputs).index(out)]
+        if op in ("Squeeze", "Unsqueeze"):
+            axes = ints(1, "axes")
+            if axes is None:
+                return np.squeeze(data) if op == "Squeeze" else None
+            if op == "Squeeze":
+                return np.squeeze(data, axis=tuple(axes))
+            return np.expand_dims(data, tuple(a + data.ndim + len(axes) if a < 0 else a for a in axes))
+    except (ValueError, IndexError, TypeError):
+        return None
+    return None
+
+
+def _evaluated_shape(node: ir.Node, data: np.ndarray, out: ir.Value) -> list[int] | None:
+    """The target shape of a Reshape or Expand with run-time dims taken as 1: from the output's
+    annotated dims, else the target's constant parts (a Reshape's ``0`` copies the input's dim and
+    one ``-1`` takes what is left)."""
+    dims = static_dims(out)
+    target = reshape_target(node)
+    rank = len(dims) if dims is not None else len(target) if target is not None else None
+    if rank is None:
+        return None
+    shape: list[int | None] = []
+    for i in range(rank):
+        known = dims[i] if dims is not None and i < len(dims) else None
+        wanted = target[i] if target is not None and i < len(target) else None
+        if known is not None:
+            shape.append(known)
+        elif node.op_type == "Reshape" and wanted == 0 and i < data.ndim:
+            shape.append(data.shape[i])
+        elif wanted is not None and wanted > 0:
+            shape.append(wanted)
+        elif node.op_type == "Reshape" and wanted == -1:
+            shape.append(None)
+        else:
+            shape.append(1)
+    if shape.count(None) > 1:
+        return None
+    if None in shape:
+        rest = int(np.prod([x for x in shape if x is not None]))
+        if rest == 0 or data.size % rest:
+            return None
+        shape[shape.index(None)] = data.size // rest
+    return [int(x) for x in shape]  # type: ignore[arg-type]
+
+
+def _head_slot_qkv(
+    lin: Linear, paths: tuple[list[ir.Node], list[ir.Node], list[ir.Node]], ends: tuple[ir.Value, ir.Value, ir.Value]
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int] | None | str:
+    """(query slots, key slots, value slots, head_dim) when Q, K and V each select whole
+    head-sized slots of a fused QKV output reshaped to ``[..., (groups,) slots, head_dim]``
+    (Falcon); None when the paths do not read it that way; why not, when they do but the slots
+    do not make a grouped-query attention.
+
+    Each path's columns are evaluated on the column indices (:func:`_columns_on_path`); every
+    ``head_dim`` run of them must be one whole slot. Repeated key or value slots (repeat-KV by
+    Expand) must repeat each KV head for its group of consecutive query heads.
+    """
+    per_role: list[list[int]] = []
+    head_dim = None
+    for path, end in zip(paths, ends, strict=True):
+        cols = _columns_on_path(lin, path, end)
+        if cols is None or cols.ndim < 2:
+            return None
+        d = int(cols.shape[-1])
+        if d >= lin.out_features or lin.out_features % d or (head_dim is not None and d != head_dim):
+            return None
+        head_dim = d
+        rows = cols.reshape(-1, d)
+        if np.any(rows[:, 0] % d) or np.any(rows - rows[:, :1] != np.arange(d)):
+            return None
+        per_role.append([int(r) // d for r in rows[:, 0]])
+    assert head_dim is not None
+    query, key, value = per_role
+    heads = len(query)
+    if len(set(query)) != heads:
+        return f"fused QKV linear '{lin.name}': a query slot is read by two query heads"
+    kv: list[tuple[int, ...]] = []
+    for role, slots in (("key", key), ("value", value)):
+        unique = tuple(dict.fromkeys(slots))
+        repeated = len(slots) != len(unique)  # repeated to every query head of its group
+        if repeated and (
+            len(slots) != heads or heads % len(unique) or slots != [unique[h // (heads // len(unique))] for h in range(heads)]
+        ):
+            return (
+                f"fused QKV linear '{lin.name}': the {role} slots {slots} are not repeated "
+                "for consecutive groups of query heads"
+            )
+        kv.append(unique)
+    k_slots, v_slots = kv
+    everything = [*query, *k_slots, *v_slots]
+    if len(k_slots) != len(v_slots) or heads % len(k_slots):
+        return (
+            f"fused QKV linear '{lin.name}': {heads} query head slots, {len(k_slots)} key and "
+            f"{len(v_slots)} value slots do not make a grouped-query attention"
+        )
+    if sorted(everything) != list(range(lin.out_features // head_dim)):
+        return f"fused QKV linear '{lin.name}': the query, key and value slots do not cover its output once each"
+    return tuple(query), k_slots, v_slots, head_dim
+
+
 def _split_widths(path: list[ir.Node]) -> list[int] | None:
     for node in path:
         if node.op_type == "Split":
@@ -961,8 +1182,78 @@ def _sliding_window(scores: ir.Node, softmax: ir.Node) -> int | None:
 
 def _mask_operands(scores: ir.Node, softmax: ir.Node) -> list[ir.Value]:
     """The non-constant operands added to the scores between their MatMul and the Softmax."""
+    return [value for value, _ in _mask_operands_with_polarity(scores, softmax) if const_array(value) is None]
+
+
+# A mask entry at or below this blocks its key: exporters write -inf, finfo(float32).min, or
+# -10000 (older BERT exports); an ALiBi or relative-position bias stays far above it.
+_MASKED_BELOW = -1e4
+_MASK_EVAL_NODES = 64  # nodes evaluated to read one static mask
+_MASK_EVAL_ELEMENTS = 1 << 24  # largest tensor evaluated on the way
+
+
+def _static_mask_pattern(scores: ir.Node, softmax: ir.Node) -> tuple[bool, int | None]:
+    """(causal, window) read from the values of a mask that fixed-shape exports fold into
+    constants: which keys each query may not attend to, evaluated for an unpadded input (every
+    graph input the mask is built from, the padding mask, set to ones).
+
+    Causal: every key after the query is blocked, and the query's own position is not. Window
+    ``w``: each query attends to the contiguous keys ``q - w < k <= q``, and some query is cut
+    by it (at a fixed sequence length shorter than the window nothing shows it). Offsets by a
+    longer key axis (keys ``Sk - Sq`` ahead, a static past) count from the last key. (False,
+    None) when the mask cannot be evaluated or is neither.
+    """
+    dims = static_dims(scores.outputs[0])
+    if dims is None or len(dims) < 2 or dims[-1] is None or dims[-2] is None:
+        return False, None
+    sq, sk = dims[-2], dims[-1]
+    if sq < 2 or sk < sq:
+        return False, None
+    blocked: np.ndarray | None = None
+    env: dict[int, np.ndarray | None] = {}
+    for operand, keep_when_true in _mask_operands_with_polarity(scores, softmax):
+        values = _evaluate_mask(operand, env)
+        if values is None or values.ndim < 2 or values.shape[-1] not in (1, sk) or values.shape[-2] not in (1, sq):
+            return False, None
+        if values.dtype == np.bool_:
+            if keep_when_true is None:
+                return False, None
+            cut = ~values if keep_when_true else values
+        else:
+            cut = values <= _MASKED_BELOW
+        cut = np.broadcast_to(cut, cut.shape[:-2] + (sq, sk))
+        cut = cut.reshape(-1, sq, sk).any(axis=0)  # blocked in any batch row or head
+        blocked = cut if blocked is None else blocked | cut
+    if blocked is None:
+        return False, None
+    offset = sk - sq
+    last = np.arange(sq)[:, None] + offset  # each query's own key position
+    keys = np.arange(sk)[None, :]
+    if not (np.all(blocked[keys > last]) and not np.any(blocked[np.arange(sq), last[:, 0]])):
+        return False, None
+    window: int | None = None
+    for q in range(sq):
+        allowed = np.flatnonzero(~blocked[q])
+        own = q + offset
+        if allowed.size != allowed[-1] - allowed[0] + 1:
+            return True, None  # keys skipped inside the row: not a window
+        if allowed[0] > 0:
+            w = own - int(allowed[0]) + 1
+            if window is not None and w != window:
+                return True, None
+            window = w
+    if window is not None and any(q + offset + 1 > window for q in range(sq) if not blocked[q, 0]):
+        return True, None
+    return True, window
+
+
+def _mask_operands_with_polarity(scores: ir.Node, softmax: ir.Node) -> list[tuple[ir.Value, bool | None]]:
+    """Every operand, constant or not, combined with the scores between their MatMul and the
+    Softmax that is not a scalar (the scale, a soft cap): the additive masks, and the boolean
+    condition of a ``Where`` that picks between the scores and a fill (True keeps the scores when
+    they are its second input). The bool is None for an operand of any other op."""
     between = deque([softmax.inputs[0]])
-    masks: list[ir.Value] = []
+    found: list[tuple[ir.Value, bool | None]] = []
     seen = set()
     while between:
         value = between.popleft()
@@ -970,14 +1261,127 @@ def _mask_operands(scores: ir.Node, softmax: ir.Node) -> list[ir.Value]:
         if node is None or node is scores or id(node) in seen:
             continue
         seen.add(id(node))
-        for inp in node.inputs:
-            if inp is None or const_array(inp) is not None:
+        for index, inp in enumerate(node.inputs):
+            if inp is None:
                 continue
-            if _depends_on(inp, lambda n: n is scores, limit=16):
+            if const_array(inp) is None and _depends_on(inp, lambda n: n is scores, limit=16):
                 between.append(inp)
+                continue
+            dims = static_dims(inp)
+            if const_array(inp) is not None and (dims is None or len(dims) < 2 or all(d == 1 for d in dims[-2:])):
+                continue  # a scale, a cap, a fill value
+            keep = None
+            if node.op_type == "Where" and index == 0:
+                keep = node.inputs[1] is not None and _depends_on(node.inputs[1], lambda n: n is scores, limit=16)
+            found.append((inp, keep))
+    return found
+
+
+def _evaluate_mask(value: ir.Value, env: dict[int, np.ndarray | None], budget: list[int] | None = None) -> np.ndarray | None:
+    """``value`` computed in NumPy from constants, with graph inputs of static shape set to ones;
+    None if it needs anything else (an op not handled here, a dynamic shape, too many nodes)."""
+    budget = budget if budget is not None else [_MASK_EVAL_NODES]
+    if id(value) in env:
+        return env[id(value)]
+    arr = const_array(value)
+    if arr is None:
+        node = value.producer()
+        if node is None:
+            dims = static_dims(value)
+            if not value.is_graph_input() or dims is None or None in dims or value.dtype is None:
+                arr = None
             else:
-                masks.append(inp)
-    return masks
+                arr = np.ones(dims, dtype=value.dtype.numpy())  # type: ignore[arg-type]
+        elif budget[0] <= 0:
+            arr = None
+        else:
+            budget[0] -= 1
+            inputs = []
+            for inp in node.inputs:
+                if inp is None:
+                    inputs.append(None)
+                    continue
+                got = _evaluate_mask(inp, env, budget)
+                if got is None:
+                    env[id(value)] = None
+                    return None
+                inputs.append(got)
+            arr = _mask_op(node, inputs)
+            if arr is not None and arr.size > _MASK_EVAL_ELEMENTS:
+                arr = None
+    env[id(value)] = arr
+    return arr
+
+
+_MASK_BINARY = {
+    "And": np.logical_and, "Or": np.logical_or, "Xor": np.logical_xor, "Add": np.add,
+    "Sub": np.subtract, "Mul": np.multiply, "Min": np.minimum, "Max": np.maximum, "Equal": np.equal,
+    "Less": np.less, "LessOrEqual": np.less_equal, "Greater": np.greater,
+    "GreaterOrEqual": np.greater_equal,
+}  # fmt: skip
+
+
+def _mask_op(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray | None:
+    """One op of a mask's computation on evaluated inputs (see :func:`_evaluate_mask`)."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return None
+
+    def attr(name: str, default: object = None) -> object:
+        a = node.attributes.get(name)
+        return a.value if a is not None else default
+
+    try:
+        x = inputs[0] if inputs else None
+        if op in _MASK_BINARY and len(inputs) == 2 and x is not None and inputs[1] is not None:
+            return np.asarray(_MASK_BINARY[op](x, inputs[1]))
+        if x is None:
+            return None
+        if op == "Where" and len(inputs) == 3 and inputs[1] is not None and inputs[2] is not None:
+            return np.where(x, inputs[1], inputs[2])
+        if op == "Not":
+            return np.logical_not(x)
+        if op == "Neg":
+            return -x
+        if op in ("Identity",):
+            return x
+        if op == "Cast":
+            return x.astype(ir.DataType(int(attr("to"))).numpy())  # type: ignore[arg-type]
+        if op == "Transpose":
+            perm = attr("perm")
+            return np.transpose(x, [int(p) for p in perm] if perm is not None else None)  # type: ignore[union-attr]
+        if op == "Expand" and inputs[1] is not None:
+            shape = np.broadcast_shapes(x.shape, tuple(int(d) for d in inputs[1]))
+            return np.broadcast_to(x, shape)
+        if op == "Reshape" and inputs[1] is not None:
+            target = [int(d) for d in inputs[1]]
+            target = [x.shape[i] if d == 0 and not attr("allowzero", 0) else d for i, d in enumerate(target)]
+            return x.reshape(target)
+        if op in ("Unsqueeze", "Squeeze"):
+            axes = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attr("axes")
+            if axes is None:
+                return np.squeeze(x) if op == "Squeeze" else None
+            axes = [int(a) for a in np.asarray(axes).ravel()]
+            if op == "Squeeze":
+                return np.squeeze(x, axis=tuple(axes))
+            rank = x.ndim + len(axes)
+            return np.expand_dims(x, tuple(a + rank if a < 0 else a for a in axes))
+        if op == "Slice":
+            starts, ends = inputs[1], inputs[2]
+            axes = inputs[3] if len(inputs) > 3 and inputs[3] is not None else np.arange(len(starts))  # type: ignore[arg-type]
+            steps = inputs[4] if len(inputs) > 4 and inputs[4] is not None else np.ones(len(axes), np.int64)
+            index: list[slice] = [slice(None)] * x.ndim
+            for a, b, e, st in zip(axes, starts, ends, steps, strict=True):  # type: ignore[arg-type]
+                index[int(a)] = slice(int(b), int(e), int(st))
+            return x[tuple(index)]
+        if op == "Gather" and inputs[1] is not None:
+            return np.take(x, inputs[1].astype(np.int64), axis=int(attr("axis", 0)))  # type: ignore[arg-type]
+        if op == "GatherND" and inputs[1] is not None and int(attr("batch_dims", 0)) == 0:  # type: ignore[arg-type]
+            idx = inputs[1].astype(np.int64)
+            return x[tuple(idx[..., j] for j in range(idx.shape[-1]))]
+    except (ValueError, IndexError, TypeError, KeyError):
+        return None
+    return None
 
 
 def _find_attention(
@@ -1018,6 +1422,7 @@ def _find_attention(
     fused = q is k
     qkv_split = None
     per_head = None
+    slots: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
     if fused:
         if v is not q:
             return f"{where}: query and key come from fused linear '{q.name}' but value from '{v.name}'"
@@ -1028,6 +1433,16 @@ def _find_attention(
         if per_head is not None:
             heads, head_dim = per_head
             widths = [heads * head_dim] * 3
+        elif widths is None:
+            found = _head_slot_qkv(
+                q, (q_path, k_path, v_path), (scores.inputs[0], scores.inputs[1], context.inputs[1])
+            )
+            if isinstance(found, str):
+                return f"{where}: {found}"
+            if found is not None:
+                q_slots, k_slots, v_slots, head_dim = found
+                slots = (q_slots, k_slots, v_slots)
+                widths = [len(q_slots) * head_dim, len(k_slots) * head_dim, len(v_slots) * head_dim]
         if widths is None or len(widths) != 3:
             return (
                 f"{where}: fused QKV linear '{q.name}' is not split into three parts by a Split "
@@ -1038,6 +1453,8 @@ def _find_attention(
     else:
         q_width, k_width = q.out_features, k.out_features
     q_heads = per_head or _head_split(q_path, q_width)
+    if slots is not None:
+        q_heads = (len(slots[0]), q_width // len(slots[0]))
     if q_heads is None:
         return f"{where}: no Reshape splits the query projection '{q.name}' ({q_width} wide) into heads"
     num_heads, head_dim = q_heads
@@ -1063,13 +1480,16 @@ def _find_attention(
         if node.op_type in shape_ops:
             shape_nodes[id(node)] = node
         value = node.outputs[0]
+    causal, window = _is_causal(scores, softmax), _sliding_window(scores, softmax)
+    if not causal:  # a fixed-shape export folds its mask into constants: read their values
+        causal, window = _static_mask_pattern(scores, softmax)
     return Attention(
         q=q, k=k, v=v, o=o,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         softmax=softmax, scores_matmul=scores, context_matmul=context,
-        causal=_is_causal(scores, softmax), rotary=rotary, sliding_window=_sliding_window(scores, softmax),
+        causal=causal, rotary=rotary, sliding_window=window,
         shape_nodes=list(shape_nodes.values()), qkv_split=qkv_split,
-        q_norm=norms["query"], k_norm=norms["key"], qkv_per_head=per_head is not None,
+        q_norm=norms["query"], k_norm=norms["key"], qkv_per_head=per_head is not None, qkv_slots=slots,
     )
 
 

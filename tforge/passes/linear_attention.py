@@ -165,6 +165,21 @@ def _analyse(index: int, attn: Attention, graph: ir.Graph) -> _Site:
             raise Skip("attention inputs are not float32", attn.scores_matmul)
         if value.shape is not None and value.shape.rank() != 4:
             raise Skip("attention inputs are not [batch, heads, seq, dim]", attn.scores_matmul)
+    # the feature-map products concatenate K and V with Q per head: a K or V whose heads axis the
+    # MatMuls broadcast (multi-query Falcon's single KV head) would need its own expansion first
+    heads = [_heads_axis(v) for v in (attn.scores_matmul.inputs[0], attn.scores_matmul.inputs[1], attn.context_matmul.inputs[1])]
+    if None not in heads and heads[1:] != heads[:1] * 2:
+        raise Skip(
+            f"K/V have {heads[1]}/{heads[2]} head(s) broadcast against {heads[0]} query heads by the "
+            "attention MatMuls (multi-query): not expanded for the linear form",
+            attn.scores_matmul,
+        )
+    if None in heads and attn.qkv_slots is not None and attn.num_kv_heads != attn.num_heads:
+        raise Skip(
+            f"fused QKV cut into head slots with {attn.num_kv_heads} KV head(s) for {attn.num_heads} query heads "
+            "(Falcon) and no static heads axis at the attention MatMuls: a broadcast K/V is not ruled out",
+            attn.scores_matmul,
+        )
     keys = graph_inputs_reached(attn.scores_matmul.inputs[1], graph, stop=[attn.k.output])
     past = [v for v in keys if v.dtype == ir.DataType.FLOAT]  # not the ids or positions
     if past:
@@ -177,6 +192,14 @@ def _analyse(index: int, attn: Attention, graph: ir.Graph) -> _Site:
         )
     chain = score_chain(attn, graph)
     return _Site(index, attn, chain.scale, chain.key_mask)
+
+
+def _heads_axis(value: ir.Value | None) -> int | None:
+    """The static size of axis 1 of a [batch, heads, seq, dim] operand, or None."""
+    if value is None or value.shape is None or value.shape.rank() != 4:
+        return None
+    dim = value.shape[1]
+    return dim if isinstance(dim, int) else None
 
 
 # ----------------------------------------------------------------------------- emission

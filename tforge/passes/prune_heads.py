@@ -65,6 +65,10 @@ class _Site:
     attn: Attention
     scores: np.ndarray
     region: list[ir.Node]
+    #: Only whole KV groups can go: the graph fixes how many query heads share a KV head (a
+    #: repeat count computed at run time from a constant, as TorchScript's repeat-KV does), so
+    #: thinning every group would not be exact; dropping whole groups keeps that count.
+    whole_groups: bool = False
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -135,18 +139,25 @@ class PruneHeads(Pass):
             if self.per_layer and block.index not in self.per_layer:
                 continue
             try:
+                if attn.qkv_slots is not None:
+                    # head_layout follows a fused width cut along its last axis (Split, Slice) or per
+                    # head; a reshape into slots mixes Q, K and V slots on one axis, which it cannot mask
+                    raise Skip(
+                        "fused QKV reshaped into head slots that Q, K and V select ([..., slots, head_dim], "
+                        "Falcon): the slot reshape and selections are not rewritten yet",
+                        attn.q.matmul,
+                    )
                 region = attention_region(attn, order)
-                # dry run with one unit removed: the structure is understood before any change
-                smaller = [s for s in imp.gqa_sizes(attn.num_heads, attn.num_kv_heads) if 0 < s < attn.num_heads]
-                if smaller:
-                    ranks = np.arange(attn.num_heads, 0, -1, dtype=np.float64)
-                    _plan(attn, region, imp.select_heads(ranks, attn.num_kv_heads, max(smaller)))
+                # dry runs before any change: the structure is understood for what will be removed
+                whole_groups = _dry_run(attn, region)
                 scores = self._scores(model, attn)
             except Skip as why:
                 stats.skip(Skip(why.reason, why.at or attn.softmax))
                 logger.debug("prune-heads: block %d: skipped: %s", block.index, why)
                 continue
-            sites.append(_Site(block, attn, scores, region))
+            if whole_groups is not None:
+                stats[f"whole KV groups only: {whole_groups.reason}"] += 1
+            sites.append(_Site(block, attn, scores, region, whole_groups is not None))
 
         counts = self._counts(sites, stats)
         editor = GraphEditor(model, self.name)
@@ -164,7 +175,10 @@ class PruneHeads(Pass):
                 stats.skip("nothing to remove", attn.softmax, blocked=False)
                 row.update(heads_after=attn.num_heads, kv_heads_after=attn.num_kv_heads)
                 continue
-            selection = imp.select_heads(site.scores, attn.num_kv_heads, keep)
+            if site.whole_groups:
+                selection = _select_groups(site.scores, attn.num_kv_heads, keep)
+            else:
+                selection = imp.select_heads(site.scores, attn.num_kv_heads, keep)
             share = float(site.scores[list(selection.heads)].sum() / max(site.scores.sum(), 1e-300))
             row.update(
                 heads_after=selection.num_heads,
@@ -231,7 +245,11 @@ class PruneHeads(Pass):
     def _counts(self, sites: Sequence[_Site], stats: SiteStats) -> list[int]:
         def snap(i: int, target: float) -> int:
             a = sites[i].attn
-            size = imp.nearest_gqa_size(a.num_heads, a.num_kv_heads, target)
+            if sites[i].whole_groups:
+                group = a.num_heads // a.num_kv_heads
+                size = group * imp.nearest_gqa_size(a.num_kv_heads, a.num_kv_heads, target / group)
+            else:
+                size = imp.nearest_gqa_size(a.num_heads, a.num_kv_heads, target)
             if abs(size - target) > 1e-9 and (self.keep is not None or self.per_layer):
                 stats["kept heads rounded to a valid grouped-query size"] += 1
             return size
@@ -355,6 +373,46 @@ def _residual_input(attn: Attention, post: Norm | None = None) -> tuple[ir.Node,
             break
         value = node.outputs[0]
     raise Skip("no residual Add after the attention output (cannot remove the whole layer)", attn.o.matmul)
+
+
+def _dry_run(attn: Attention, region: list[ir.Node]) -> Skip | None:
+    """Plan the two kinds of removal on the untouched graph: one query head out of every KV
+    group (thinning) and one whole KV group. Returns why thinning cannot be planned when whole
+    groups can (then only whole groups go); None when every kind there is can be planned.
+    Raises the first Skip when no kind can be planned."""
+    group = attn.num_heads // attn.num_kv_heads
+    thinning = whole = None
+    if group > 1:  # every KV group loses its last query head
+        heads = tuple(g * group + i for g in range(attn.num_kv_heads) for i in range(group - 1))
+        thinning = imp.HeadSelection(heads, tuple(range(attn.num_kv_heads)), group - 1)
+    if attn.num_kv_heads > 1:  # the last KV group goes with its query heads
+        heads = tuple(range(group * (attn.num_kv_heads - 1)))
+        whole = imp.HeadSelection(heads, tuple(range(attn.num_kv_heads - 1)), group)
+
+    def fails(selection: imp.HeadSelection | None) -> Skip | None:
+        if selection is None:
+            return None
+        try:
+            _plan(attn, region, selection)
+        except Skip as why:
+            return why
+        return None
+
+    thin_why, whole_why = fails(thinning), fails(whole)
+    if thin_why is not None and whole is not None and whole_why is None:
+        return thin_why
+    if whole_why is not None or thin_why is not None:  # a whole group failing is the deeper reason
+        raise whole_why or thin_why  # type: ignore[misc]
+    return None
+
+
+def _select_groups(scores: np.ndarray, num_kv_heads: int, keep: int) -> imp.HeadSelection:
+    """The ``keep // group`` KV groups with the largest summed head scores, all their heads kept."""
+    group = scores.shape[0] // num_kv_heads
+    sums = np.asarray(scores, np.float64).reshape(num_kv_heads, group).sum(axis=1)
+    groups = np.sort(np.argsort(-sums, kind="stable")[: keep // group])
+    heads = tuple(int(g * group + h) for g in groups for h in range(group))
+    return imp.HeadSelection(heads, tuple(int(g) for g in groups), group)
 
 
 def _plan(attn: Attention, region: list[ir.Node], selection: imp.HeadSelection) -> HeadEdits:
