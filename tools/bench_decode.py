@@ -12,6 +12,26 @@ Rows (``--rows``, default all):
 - ``ort-int8``: ONNX Runtime's ``quantize_dynamic`` of ``fp32``: int8 weights per channel, MatMul only.
 - ``ort-int4``: ONNX Runtime's ``MatMulNBitsQuantizer`` of ``fp32``: int4 round-to-nearest,
   symmetric, block 32, accuracy_level 4 (int8 activations in the kernel).
+- ``ort-int4-hqq``: ``MatMulNBitsQuantizer`` with ``HQQWeightOnlyQuantConfig`` (half-quadratic
+  quantization, asymmetric with float zero points, no calibration data), block 128. Not block
+  32: SmolLM2's weights come from a Q4_1 GGUF, so every block of 32 already lies on an
+  asymmetric 4-bit grid with a float minimum and any such quantizer at block 32 is lossless by
+  construction. K = 576 is not a multiple of 128: the last block of those rows is zero-padded
+  (MatMulNBits takes ``ceil(K / 128)`` blocks). Float zero points take MatMulNBits' slow path,
+  so this row is an accuracy peer, not a speed peer.
+- ``ort-int4-gptq``: ``MatMulNBitsQuantizer`` with ``GPTQWeightOnlyQuantConfig`` (its defaults:
+  percdamp 0.01, column batches of 128, no act-order, min-max scales, per channel), symmetric,
+  block 32, accuracy_level 4 like ``ort-int4``; calibrated on 16 windows of 128 tokens of the
+  first half of WikiText-2 (the benchmark evaluates on the second), each fed to the fp32 cache
+  graph as a prefill from an empty cache, 8 windows a batch. Only 16: ORT's GPTQ runs the whole
+  graph over every calibration feed once for each distinct MatMul input (121 in SmolLM2).
+  Two faults of ORT 1.31.1's GPTQ (its vendored neural_compressor ``gptq``), measured, not
+  fixed here: it carries no rounding error forward (it reads the below-diagonal part of the
+  upper-triangular Cholesky factor of H^-1, which is zero), so its result does not depend on the
+  calibration data at all (bit-identical with H = I): it is round-to-nearest on GPTQ's grid,
+  whose scale maps the group's largest |w| to 7.5 steps; and that result is then re-quantized by
+  a plain min-max quantizer, which keeps every integer but stretches the scale by 16/15 or 14/15
+  (the group's largest |q - 8| is 8 or 7). So this row is ORT's GPTQ as shipped, not GPTQ.
 - ``genai-fp32`` / ``genai-int4``: onnxruntime-genai's model builder (``python -m
   onnxruntime_genai.models.builder -e cpu -p fp32|int4``, int4 with block 32, accuracy_level 4),
   fed a Hugging Face folder made offline from the GGUF with transformers' ``save_pretrained``.
@@ -55,9 +75,18 @@ from tforge.errors import TforgeError  # noqa: E402
 from tforge.frontends import hf_models  # noqa: E402
 from tforge.runtime import generate  # noqa: E402
 
-ROWS = ("fp32", "fp32-dynamo", "ort-int8", "ort-int4", "genai-fp32", "genai-int4")
+ROWS = ("fp32", "fp32-dynamo", "ort-int8", "ort-int4", "ort-int4-hqq", "ort-int4-gptq", "genai-fp32", "genai-int4")
 DEFAULT_WORK = REPO / ".cache" / "bench_decode"
 MODELS = REPO / ".cache" / "models"
+HQQ_BLOCK = 128  # off the Q4_1 block of 32 the weights were stored in (see the docstring)
+# ORT's GPTQ runs the whole graph over every calibration window once for each distinct MatMul
+# input (121 here), so the build costs 121 x GPTQ_WINDOWS forwards of GPTQ_CONTEXT tokens: 16
+# windows already take about 40 minutes on a busy 2-core machine
+GPTQ_WINDOWS = 16
+# windows per calibration feed: ORT's Hessian is the mean of x x^T over every row of every feed
+# (it weights each feed by its batch), so batching changes nothing but the speed of the forwards
+GPTQ_BATCH = 8
+GPTQ_CONTEXT = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +179,76 @@ def _ort_int4(src: Path, work: Path) -> Path:
     return _cached(work / f"{src.stem}.ort-int4-rtn-b32.onnx", build, "ort-int4")
 
 
+def _ort_int4_hqq(src: Path, work: Path) -> Path:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    def build(out: Path) -> None:
+        # HQQ reads its block size from the config; MatMulNBitsQuantizer's own block_size is
+        # only used by the default (RTN) path, but is kept equal to avoid confusion
+        config = HQQWeightOnlyQuantConfig(block_size=HQQ_BLOCK, bits=4, op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=HQQ_BLOCK, algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+    return _cached(work / f"{src.stem}.ort-int4-hqq-b{HQQ_BLOCK}.onnx", build, "ort-int4-hqq")
+
+
+def _calibration_feeds(src: Path, count: int, context: int, batch: int) -> list[dict[str, Any]]:
+    """Prefill feeds (empty cache) of ``count`` consecutive ``context``-token windows of the first
+    half of WikiText-2, ``batch`` windows a feed: the half the benchmark does not evaluate on,
+    tokenized line by line like tforge's own text calibration."""
+    tokenizer = hf_models.smollm2_tokenizer()
+    text = evaluate.text_half(evaluate.read_text(WIKITEXT), "first")
+    ids = evaluate.tokenize_lines(lambda line: tokenizer(line, add_special_tokens=False)["input_ids"],
+                                  text, count * context)
+    windows = evaluate.token_windows(ids, context, count)
+    layout = generate.cache_layout(generate.graph_io(src))  # reads the declared inputs, no session
+    return [layout.prefill_feeds(windows[i:i + batch]) for i in range(0, count, batch)]
+
+
+def _ort_int4_gptq(src: Path, work: Path) -> Path:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    class Windows(CalibrationDataReader):
+        # ORT deep-copies the reader and iterates the copy (CalibrationDataReader.__next__
+        # calls get_next until None), so the feeds are held in a plain list
+        def __init__(self, feeds: list[dict[str, Any]]) -> None:
+            self.feeds = feeds
+            self.index = 0
+
+        def get_next(self) -> dict[str, Any] | None:
+            if self.index >= len(self.feeds):
+                return None
+            self.index += 1
+            return self.feeds[self.index - 1]
+
+    def build(out: Path) -> None:
+        reader = Windows(_calibration_feeds(src, GPTQ_WINDOWS, GPTQ_CONTEXT, GPTQ_BATCH))
+        # the group size, symmetry and accuracy level come from MatMulNBitsQuantizer's arguments;
+        # the config's block_size is GPTQ's column batch (its default, 128), not the group size
+        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, percdamp=0.01, block_size=128,
+                                           actorder=False, mse=False, perchannel=True)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=32, is_symmetric=True,
+                                         accuracy_level=4, algo_config=config)
+        quantizer.process()
+        model = quantizer.model.model
+        # the GPTQ path writes com.microsoft MatMulNBits nodes without importing that domain
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+    return _cached(work / f"{src.stem}.ort-int4-gptq-b32-w{GPTQ_WINDOWS}.onnx", build, "ort-int4-gptq")
+
+
 def _hf_folder(work: Path) -> Path:
     """SmolLM2 as a Hugging Face folder (float32 safetensors, config, tokenizer), written from
     the GGUF by transformers' save_pretrained; the model builder reads this offline."""
@@ -210,6 +309,15 @@ def _variants(rows: list[str], fp32: Path | None, work: Path, candidates: list[V
         "fp32-dynamo": lambda: Variant("fp32 export (dynamo)", _export("smollm2-kv"), "torch.onnx.export(dynamo=True)"),
         "ort-int8": lambda: Variant("ORT quantize_dynamic int8", _ort_int8(reference, work), "per-channel, MatMul only"),
         "ort-int4": lambda: Variant("ORT MatMulNBits int4 RTN", _ort_int4(reference, work), "symmetric, block 32, accuracy_level 4"),
+        "ort-int4-hqq": lambda: Variant(
+            "ORT MatMulNBits int4 HQQ", _ort_int4_hqq(reference, work),
+            f"asymmetric, float zero points, block {HQQ_BLOCK} (block 32 would be lossless on these Q4_1 "
+            "weights; K = 576 pads its last block)"),
+        "ort-int4-gptq": lambda: Variant(
+            "ORT MatMulNBits int4 GPTQ", _ort_int4_gptq(reference, work),
+            f"symmetric, block 32, accuracy_level 4; {GPTQ_WINDOWS} windows of {GPTQ_CONTEXT} tokens of "
+            "WikiText-2's first half, percdamp 0.01, no act-order, min-max scales; ORT's GPTQ ignores the "
+            "Hessian (see the docstring)"),
         "genai-fp32": lambda: Variant("genai builder fp32", _genai(work, "fp32"), "onnxruntime-genai model builder"),
         "genai-int4": lambda: Variant("genai builder int4", _genai(work, "int4"), "onnxruntime-genai model builder, block 32, accuracy_level 4"),
     }
