@@ -135,16 +135,23 @@ def from_torch(
     return model
 
 
-#: the dynamo exporter's per-node debug records: Python stack traces with the exporting machine's
-#: file paths, FX node text and module scopes (0.3 MB of SmolLM2's 0.5 MB graph, in every file
-#: compiled from it); nothing in tforge or ONNX Runtime reads them
-_EXPORTER_DEBUG_PREFIXES = ("pkg.torch.onnx.", "namespace")
+#: the dynamo exporter's debug records on nodes and values: Python stack traces with the exporting
+#: machine's file paths, FX node text, module scopes, the export signature of each input (0.3 MB of
+#: SmolLM2's 0.5 MB graph, carried into every file compiled from it); nothing in tforge or ONNX
+#: Runtime reads them
+_EXPORTER_DEBUG_PREFIXES = ("pkg.torch.", "namespace")
 
 
 def _drop_exporter_debug_metadata(model: ir.Model) -> None:
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for key in [k for k in node.metadata_props if k.startswith(_EXPORTER_DEBUG_PREFIXES)]:
-            del node.metadata_props[key]
+    graph = model.graph
+    values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for props in (node.metadata_props, *(out.metadata_props for out in node.outputs)):
+            for key in [k for k in props if k.startswith(_EXPORTER_DEBUG_PREFIXES)]:
+                del props[key]
+    for value in values:
+        for key in [k for k in value.metadata_props if k.startswith(_EXPORTER_DEBUG_PREFIXES)]:
+            del value.metadata_props[key]
 
 
 def _load_pt2(path: str) -> torch.export.ExportedProgram:
