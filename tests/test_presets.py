@@ -35,7 +35,7 @@ def test_the_pipeline_follows_the_model(llama_cache, zoo_model: Callable[[str], 
     assert not has_kv_cache(encoder)
     assert preset_pipeline("w8a8", cache_model) == DECODER_PRESETS["w8a8"]
     assert preset_pipeline("w8a8", encoder) == preset_pipeline("w8a8") == PRESETS["w8a8"]
-    assert preset_pipeline("w4a8", cache_model) == PRESETS["w4a8"]  # one pipeline for both
+    assert preset_pipeline("w4a8", cache_model) == DECODER_PRESETS["w4a8"] != PRESETS["w4a8"]
     with pytest.raises(PassConfigError, match="unknown preset 'w4a4'; did you mean"):
         preset_pipeline("w4a4", cache_model)
 
@@ -53,7 +53,8 @@ def test_cli_w8a8_on_a_cache_decoder_needs_no_data_and_decodes_close_to_float(
     model = tforge.load(out)
     ops = _ops(model)
     assert {n.attributes["bits"].value for n in ops["MatMulNBits"]} == {8}
-    assert len(ops["MatMulNBits"]) == 15 and "MatMul" not in ops  # 7 linears a layer and the LM head
+    # 7 linears a layer and the LM head; merged: Q/K/V in one, gate/up in one, O, down
+    assert len(ops["MatMulNBits"]) == 2 * 4 + 1 and "MatMul" not in ops
     assert len(ops["GroupQueryAttention"]) == 2
     ids = np.random.default_rng(0).integers(3, 96, size=PREFILL + 4)
     reference, _ = teacher_forced(llama_cache.dynamo, ids, PREFILL)
@@ -67,15 +68,17 @@ def test_api_w4a8_quantizes_to_4_bits_from_text(llama_cache, llama_text: Path, t
         model, preset="w4a8", calibration=CalibrationData(text=str(llama_text), tokenizer=str(tokenizer_dir), samples=8)
     )
     names = [record.name for record in result.report.passes]
-    assert names == ["canonicalize", "calibrate", "quantize-weights", "ort-fuse"]
+    assert names == ["canonicalize", "calibrate", "quantize-weights", "ort-fuse", "merge-projections"]
     record = result.report.passes[2]
-    # 7 linears a layer and the LM head, which is not tied to the table in this model (8-bit)
+    # 7 linears a layer and the LM head, which is not tied to the table in this model
     assert record.stats["quantized: 4-bit gptq"] == 15 and record.stats["embedding quantized"] == 1
     assert not record.skipped
     ops = _ops(result.model)
     assert {n.attributes["bits"].value for n in ops["MatMulNBits"]} == {4}
-    assert ops["GatherBlockQuantized"][0].attributes["bits"].value == 8
+    assert len(ops["MatMulNBits"]) == 2 * 4 + 1  # per layer Q/K/V in one, gate/up in one, O, down
+    assert ops["GatherBlockQuantized"][0].attributes["bits"].value == 4
     ids = np.random.default_rng(1).integers(3, 96, size=PREFILL + 4)
     reference, _ = teacher_forced(llama_cache.dynamo, ids, PREFILL)
     got, _ = teacher_forced(result.model, ids, PREFILL)
-    assert min(cosine(a, b) for a, b in zip(reference, got, strict=True)) > 0.88  # measured 0.940 (random weights)
+    # measured 0.846 (random weights; 0.940 with an 8-bit table): a bound that a wrong graph would miss
+    assert min(cosine(a, b) for a, b in zip(reference, got, strict=True)) > 0.8

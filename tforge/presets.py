@@ -25,18 +25,29 @@ new measurement.
   - With a KV cache: every linear and the token embedding (with the tied LM head) as 8-bit
     symmetric blocks of 32 on ONNX Runtime's ``MatMulNBits``/``GatherBlockQuantized``, which at
     accuracy level 4 quantize the activations to int8 per block of 32 inside the kernel, then
-    ``ort-fuse`` (GroupQueryAttention, the RMSNorm fusions). On SmolLM2 it decodes faster than
-    the per-token int8 graph of the pipeline above (which runs a quantization chain of nodes
-    per linear per token) at a smaller perplexity loss, and needs no calibration.
+    ``ort-fuse`` (GroupQueryAttention, the RMSNorm fusions), then ``merge-projections`` (Q/K/V in
+    one ``MatMulNBits``, gate/up in one: 90 fewer kernels a token on SmolLM2). On SmolLM2 it
+    decodes faster than the per-token int8 graph of the pipeline above (which runs a
+    quantization chain of nodes per linear per token) at a smaller perplexity loss, and needs
+    no calibration.
 
-- ``w4a8``: 4-bit weights, int8 activations (``MatMulNBits`` accuracy level 4): GPTQ on the
-  calibration data's second moments, symmetric blocks of 32 rows; the token embedding and the
-  LM head tied to it stay at 8 bits, since the head's rounding errors reach the logits directly
-  (on SmolLM2 the 4-bit table alone cost +14.8% perplexity); then ``ort-fuse``. Measured on
-  SmolLM2 with a cache (GPTQ, 8-bit table): symmetric blocks of 32 +7.0%, asymmetric 64 +9.8%,
-  asymmetric 128 +10.5% (RTN there +38.7%). Needs --calib-text/--tokenizer (or --calib-npz).
-  It is for decoding, where a call has few rows: on an encoder batch (MiniLM 8 x 128) it makes
-  the file 4x smaller but runs at 0.91x fp32, where ``w8a8`` runs 2.5x faster.
+- ``w4a8``: 4-bit weights, int8 activations (``MatMulNBits`` accuracy level 4), GPTQ on the
+  calibration data's second moments, symmetric blocks of 32 rows. Needs --calib-text/--tokenizer
+  (or --calib-npz).
+
+  - With a KV cache (decoding, what 4 bits are for): every linear, and the token table with the
+    LM head tied to it, at 4 bits, the table's codes chosen by GPTQ on the head's input
+    statistics (the head is the most sensitive tensor: on SmolLM2 the 4-bit head alone costs
+    +14.8% perplexity by RTN, +2.5% by GPTQ); then ``ort-fuse`` and ``merge-projections``. The
+    file is the size of onnxruntime-genai's int4 graph of the same model (which has the same
+    tensors), decodes 1.09x faster than it, at +10.4% perplexity against its +33.8%
+    (BENCHMARKS.md). Measured on SmolLM2 and not chosen: the table and head at 8 bits (+7.4%,
+    but 16% larger and 16% slower to decode);
+    ``sequential=true`` (no gain: 29.79 against 29.77 perplexity, 54 min); asymmetric blocks of
+    64 or 128 (+9.8%, +10.5% with an 8-bit table).
+  - Without a cache: the token table stays at 8 bits, then ``ort-fuse``. On an encoder batch
+    (MiniLM 8 x 128) it makes the file 4x smaller but runs at 0.91x fp32, where ``w8a8`` runs
+    2.5x faster: ``MatMulNBits`` pays where a call has few rows.
 """
 
 from __future__ import annotations
@@ -59,7 +70,8 @@ PRESETS: dict[str, str] = {
 
 #: a preset's pipeline for graphs with a KV cache, where it differs
 DECODER_PRESETS: dict[str, str] = {
-    "w8a8": "canonicalize,quantize-weights{bits=8 block=32 embedding-bits=8},ort-fuse",
+    "w8a8": "canonicalize,quantize-weights{bits=8 block=32 embedding-bits=8},ort-fuse,merge-projections",
+    "w4a8": "canonicalize,calibrate,quantize-weights{method=gptq block=32 embedding-bits=4},ort-fuse,merge-projections",
 }
 
 

@@ -36,10 +36,10 @@ numbers packed and unpacked, with rotary and a past cache (tested).
 
 On SmolLM2-135M (30 layers) after 4-bit ``quantize-weights`` and ``ort-fuse`` this removes 90
 of 211 ``MatMulNBits`` per token (Q/K/V -> 1, gate/up -> 1) and adds 30 ``Split``s (gate/up):
-402 -> 342 kernels a run, logits bit-identical. Measured with ``tforge bench --generate`` (2
-threads, ORT 1.31, a machine loaded by other jobs, six runs): decode 2-21% faster (median ratio
-about 0.95), while the 128-token prefill was slower in five runs of six: one wide
-``MatMulNBits`` over many rows is not always as fast as its narrow parts on this CPU.
+402 -> 342 kernels a run, logits bit-identical. Measured with ``tools/bench_decode.py`` (2
+threads, ORT 1.31, quiet machine; BENCHMARKS.md, issue 17 run 3): decode 9.5 -> 8.1 ms/token
+(1.17x), the 128-token prefill 256 -> 267 ms (one wide ``MatMulNBits`` over many rows is a
+little slower than its narrow parts on this CPU). The presets end with it on KV-cache graphs.
 """
 
 from __future__ import annotations
