@@ -30,8 +30,9 @@ blocked):
   (smoothquant) first a ``Shape`` of the repeated values;
 - ``ort-fuse`` fuses no attention of the TorchScript export: its mask uses a ``-inf`` constant,
   so canonicalize keeps the NaN guard ``Where(IsNaN(p), 0, p)``, a second reader of the Softmax;
-- ``prune-heads`` on the TorchScript export leaves layer 0, whose selection would change the
-  query heads per KV head (the merge of repeated KV heads is computed at run time);
+- ``prune-heads`` on the TorchScript export removes a whole KV group from layer 0, where thinning
+  the groups would change the query heads per KV head (the merge of repeated KV heads is computed
+  at run time), and says so in its stats;
 - ``ort-layernorm`` has no site: LLaMA's norms are RMSNorm, not LayerNormalization.
 
 - ``linear-attention`` skips every layer: linear attention with a past cache is not built.
@@ -155,14 +156,11 @@ LOSSY = [
     Case(
         "torchscript",
         "prune-heads{ratio=0.5}",
-        {"pruned": 1, "KV cache inputs reshaped": 2, "compensation: refit": 1},
-        blocked=(
-            "Reshape '/lm/model/layers.0/self_attn/Reshape_4' merges repeated KV heads into a "
-            "count computed at run time, and the repeat count would change (2 -> 1 query heads "
-            "per KV head)",
-        ),
-        min_cosine=0.84,  # measured 0.92429
-        max_rel=0.6,  # measured 0.307
+        # layer 0's repeated KV heads merge into a count computed at run time: it loses a whole
+        # KV group (layer 1 is thinned, as on the dynamo export)
+        {"pruned": LAYERS, "KV cache inputs reshaped": 4, "compensation: refit": LAYERS},
+        min_cosine=0.05,  # measured 0.11759: layer 0 loses a whole KV group (half its heads)
+        max_rel=2.5,  # measured 1.28
     ),
     Case(
         "dynamo",
@@ -282,7 +280,9 @@ def test_lossy_pass_error_is_measured_and_bounded(
     kv_heads = [2] * LAYERS
     if case.spec.startswith("prune-heads"):  # the cache has the KV heads the pass kept
         kv_heads = [row["kv_heads_after"] for row in record.details["layers"]]
-        assert kv_heads == [2, 1]  # layer 1 lost a whole KV group: its cache shrank
+        # layer 1 lost a whole KV group: its cache shrank; on the TorchScript export layer 0 too,
+        # since only whole groups can go there
+        assert kv_heads == ([1, 1] if case.exporter == "torchscript" else [2, 1])
     assert shapes == [(1, h, len(IDS), 8) for h in kv_heads for _ in ("key", "value")]
 
     low, rel = _errors(got, reference[case.exporter])
