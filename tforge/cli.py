@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-npz", metavar="FILE", help="calibrate on the arrays of this .npz (named after the inputs)")
     c.add_argument("--calib-samples", type=int, metavar="N", help="number of calibration samples (default: calibrate's)")
     c.add_argument("--workers", type=int, metavar="N",
-                   help="calibrate in shards on N Ray workers (a local cluster unless --cluster; needs tforge[ray])")
+                   help="calibrate (and sequential GPTQ rounds) in shards on N Ray workers (a local cluster unless --cluster; needs tforge[ray])")
     c.add_argument("--cluster", metavar="ADDRESS", help="calibrate on a running Ray cluster, e.g. ray://HOST:10001")
     c.add_argument("--verify-each", action="store_true", help="verify the graph structure after every pass")
     c.add_argument("--check-numerics", nargs="?", const="", type=_numerics, metavar="atol=X,min-cosine=Y",
