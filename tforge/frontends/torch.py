@@ -144,14 +144,11 @@ _EXPORTER_DEBUG_PREFIXES = ("pkg.torch.", "namespace")
 
 def _drop_exporter_debug_metadata(model: ir.Model) -> None:
     graph = model.graph
-    values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        for props in (node.metadata_props, *(out.metadata_props for out in node.outputs)):
-            for key in [k for k in props if k.startswith(_EXPORTER_DEBUG_PREFIXES)]:
-                del props[key]
-    for value in values:
-        for key in [k for k in value.metadata_props if k.startswith(_EXPORTER_DEBUG_PREFIXES)]:
-            del value.metadata_props[key]
+    nodes = list(ir.traversal.RecursiveGraphIterator(graph))
+    values = [*graph.inputs, *graph.outputs, *graph.initializers.values(), *(o for n in nodes for o in n.outputs)]
+    for props in [*(node.metadata_props for node in nodes), *(value.metadata_props for value in values)]:
+        for key in [k for k in props if k.startswith(_EXPORTER_DEBUG_PREFIXES)]:
+            del props[key]
 
 
 def _load_pt2(path: str) -> torch.export.ExportedProgram:

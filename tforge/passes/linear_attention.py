@@ -68,7 +68,7 @@ from tforge.compiler.calibration import has_pipeline_data, pipeline_feeds
 from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import GraphEditor, Scope
-from tforge.compiler.structure import Attention, block_map, const_array
+from tforge.compiler.structure import Attention, block_map, const_array, static_dims
 from tforge.errors import PassConfigError, PreconditionError
 from tforge.passes.math import linear_attention as la
 from tforge.runtime.ort import session_exposing
@@ -167,7 +167,8 @@ def _analyse(index: int, attn: Attention, graph: ir.Graph) -> _Site:
             raise Skip("attention inputs are not [batch, heads, seq, dim]", attn.scores_matmul)
     # the feature-map products concatenate K and V with Q per head: a K or V whose heads axis the
     # MatMuls broadcast (multi-query Falcon's single KV head) would need its own expansion first
-    heads = [_heads_axis(v) for v in (attn.scores_matmul.inputs[0], attn.scores_matmul.inputs[1], attn.context_matmul.inputs[1])]
+    operands = (attn.scores_matmul.inputs[0], attn.scores_matmul.inputs[1], attn.context_matmul.inputs[1])
+    heads = [dims[1] if (dims := static_dims(v)) is not None and len(dims) == 4 else None for v in operands]
     if None not in heads and heads[1:] != heads[:1] * 2:
         raise Skip(
             f"K/V have {heads[1]}/{heads[2]} head(s) broadcast against {heads[0]} query heads by the "
@@ -192,14 +193,6 @@ def _analyse(index: int, attn: Attention, graph: ir.Graph) -> _Site:
         )
     chain = score_chain(attn, graph)
     return _Site(index, attn, chain.scale, chain.key_mask)
-
-
-def _heads_axis(value: ir.Value | None) -> int | None:
-    """The static size of axis 1 of a [batch, heads, seq, dim] operand, or None."""
-    if value is None or value.shape is None or value.shape.rank() != 4:
-        return None
-    dim = value.shape[1]
-    return dim if isinstance(dim, int) else None
 
 
 # ----------------------------------------------------------------------------- emission

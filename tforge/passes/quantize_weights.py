@@ -235,18 +235,20 @@ class QuantizeWeights(Pass):
         unless ``calibrate{gram=true}`` collected them anyway).
         """
         if self.sequential:  # gathers its own, block by block; the tied table is packed first
-            return {lin.input.name for lin in self._tied_heads(model) if lin.input.name} if self.method == "gptq" else set()
+            if self.method != "gptq":
+                return set()
+            pairs = self._tied_pairs(find_embeddings(model.graph), list(block_map(model).linears))
+            return {head.input.name for _, head in pairs if head.input.name}
         if self.method == "rtn" and not self._budgeted:
             return set()  # a budget measures on them
         return {lin.input.name for lin in block_map(model).linears if lin.input.name and not self._excluded(lin)}
 
-    def _tied_heads(self, model: ir.Model) -> list[Linear]:
-        """The LM heads that will read a quantized embedding's bytes."""
+    def _tied_pairs(self, embeddings: list[Embedding], linears: list[Linear]) -> list[tuple[Embedding, Linear]]:
+        """Each embedding whose quantized bytes an LM head will read, with that head."""
         if not (self.tie and self.embedding_bits):
             return []
-        linears = list(block_map(model).linears)
-        heads = (tied_head(emb, linears) for emb in find_embeddings(model.graph))
-        return [head for head in heads if head is not None]
+        pairs = ((emb, tied_head(emb, linears)) for emb in embeddings)
+        return [(emb, head) for emb, head in pairs if head is not None]
 
     def run(self, model: ir.Model) -> PassResult:
         stats = SiteStats()
@@ -255,12 +257,9 @@ class QuantizeWeights(Pass):
         blocks = block_map(model)
         calibration = attached_stats(model)
         embeddings = find_embeddings(model.graph) if self.embedding_bits else []
-        heads: dict[int, Embedding] = {}  # matmul node id -> the embedding its weight is tied to
-        if self.tie:
-            for emb in embeddings:
-                head = tied_head(emb, list(blocks.linears))
-                if head is not None:
-                    heads[id(head.matmul)] = emb
+        pairs = self._tied_pairs(embeddings, list(blocks.linears))
+        heads = {id(head.matmul): emb for emb, head in pairs}  # matmul node id -> the embedding it is tied to
+        head_of = {id(emb): head for emb, head in pairs}  # (only its input is read: AWQ leaves a tied head alone)
         if self._budgeted:  # before any edit: a budget no choice meets leaves the model as it was
             self._check_budget(blocks.linears, set(heads))
         if self.method == "awq":
@@ -269,7 +268,6 @@ class QuantizeWeights(Pass):
             calibration = attached_stats(model)
         linears = list(blocks.linears)
         packed_tables: dict[int, _Packed] = {}
-        head_of = {id(emb): lin for lin in linears for key, emb in heads.items() if key == id(lin.matmul)}
         for emb in embeddings:
             packed = self._embedding(editor, emb, head_of.get(id(emb)), calibration, stats)
             if packed is not None:
