@@ -9,6 +9,10 @@ max, abs-max, counts and histograms come out exactly as in one process, sums, su
 and Gram matrices to float rounding. The result is the same for 1, 2 or 40 workers, and the same
 whatever order the shards finish in. The model travels once (Ray's object store, or a saved copy
 in a folder the workers share for models too large for one message).
+
+:func:`calibrate` is what passes call: it runs in this process, or in shards when workers or a
+cluster address are given (by the pass's options or the pipeline's ``CalibrationData``, see
+:func:`pipeline_cluster`), so every pass that gathers statistics places its runs the same way.
 """
 
 from __future__ import annotations
@@ -23,24 +27,53 @@ from typing import Any
 
 import onnx_ir as ir
 
-from tforge.compiler.calibration import CalibrationStats, Feed, calibrate_model
+from tforge.compiler.calibration import DATA_KEY, CalibrationStats, Feed, calibrate_model
 from tforge.runtime import cluster, spill
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
+    "calibrate",
     "calibrate_shard",
     "calibration_job",
     "calibrate_sharded",
     "merge_stats",
     "model_payload",
     "payload_model",
+    "pipeline_cluster",
 ]
 
 #: samples per shard: small enough to spread 64 samples over several workers, large enough that
 #: one session per task is cheap next to its runs
 DEFAULT_SHARD_SIZE = 8
+
+
+def pipeline_cluster(model: ir.Model) -> tuple[int, str]:
+    """The pipeline's Ray workers and cluster address (``--workers``/``--cluster``); ``(0, "")``: none."""
+    data = model.meta.get(DATA_KEY)
+    if data is None:
+        return 0, ""
+    return data.workers or 0, data.cluster or ""
+
+
+def calibrate(
+    model: ir.Model,
+    feeds: Iterable[Feed],
+    *,
+    workers: int = 0,
+    address: str = "",
+    values: Sequence[str] | None = None,
+    gram: bool | Collection[str] = False,
+    progress: Callable[[str], None] | None = None,
+) -> CalibrationStats:
+    """:func:`calibrate_model` in this process, or :func:`calibrate_sharded` when ``workers`` or
+    ``address`` is given (one worker when only an address is): the statistics are the same."""
+    if workers or address:
+        return calibrate_sharded(
+            model, feeds, workers=workers or 1, address=address or None, values=values, gram=gram, progress=progress
+        )
+    return calibrate_model(model, feeds, values, gram=gram, progress=progress)
 
 
 def model_payload(model: ir.Model, shared_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:

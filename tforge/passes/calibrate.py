@@ -20,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from tforge.compiler import distributed
 from tforge.compiler.calibration import (
     DATA_KEY,
     DEFAULT_DECODE_STEPS,
@@ -29,7 +30,6 @@ from tforge.compiler.calibration import (
     MAX_AUTO_SAMPLES,
     STALE_STATISTICS_KEY,
     STATS_KEY,
-    calibrate_model,
     default_values,
     has_pipeline_data,
     npz_feeds,
@@ -149,14 +149,10 @@ class Calibrate(Pass):
         logger.info("calibrate: reading %s", source)
         if gram and gram is not True:
             logger.info("calibrate: Gram matrices of %d activations, for the passes after it", len(gram))
-        workers = self.workers or (data.workers if data is not None and data.workers else 0)
-        address = self.cluster or (data.cluster if data is not None and data.cluster else "")
-        if workers or address:
-            from tforge.compiler.distributed import calibrate_sharded
-
-            stats = calibrate_sharded(model, feeds, workers=workers or 1, address=address or None, gram=gram)
-        else:
-            stats = calibrate_model(model, feeds, gram=gram)
+        workers, address = distributed.pipeline_cluster(model)
+        stats = distributed.calibrate(
+            model, feeds, workers=self.workers or workers, address=self.cluster or address, gram=gram
+        )
         model.meta[STATS_KEY] = stats
         model.meta.pop(STALE_STATISTICS_KEY, None)
         return PassResult(

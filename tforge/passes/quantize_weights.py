@@ -77,6 +77,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from tforge.compiler import distributed
 from tforge.compiler.attention_paths import value_columns
 from tforge.compiler.calibration import (
     DATA_KEY,
@@ -85,7 +86,6 @@ from tforge.compiler.calibration import (
     MAX_AUTO_SAMPLES,
     CalibrationStats,
     attached_stats,
-    calibrate_model,
     has_pipeline_data,
     pipeline_feeds,
     until_enough,
@@ -372,12 +372,12 @@ class QuantizeWeights(Pass):
     @staticmethod
     def _round_cluster(model: ir.Model) -> contextlib.AbstractContextManager[Any]:
         """One Ray cluster for every round when the pipeline calibrates on workers (started once)."""
-        data = model.meta.get(DATA_KEY)
-        if data is None or not (data.workers or data.cluster):
+        workers, address = distributed.pipeline_cluster(model)
+        if not (workers or address):
             return contextlib.nullcontext()
         from tforge.runtime import cluster
 
-        return cluster.cluster(data.workers or 1, data.cluster or None)
+        return cluster.cluster(workers or 1, address or None)
 
     def _rounds(
         self, editor: GraphEditor, rounds: list[tuple[str, list[Linear]]], shared: dict[int, _Packed],
@@ -432,18 +432,11 @@ class QuantizeWeights(Pass):
         if not explicit:
             widest = max((_last_dim(model, name) for name in names), default=0)
             feeds = until_enough(feeds, DEFAULT_SAMPLES, GRAM_TOKENS_PER_CHANNEL * widest, MAX_AUTO_SAMPLES)
-        workers = data.workers if data is not None and data.workers else 0
-        address = data.cluster if data is not None and data.cluster else ""
-        if workers or address:  # the pipeline's cluster: each round's samples in shards, merged exactly
-            from tforge.compiler.distributed import calibrate_sharded
-
-            return calibrate_sharded(
-                model, feeds, workers=workers or 1, address=address or None, values=names, gram=set(names),
-                progress=lambda message: logger.debug("%s", message),
-            )  # fmt: skip
-        return calibrate_model(
-            model, feeds, names, gram=set(names), progress=lambda message: logger.debug("%s", message)
-        )
+        workers, address = distributed.pipeline_cluster(model)  # on workers: shards, merged exactly
+        return distributed.calibrate(
+            model, feeds, workers=workers, address=address, values=names, gram=set(names),
+            progress=lambda message: logger.debug("%s", message),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ bit budget
 
