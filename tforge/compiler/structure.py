@@ -897,21 +897,11 @@ def _columns_on_path(lin: Linear, path: list[ir.Node], end: ir.Value) -> np.ndar
 
 def _evaluate_index_op(node: ir.Node, data: np.ndarray, out: ir.Value) -> np.ndarray | None:
     """``node`` applied to ``data`` (its first input) for its output ``out``; None if some
-    operand is not a constant or the shapes do not agree."""
-
-    def ints(index: int, attr: str | None = None) -> list[int] | None:
-        arr = const_array(node.inputs[index]) if index < len(node.inputs) and node.inputs[index] is not None else None
-        if arr is None and attr is not None and attr in node.attributes:
-            arr = np.asarray(node.attributes[attr].value)
-        return None if arr is None else [int(x) for x in np.asarray(arr).ravel()]
-
+    operand is not a constant or the shapes do not agree. Run-time dims count as 1 (see
+    :func:`_evaluated_shape`); the ops other than Reshape, Expand, Flatten and Split are
+    :func:`_numpy_op` on the constant operands."""
     op = node.op_type
     try:
-        if op in ("Identity",):
-            return data
-        if op == "Transpose":
-            perm = node.attributes.get("perm")
-            return np.transpose(data, [int(p) for p in perm.value] if perm is not None else None)
         if op in ("Reshape", "Expand"):
             shape = _evaluated_shape(node, data, out)
             if shape is None:
@@ -922,48 +912,22 @@ def _evaluate_index_op(node: ir.Node, data: np.ndarray, out: ir.Value) -> np.nda
             axis = int(axis_attr.value) if axis_attr is not None else 1
             axis = axis + data.ndim if axis < 0 else axis
             return data.reshape(int(np.prod(data.shape[:axis])), -1)
-        if op == "Slice":
-            starts, ends = ints(1), ints(2)
-            axes = ints(3) if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(len(starts or [])))
-            steps = ints(4) if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(axes or [])
-            if starts is None or ends is None or axes is None or steps is None:
-                return None
-            index: list[slice] = [slice(None)] * data.ndim
-            for a, b, e, st in zip(axes, starts, ends, steps, strict=True):
-                index[a] = slice(b, e, st)
-            return data[tuple(index)]
-        if op == "Gather":
-            indices = const_array(node.inputs[1])
-            axis_attr = node.attributes.get("axis")
-            if indices is None:
-                return None
-            return np.take(data, indices.astype(np.int64), axis=int(axis_attr.value) if axis_attr is not None else 0)
-        if op == "GatherND":
-            indices = const_array(node.inputs[1])
-            batch = node.attributes.get("batch_dims")
-            if indices is None or (batch is not None and int(batch.value) != 0):
-                return None
-            indices = indices.astype(np.int64)
-            return data[tuple(indices[..., j] for j in range(indices.shape[-1]))]
         if op == "Split":
             axis_attr = node.attributes.get("axis")
             axis = int(axis_attr.value) if axis_attr is not None else 0
-            sizes = ints(1, "split")
+            sizes_arr = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            if sizes_arr is None and "split" in node.attributes:
+                sizes_arr = np.asarray(node.attributes["split"].value)
             n = len(node.outputs)
-            if sizes is None:
-                sizes = [data.shape[axis] // n] * n
+            sizes = [int(x) for x in sizes_arr.ravel()] if sizes_arr is not None else [data.shape[axis] // n] * n
             bounds = np.cumsum(sizes)[:-1]
             return np.split(data, bounds, axis=axis)[list(node.outputs).index(out)]
-        if op in ("Squeeze", "Unsqueeze"):
-            axes = ints(1, "axes")
-            if axes is None:
-                return np.squeeze(data) if op == "Squeeze" else None
-            if op == "Squeeze":
-                return np.squeeze(data, axis=tuple(axes))
-            return np.expand_dims(data, tuple(a + data.ndim + len(axes) if a < 0 else a for a in axes))
     except (ValueError, IndexError, TypeError):
         return None
-    return None
+    operands = [const_array(inp) if inp is not None else None for inp in node.inputs[1:]]
+    if any(a is None for a, inp in zip(operands, node.inputs[1:], strict=True) if inp is not None):
+        return None  # an operand computed at run time
+    return _numpy_op(node, [data, *operands])
 
 
 def _evaluated_shape(node: ir.Node, data: np.ndarray, out: ir.Value) -> list[int] | None:
@@ -1306,14 +1270,14 @@ def _evaluate_mask(value: ir.Value, env: dict[int, np.ndarray | None], budget: l
                     env[id(value)] = None
                     return None
                 inputs.append(got)
-            arr = _mask_op(node, inputs)
+            arr = _numpy_op(node, inputs)
             if arr is not None and arr.size > _MASK_EVAL_ELEMENTS:
                 arr = None
     env[id(value)] = arr
     return arr
 
 
-_MASK_BINARY = {
+_NUMPY_BINARY = {
     "And": np.logical_and, "Or": np.logical_or, "Xor": np.logical_xor, "Add": np.add,
     "Sub": np.subtract, "Mul": np.multiply, "Min": np.minimum, "Max": np.maximum, "Equal": np.equal,
     "Less": np.less, "LessOrEqual": np.less_equal, "Greater": np.greater,
@@ -1321,8 +1285,10 @@ _MASK_BINARY = {
 }  # fmt: skip
 
 
-def _mask_op(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray | None:
-    """One op of a mask's computation on evaluated inputs (see :func:`_evaluate_mask`)."""
+def _numpy_op(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray | None:
+    """One op computed in NumPy on its evaluated inputs (None: an absent optional input), for a
+    mask's computation (:func:`_evaluate_mask`) and the selections :func:`_evaluate_index_op`
+    traces; None for an op not handled here or operands it cannot take."""
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
         return None
@@ -1333,8 +1299,8 @@ def _mask_op(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray | Non
 
     try:
         x = inputs[0] if inputs else None
-        if op in _MASK_BINARY and len(inputs) == 2 and x is not None and inputs[1] is not None:
-            return np.asarray(_MASK_BINARY[op](x, inputs[1]))
+        if op in _NUMPY_BINARY and len(inputs) == 2 and x is not None and inputs[1] is not None:
+            return np.asarray(_NUMPY_BINARY[op](x, inputs[1]))
         if x is None:
             return None
         if op == "Where" and len(inputs) == 3 and inputs[1] is not None and inputs[2] is not None:
