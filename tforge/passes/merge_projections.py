@@ -389,22 +389,30 @@ def _take_over(editor: GraphEditor, sibling: _Sibling, new: ir.Value) -> None:
 def _attention_order(siblings: list[_Sibling]) -> list[_Sibling] | None:
     """The siblings as query, key, value when their outputs are exactly one GroupQueryAttention's
     inputs 0, 1, 2 (the packed-QKV order), else None."""
-    if len(siblings) != 3:
+    found = _gqa_reading([sibling.output for sibling in siblings])
+    if found is None or sorted(found[1]) != [0, 1, 2]:
         return None
-    slots: dict[int, _Sibling] = {}
+    by_slot = dict(zip(found[1], siblings, strict=True))
+    return [by_slot[0], by_slot[1], by_slot[2]]
+
+
+def _gqa_reading(values: Sequence[ir.Value]) -> tuple[ir.Node, list[int]] | None:
+    """The GroupQueryAttention that reads each of three values once, and nothing else reads
+    them (none a graph output), with the input slot each goes to; else None."""
+    if len(values) != 3:
+        return None
+    slots: list[int] = []
     reader: ir.Node | None = None
-    for sibling in siblings:
-        out = sibling.output
-        uses = list(out.uses())
-        if out.is_graph_output() or len(uses) != 1 or not _is_gqa(uses[0].node):
+    for value in values:
+        uses = list(value.uses())
+        if value.is_graph_output() or len(uses) != 1 or not _is_gqa(uses[0].node):
             return None
         if reader is not None and uses[0].node is not reader:
             return None
         reader = uses[0].node
-        slots[uses[0].idx] = sibling
-    if sorted(slots) != [0, 1, 2]:
-        return None
-    return [slots[0], slots[1], slots[2]]
+        slots.append(uses[0].idx)
+    assert reader is not None
+    return reader, slots
 
 
 def _is_gqa(node: ir.Node) -> bool:
@@ -414,19 +422,10 @@ def _is_gqa(node: ir.Node) -> bool:
 def _pack_into_attention(editor: GraphEditor, merged: _Merged) -> bool:
     """Feed the wide output to GroupQueryAttention as its packed query, if the Split's outputs are
     exactly its query, key and value and read by nothing else; drop the Split then."""
-    outs = merged.outputs
-    if len(outs) != 3:
+    found = _gqa_reading(merged.outputs)
+    if found is None or found[1] != [0, 1, 2]:
         return False
-    uses = [list(out.uses()) for out in outs]
-    if any(out.is_graph_output() or len(u) != 1 for out, u in zip(outs, uses, strict=True)):
-        return False
-    gqa = uses[0][0].node
-    if (
-        not _is_gqa(gqa)
-        or [u[0].node for u in uses] != [gqa] * 3
-        or [u[0].idx for u in uses] != [0, 1, 2]
-    ):
-        return False
+    gqa = found[0]
     heads, kv_heads = (
         int(gqa.attributes[a].value) if a in gqa.attributes else None
         for a in ("num_heads", "kv_num_heads")
