@@ -131,36 +131,13 @@ def test_prune_a_whole_kv_group_rewrites_the_cache(llama_canonical, exporter: st
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_prune_torchscript_keeps_whole_kv_groups_and_says_why(llama_canonical, tmp_path: Path) -> None:
-    """Thinning every KV group cannot be done exactly on the TorchScript export: it merges
-    repeated KV heads into a count computed at run time (``Shape(kv)[1] * 2``), which does not
-    follow a change of the repeat count. The pass removes whole KV groups instead (the repeat
-    count stays), with the reason in its stats, even where the importance would have thinned:
-    heads 1 and 3 are the least important, one in each group."""
-    model = llama_canonical["torchscript"].clone()
-    _make_heads_inert(model, heads=[1, 3], kv_heads=[])
-    save_model(model, tmp_path / "reference.onnx")
-
-    report = _prune(model, "prune-heads{keep=2 importance=magnitude compensate=false}")
-    stats = report.passes[0].stats
-    assert stats["pruned"] == LAYERS and not any(k.startswith("skipped") for k in stats), stats
-    reasons = [k for k in stats if k.startswith("whole KV groups only: ")]
-    assert len(reasons) == LAYERS, stats
-    for reason in reasons:
-        assert "merges repeated KV heads into a count computed at run time" in reason
-        assert "(2 -> 1 query heads per KV head)" in reason
-    for row in report.passes[0].details["layers"]:
-        assert row["kept"] in ([0, 1], [2, 3]) and (row["heads_after"], row["kv_heads_after"]) == (2, 1)
-    save_model(model, tmp_path / "pruned.onnx")
-    for block in find_blocks(model).blocks:
-        assert (block.attention.num_heads, block.attention.num_kv_heads) == (2, 1)
-    tokens, logits = _logits(tmp_path / "pruned.onnx")
-    assert len(tokens) == len(_logits(tmp_path / "reference.onnx")[0]) and all(np.isfinite(x).all() for x in logits)
-
-
-def test_prune_one_head_per_group_dynamo_works(llama_canonical, tmp_path: Path) -> None:
-    """The same selection on the dynamo export, whose repeat-KV shapes are constants: pruned, exact."""
-    model = llama_canonical["dynamo"].clone()
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_prune_one_head_per_group_works(llama_canonical, exporter: str, tmp_path: Path) -> None:
+    """Heads 1 and 3, one in each KV group: every group thinned, exact. The TorchScript export
+    computes its repeat-KV count at run time (``Shape(kv)[1] * 2``) and canonicalize reads it
+    back into a constant; where a count stays a run-time value only whole KV groups can go
+    (tests/compiler/test_head_layout.py proves that refusal)."""
+    model = llama_canonical[exporter].clone()
     _make_heads_inert(model, heads=[1, 3], kv_heads=[])
     save_model(model, tmp_path / "reference.onnx")
 

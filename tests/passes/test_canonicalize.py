@@ -194,3 +194,51 @@ def test_halves_of_the_last_axis_become_one_split(rng: np.random.Generator) -> N
     assert [n.op_type for n in model.graph] == ["Split", "Neg", "Concat"]
     feeds = {"x": rng.normal(size=(3, 8)).astype(np.float32)}
     np.testing.assert_array_equal(run(model, feeds), run(original, feeds))
+
+
+# The TorchScript exporter's head split and rotate_half: the Reshape target and the half-width
+# Slice bounds are computed at run time from Shape.
+RUN_TIME_SHAPES = """
+<ir_version: 10, opset_import: ["" : 18]>
+heads (float[B, S, 8] x) => (float[B, 2, S, 4] y)
+<int64[1] rest, int64[1] head_dim, int64 zero, int64 one, int64 three, int64 two, int64[1] first, int64[1] end, int64[1] last, int64[1] step>
+{
+    shape = Shape (x)
+    b = Gather <axis = 0> (shape, zero)
+    s = Gather <axis = 0> (shape, one)
+    b1 = Unsqueeze (b, first)
+    s1 = Unsqueeze (s, first)
+    target = Concat <axis = 0> (b1, s1, rest, head_dim)
+    split = Reshape (x, target)
+    q = Transpose <perm = [0, 2, 1, 3]> (split)
+    q_shape = Shape (q)
+    d = Gather <axis = 0> (q_shape, three)
+    h = Div (d, two)
+    half = Unsqueeze (h, first)
+    x1 = Slice (q, first, half, last, step)
+    x2 = Slice (q, half, end, last, step)
+    n = Neg (x2)
+    y = Concat <axis = -1> (n, x1)
+}
+"""
+
+
+def test_shapes_computed_at_run_time_are_read_back(rng: np.random.Generator) -> None:
+    """The head split's output gets the dims its target proves ([B, S, -1, 4] of a [B, S, 8] input:
+    [B, S, 2, 4]), and the rotate_half bound Shape(q)[3] / 2 folds to a constant."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    model = testing.model_from_onnx_text(
+        RUN_TIME_SHAPES, rest=i64(-1), head_dim=i64(4), zero=np.array(0, np.int64), one=np.array(1, np.int64),
+        three=np.array(3, np.int64), two=np.array(2, np.int64), first=i64(0), end=i64(2**63 - 1), last=i64(3), step=i64(1),
+    )  # fmt: skip
+    original = model.clone()
+
+    Canonicalize()(model)
+
+    split = next(n for n in model.graph if n.op_type == "Reshape")
+    assert split.outputs[0].shape == ir.Shape(["B", "S", 2, 4])
+    slices = [n for n in model.graph if n.op_type == "Slice"]
+    assert [(s.inputs[1].const_value.numpy().tolist(), s.inputs[2].const_value.numpy().tolist()) for s in slices] == [([0], [2]), ([2], [2**63 - 1])]
+    assert "Div" not in [n.op_type for n in model.graph]
+    feeds = {"x": rng.normal(size=(3, 5, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(run(model, feeds), run(original, feeds))

@@ -36,25 +36,52 @@ def _kernels(model, feeds) -> set[str]:
     return {op for op, _ in ort.kernels_run(model, feeds)}
 
 
-def _assert_same_steps(reference, fused, *, steps: int = 4, atol: float = 5e-5, optimize: bool = False) -> None:
+def _assert_same_steps(
+    reference, fused, *, steps: int = 4, atol: float = 5e-5, optimize: bool = False,
+    left_padding: int = 0, padded_rows: bool = True,
+) -> None:  # fmt: skip
     """Prefill ``PROMPT`` from an empty cache, then decode ``steps`` tokens feeding each graph's own
-    present back; every output of the fused graph equals the unfused one at every step."""
+    present back; every output of the fused graph equals the unfused one at every step.
+
+    ``left_padding``: a second row, ``PROMPT`` shifted right by that many padding tokens (mask 0,
+    positions numbered as Hugging Face does: the cumulative mask minus one, 1 where padded).
+    ``padded_rows=False`` leaves out the padded positions: their logits and their cache entries."""
     want_s = ort_runtime.create_session(reference, optimize=False)
     got_s = ort_runtime.create_session(fused, optimize=optimize)
     layout = generate.cache_layout(want_s)
     names = [o.name for o in want_s.get_outputs()]
     assert names == [o.name for o in got_s.get_outputs()]  # the interface is unchanged
-    feeds_w = feeds_g = layout.prefill_feeds(np.array([PROMPT]))
+    rows = [PROMPT] + ([[0] * left_padding + PROMPT[:-left_padding]] if left_padding else [])
+    mask = np.ones((len(rows), len(PROMPT)), np.int64)
+    mask[1:, :left_padding] = 0
+    feeds_w = feeds_g = _padded(layout, layout.prefill_feeds(np.array(rows)), mask)
     past = len(PROMPT)
     for step in range(steps + 1):
         want = dict(zip(names, want_s.run(None, feeds_w), strict=True))
         got = dict(zip(names, got_s.run(None, feeds_g), strict=True))
+        axes = {layout.logits: 1, **{c.present: c.past_axis for c in layout.cache}}
         for name in names:
-            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=atol, err_msg=f"step {step}: {name}")
-        token = np.array([[int(np.argmax(want[layout.logits][0, -1]))]])
-        feeds_w = {**layout.step_feeds(token, past), **{c.past: want[c.present] for c in layout.cache}}
-        feeds_g = {**layout.step_feeds(token, past), **{c.past: got[c.present] for c in layout.cache}}
+            g, w = got[name], want[name]
+            if not padded_rows:  # the positions' axis next to the batch, then only the valid ones
+                valid = mask[:, -g.shape[axes[name]] :].astype(bool)
+                g, w = np.moveaxis(g, axes[name], 1)[valid], np.moveaxis(w, axes[name], 1)[valid]
+            np.testing.assert_allclose(g, w, rtol=0, atol=atol, err_msg=f"step {step}: {name}")
+        tokens = np.argmax(want[layout.logits][:, -1], axis=-1)[:, None]
+        mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
+        step_feeds = _padded(layout, layout.step_feeds(tokens, past), mask)
+        feeds_w = {**step_feeds, **{c.past: want[c.present] for c in layout.cache}}
+        feeds_g = {**step_feeds, **{c.past: got[c.present] for c in layout.cache}}
         past += 1
+
+
+def _padded(layout, feeds: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    """``feeds`` with the attention mask ``mask`` (past + new tokens) and the new tokens' positions from it."""
+    n = feeds[layout.input_ids].shape[1]
+    out = {**feeds, layout.attention_mask: mask.astype(feeds[layout.attention_mask].dtype)}
+    if layout.position_ids is not None:
+        positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)[:, -n:]
+        out[layout.position_ids] = positions.astype(feeds[layout.position_ids].dtype)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +162,11 @@ def test_fused_rotary_with_head_dim_16(head16) -> None:
     _assert_same_steps(reference, separate, steps=2)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("mask", ["bias", "seqlens"])
-def test_right_padded_batch(llama_cache, mask: str) -> None:
+def test_right_padded_batch(llama_cache, mask: str, exporter: str) -> None:
     """Batch 2, the second row right-padded: the valid positions' logits are unchanged."""
-    reference = _prepared(llama_cache.dynamo)
+    reference = _prepared(getattr(llama_cache, exporter))
     model = reference.clone()
     _run(model, f"ort-fuse{{mask={mask}}}")
     layout = generate.cache_layout(ort_runtime.create_session(reference, optimize=False))
@@ -181,15 +209,42 @@ def test_options_choose_the_fusions(llama_cache) -> None:
         PassManager.parse("ort-fuse{mask=none}")
 
 
-def test_torchscript_export_every_attention_is_fused_or_explained(llama_cache) -> None:
+def test_torchscript_export_fuses_every_attention_and_stays_exact(llama_cache) -> None:
+    """Hugging Face's TorchScript export: the head splits and rotate_half bounds are computed from
+    Shape at run time (canonicalize reads them back), the mask is Where(mask, 0, -inf) with a NaN
+    guard after each Softmax, the context goes through a no-op Reshape before its merge."""
     reference = _prepared(llama_cache.torchscript)
+    assert _ops(reference)["IsNaN"] == 2  # -inf mask: canonicalize keeps the guards
     model = reference.clone()
     result = _run(model, "ort-fuse")
-    fused = result.stats.get("attention -> GroupQueryAttention", 0)
-    explained = [s for s in result.skipped if s["at"].startswith("Softmax")]
-    assert fused + len(explained) == 2
-    assert result.stats.get("RMSNorm -> SimplifiedLayerNormalization", 0) + result.stats.get("residual add + RMSNorm -> SkipSimplifiedLayerNormalization", 0) == 5
-    _assert_same_steps(reference, model, steps=2)
+
+    assert result.stats.get("attention -> GroupQueryAttention", 0) == 2
+    assert result.stats.get("RMSNorm -> SimplifiedLayerNormalization", 0) == 1
+    assert result.stats.get("residual add + RMSNorm -> SkipSimplifiedLayerNormalization", 0) == 4
+    assert not result.skipped
+    ops = _ops(model)
+    assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0 and ops["IsNaN"] == 0
+    assert ops["Max"] == 1  # the shared -inf mask clamped once, to the float32 minimum
+
+    _assert_same_steps(reference, model)
+    _assert_same_steps(reference, model, steps=2, optimize=True)
+    want = generate.greedy(reference, PROMPT, 16)
+    assert generate.greedy(model, PROMPT, 16).tokens == want.tokens
+    assert want.tokens == generate.greedy(llama_cache.dynamo, PROMPT, 16).tokens
+
+
+@pytest.mark.parametrize(("exporter", "padded_rows"), [("torchscript", True), ("dynamo", False)])
+def test_left_padded_batch(llama_cache, exporter: str, padded_rows: bool) -> None:
+    """Batch 2, the second row left-padded by 3: prefill and decode equal the unfused graph (exact
+    positions: head_dim 8 rotates with RotaryEmbedding, which reads every position). A padded query
+    row has all its keys masked. The TorchScript graph's NaN guard gives it zeros, as ORT's CPU
+    kernel does: every row is equal. The dynamo graph's finfo.min mask makes it a uniform average
+    of all the values instead: those rows differ, and the cache entries later layers compute from
+    them, which no valid row reads (their keys are masked), so they are left out."""
+    reference = _prepared(getattr(llama_cache, exporter))
+    model = reference.clone()
+    assert _run(model, "ort-fuse").stats.get("attention -> GroupQueryAttention", 0) == 2
+    _assert_same_steps(reference, model, steps=3, left_padding=3, padded_rows=padded_rows)
 
 
 def test_half_caches_and_rotate_half() -> None:

@@ -28,11 +28,10 @@ blocked):
   is also read elsewhere"): the walk from probs @ V back to V meets a second reader, in the dynamo
   export the ``present.N.value`` output read from ``Concat(past, new)``, in the TorchScript one
   (smoothquant) first a ``Shape`` of the repeated values;
-- ``ort-fuse`` fuses no attention of the TorchScript export: its mask uses a ``-inf`` constant,
-  so canonicalize keeps the NaN guard ``Where(IsNaN(p), 0, p)``, a second reader of the Softmax;
-- ``prune-heads`` on the TorchScript export removes a whole KV group from layer 0, where thinning
-  the groups would change the query heads per KV head (the merge of repeated KV heads is computed
-  at run time), and says so in its stats;
+- ``ort-fuse`` fuses every attention of both exports (the TorchScript one's ``-inf`` mask, behind
+  a NaN guard after each Softmax, goes in clamped to the float32 minimum);
+- ``prune-heads`` does the same on both exports: canonicalize reads the TorchScript export's
+  run-time head shapes back, so its repeat-KV count is a constant there too;
 - ``ort-layernorm`` has no site: LLaMA's norms are RMSNorm, not LayerNormalization.
 
 - ``linear-attention`` skips every layer: linear attention with a past cache is not built.
@@ -92,24 +91,18 @@ EXACT = [
         )
         for exporter in EXPORTERS
     ),
-    Case(
-        "dynamo",
-        "ort-fuse",
-        {
-            "attention -> GroupQueryAttention": LAYERS,
-            "rotary -> RotaryEmbedding": 2 * LAYERS,
-            "RMSNorm -> SimplifiedLayerNormalization": 1,
-            "residual add + RMSNorm -> SkipSimplifiedLayerNormalization": 2 * LAYERS,
-        },
-    ),
-    Case(
-        "torchscript",
-        "ort-fuse",
-        {
-            "RMSNorm -> SimplifiedLayerNormalization": 2,
-            "residual add + RMSNorm -> SkipSimplifiedLayerNormalization": 2 * LAYERS - 1,
-        },
-        blocked=("the Softmax is not read by exactly one probs @ V MatMul",) * LAYERS,
+    *(
+        Case(
+            exporter,
+            "ort-fuse",
+            {
+                "attention -> GroupQueryAttention": LAYERS,
+                "rotary -> RotaryEmbedding": 2 * LAYERS,
+                "RMSNorm -> SimplifiedLayerNormalization": 1,
+                "residual add + RMSNorm -> SkipSimplifiedLayerNormalization": 2 * LAYERS,
+            },
+        )
+        for exporter in EXPORTERS
     ),
     # linear attention with a past is not built: the chunked form pads K and V by the query
     # length and masks chunk i against key i, both wrong once keys hold past positions; every
@@ -146,21 +139,15 @@ LOSSY = [
         min_cosine=0.996,  # measured 0.99838
         max_rel=0.1,  # measured 0.0462
     ),
-    Case(
-        "dynamo",
-        "prune-heads{ratio=0.5}",
-        {"pruned": LAYERS, "KV cache inputs reshaped": 2, "compensation: refit": LAYERS},
-        min_cosine=0.3,  # measured 0.66117
-        max_rel=2.0,  # measured 1.02
-    ),
-    Case(
-        "torchscript",
-        "prune-heads{ratio=0.5}",
-        # layer 0's repeated KV heads merge into a count computed at run time: it loses a whole
-        # KV group (layer 1 is thinned, as on the dynamo export)
-        {"pruned": LAYERS, "KV cache inputs reshaped": 4, "compensation: refit": LAYERS},
-        min_cosine=0.05,  # measured 0.11759: layer 0 loses a whole KV group (half its heads)
-        max_rel=2.5,  # measured 1.28
+    *(
+        Case(
+            exporter,
+            "prune-heads{ratio=0.5}",
+            {"pruned": LAYERS, "KV cache inputs reshaped": 2, "compensation: refit": LAYERS},
+            min_cosine=0.3,  # measured 0.66117 on both exports
+            max_rel=2.0,  # measured 1.02
+        )
+        for exporter in EXPORTERS
     ),
     Case(
         "dynamo",
@@ -280,9 +267,8 @@ def test_lossy_pass_error_is_measured_and_bounded(
     kv_heads = [2] * LAYERS
     if case.spec.startswith("prune-heads"):  # the cache has the KV heads the pass kept
         kv_heads = [row["kv_heads_after"] for row in record.details["layers"]]
-        # layer 1 lost a whole KV group: its cache shrank; on the TorchScript export layer 0 too,
-        # since only whole groups can go there
-        assert kv_heads == ([1, 1] if case.exporter == "torchscript" else [2, 1])
+        # layer 1 lost a whole KV group: its cache shrank
+        assert kv_heads == [2, 1]
     assert shapes == [(1, h, len(IDS), 8) for h in kv_heads for _ in ("key", "value")]
 
     low, rel = _errors(got, reference[case.exporter])

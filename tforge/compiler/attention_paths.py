@@ -8,6 +8,10 @@
   attention fusions for ONNX Runtime).
 - :func:`softmax_score_chain` and :func:`peel_scale`: the same read from the ``Softmax`` alone,
   for graphs whose projections the block map does not read as linears (after ``quantize``).
+- :func:`merge_heads`: the same proof for the head merge alone, from a context whose heads come
+  from elsewhere (a KV cache, rotary: the ONNX Runtime ``GroupQueryAttention`` fusion).
+- :func:`shape_elements` and :func:`reshape_extents`: shape vectors computed at run time from
+  ``Shape``, read back as extents (``canonicalize`` fills in the dims they prove).
 - :func:`attention_core`: the whole core between the Q/K/V ``[batch, seq, width]`` values and
   the merged ``[batch, seq, heads * head_dim]`` context, read from the ``Softmax`` alone, with
   the head split, K^T and head merge *proven* by tracing which logical axes (batch, sequence,
@@ -42,7 +46,10 @@ __all__ = [
     "SoftmaxScores",
     "attention_core",
     "graph_inputs_reached",
+    "merge_heads",
     "peel_scale",
+    "reshape_extents",
+    "shape_elements",
     "score_chain",
     "softmax_score_chain",
     "value_columns",
@@ -847,3 +854,78 @@ def _check_mask(mask: ir.Value, lq: _Layout, present: dict[str, Size], heads: in
         if got is not None and got not in (_ONE, full):
             raise Skip(f"the additive mask's dim {i} is neither 1 nor the scores'", mask.producer() or at)
     return dims[2] == want[2] and dims[3] == want[3]
+
+
+# ----------------------------------------------------------------------------- run-time shapes
+
+
+def shape_elements(value: ir.Value | None) -> list[Size | int | None] | None:
+    """The elements of a 1-D (or scalar) int64 shape value, read back through the shape arithmetic
+    (``Shape``, ``Gather``, ``Slice``, ``Concat``, ``(Un)Squeeze``, ``Cast``, ``Mul``): per element
+    an extent (from constants and from the annotated dims ``Shape`` reads), ``-1``/``0`` when they
+    are constants (Reshape's markers) or None; None when not even the length is known."""
+    return _Tracer().elems(value)
+
+
+def reshape_extents(node: ir.Node) -> list[Size | None] | None:
+    """The extents of a ``Reshape``'s output that its target proves (None where it does not): the
+    target's extents, a ``0`` the input's extent there (unless ``allowzero``), a ``-1`` what the
+    input's extents leave when the others divide them."""
+    target = shape_elements(node.inputs[1]) if len(node.inputs) > 1 else None
+    source = _annotated(node.inputs[0]) if node.inputs[0] is not None else None
+    if target is None:
+        return None
+    allowzero = node.attributes.get("allowzero")
+    copies = not (allowzero is not None and int(allowzero.value))
+    out: list[Size | None] = []
+    for i, e in enumerate(target):
+        if e == 0 and copies:
+            out.append(source[i] if source is not None and i < len(source) else None)
+        else:
+            out.append(e if isinstance(e, tuple) else None)  # -1 (solved below) or an empty axis
+    if target.count(-1) == 1 and source is not None and None not in source:
+        rest = [e for i, e in enumerate(out) if i != target.index(-1)]
+        if None not in rest:
+            total, known = _ONE, _ONE
+            for size in source:
+                total = _mul(total, size)  # type: ignore[arg-type]
+            for size in rest:
+                known = _mul(known, size)  # type: ignore[arg-type]
+            out[target.index(-1)] = _div(total, known)
+    return out
+
+
+def merge_heads(context: ir.Value, q: ir.Value, heads: int, head_dim: int, rows: Iterable[ir.Value] = ()) -> ir.Value:
+    """The value ``context`` is merged into by layout ops alone, or :class:`Skip` saying why not.
+
+    ``context`` is ``[batch, heads, seq, head_dim]``, its batch and sequence those of ``q``, the
+    ``[batch, seq, heads * head_dim]`` query projection; the merged value must be ``[batch, seq,
+    heads * head_dim]``, head-major. Proven as :func:`attention_core` proves its merge, by tracing
+    which logical axes each axis holds through ``Reshape``/``Transpose``/``(Un)Squeeze``, targets
+    computed at run time included. A target may read dims off ``context`` and off the values in
+    ``rows``, which the caller vouches have the context's dims (the rotated query heads, whose
+    ``Shape`` the TorchScript export reads the sequence length from).
+    """
+    tracer = _Tracer()
+    atoms = {a.role: a for axis in tracer.start(q, "q", "query") for a in axis}
+    if _axis_size(tuple(atoms[r] for r in ("q.w",) if r in atoms)) != (heads * head_dim, ()):
+        raise Skip(f"the query projection is not {heads} x {head_dim} wide", q.producer() or context.producer())
+    parts = {"q.w0": (heads, ()), "q.w1": (head_dim, ())}
+    atoms.update({role: _Atom(role, size) for role, size in parts.items() if size != _ONE})
+    axes = [tuple(atoms[r] for r in roles if r in atoms) for roles in (("q.b",), ("q.w0",), ("q.s",), ("q.w1",))]
+    layout: _Layout = tuple(axes)
+    for value in (context, *rows):
+        tracer.layouts[id(value)] = layout
+    want = _roles((axes[0], axes[2], axes[1] + axes[3]))
+    value = context
+    for _ in range(12):
+        if _roles(layout) == want:
+            return value
+        uses = data_uses(value)
+        node = uses[0].node if len(uses) == 1 and uses[0].idx == 0 else None
+        if value.is_graph_output() or node is None or not is_default_domain(node) or node.op_type not in _REGROUP:
+            break
+        layout = tracer.step(node, layout, "context")
+        value = node.outputs[0]
+        tracer.layouts[id(value)] = layout
+    raise Skip("the context heads are not merged back to [batch, seq, heads * head_dim] by layout ops", context.producer())

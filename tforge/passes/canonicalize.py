@@ -6,7 +6,10 @@
 - a decomposed LayerNorm (ReduceMean/Sub/Pow/.../Div) is fused into ``LayerNormalization``;
   RMSNorm stays the recognised pattern ``gamma * (x * 1/sqrt(mean(x^2) + eps))`` because opsets
   below 23 have no RMSNormalization op and ONNX Runtime fuses that pattern itself;
-- constant folding, common-subexpression and dead-code elimination (onnxscript's optimizer);
+- constant folding, common-subexpression and dead-code elimination (onnxscript's optimizer),
+  reading back the shapes a graph computes from ``Shape`` at run time but fixes statically (see
+  ``_ShapeReadingFolder``): the TorchScript export's head splits get their static dims and its
+  ``rotate_half`` bounds become constants (SmolLM2's cache export: 3,750 -> 3,060 nodes);
 - the NaN guard ``Where(IsNaN(p), 0, p)`` after an attention ``Softmax`` is dropped when the
   Softmax input is built only from matmul products and finite constants (see
   ``_drop_softmax_nan_guards``): torch's SDPA export adds it to every layer although its
@@ -27,9 +30,11 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnxscript.optimizer import _constant_folding
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion import _layer_norm
 
+from tforge.compiler.attention_paths import reshape_extents, shape_elements
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import GraphEditor, replace_value
@@ -40,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 _SHAPE = re.compile(r"^\d+(x\d+)*$")
+_MADE_UP = re.compile(r"^unk__\d+$")
 # Only the LayerNorm rule: onnxscript's LN+bias rule would also absorb a residual Add that follows
 # a bias-less LayerNorm; _fold_layernorm_bias below folds only constant 1-D biases.
 _LAYER_NORM_FUSION = pattern.RewriteRuleSet([_layer_norm.LayerNormFusion.rule()])
@@ -160,14 +166,13 @@ def _optimize(model: ir.Model, size_limit: int) -> None:
     pairs at a fraction of the cost.
     """
     from onnxscript import rewriter
-    from onnxscript.optimizer import _constant_folding
 
     rules = rewriter._DEFAULT_REWRITE_RULES
     single = [r for r in rules if getattr(r, "_target_pattern", None) is None or r._target_pattern.has_single_output_node]
     multi = [r for r in rules if r not in single]
     loop = ir.passes.PassManager(
         [
-            _constant_folding.FoldConstantsPass(
+            _ShapeReadingFolder(
                 shape_inference=True, input_size_limit=size_limit, output_size_limit=size_limit
             ),
             rewriter.RewritePass([_OpGuardedRule(r) for r in single]),
@@ -194,6 +199,82 @@ def _optimize(model: ir.Model, size_limit: int) -> None:
         common_passes.NameFixPass(),
     ]
     ir.passes.Sequential(*passes)(model)
+
+
+# ----------------------------------------------------------------------------- run-time shapes
+
+
+class _ShapeReadingFolder(_constant_folding.FoldConstantsPass):
+    """onnxscript's constant folder, reading the shapes a graph fixes though it computes them at run time.
+
+    The TorchScript exporter writes every head split as ``Reshape(x, Concat(Shape(h)[0],
+    Shape(h)[1], -1, head_dim))`` and every ``rotate_half`` bound as ``Shape(q)[-1] / 2``.
+    ONNX's per-node shape inference (what the folder runs on each node, in graph order) does not
+    read a run-time target, so the heads come out ``[?, ?, ?, ?]``, and the folder folds a
+    ``Gather`` of a shape only for 1-D indices: the bounds stay ops, the head dim unknown. Two
+    additions, inside the same sweep so that what one node proves reaches every later node:
+
+    - a ``Reshape``'s output gets the dims its target proves, where its annotation does not know
+      them (:func:`~tforge.compiler.attention_paths.reshape_extents`: constants, dims read with
+      ``Shape`` from annotated shapes, ``0`` copies, ``-1`` solved); a known dim is never changed;
+    - a ``Gather`` from a shape vector whose picked elements are all integers is folded to them.
+
+    The subclass hooks two methods of the pinned onnxscript (0.7.2), as ``_optimize`` does.
+    """
+
+    def _do_inference(self, node: ir.Node) -> None:
+        super()._do_inference(node)
+        if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and len(node.inputs) > 1:
+            extents = reshape_extents(node)
+            if extents is not None:
+                _refine_shape(node.outputs[0], [_as_dim(e) for e in extents])
+
+    def process_node(self, node: ir.Node, is_function: bool) -> _constant_folding.Replacement | None:
+        replacement = super().process_node(node, is_function)
+        if replacement is not None or is_function or node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            return replacement
+        picked = shape_elements(node.outputs[0]) if _shape_vector(node.inputs[0]) else None
+        indices = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+        if picked is None or indices is None or not all(isinstance(e, tuple) and not e[1] for e in picked):
+            return None
+        array = np.array([e[0] for e in picked], np.int64).reshape(indices.shape)  # type: ignore[index]
+        folded = self.new_initializer(node, array)
+        if folded is None or node.graph is None:
+            return None
+        node.graph.register_initializer(folded)
+        return _constant_folding.Replacement([folded], [])
+
+
+def _shape_vector(value: ir.Value | None) -> bool:
+    """An int64 vector (what ``Shape`` makes): a Gather of it along axis 0 picks elements."""
+    return value is not None and value.dtype == ir.DataType.INT64 and value.shape is not None and value.shape.rank() == 1
+
+
+def _as_dim(extent: tuple[int, tuple[str, ...]] | None) -> int | ir.SymbolicDim | None:
+    """An extent as a dim: an integer, or one named dim alone; None for other products."""
+    if extent is None:
+        return None
+    number, symbols = extent
+    if not symbols:
+        return number
+    return ir.SymbolicDim(symbols[0]) if number == 1 and len(symbols) == 1 else None
+
+
+def _unknown(dim: int | ir.SymbolicDim | None) -> bool:
+    """No dim, an unnamed one, or a name ONNX's shape inference made up for an unknown (``unk__3``)."""
+    return dim is None or (isinstance(dim, ir.SymbolicDim) and (not dim.value or _MADE_UP.match(dim.value) is not None))
+
+
+def _refine_shape(value: ir.Value, dims: list[int | ir.SymbolicDim | None] | None) -> bool:
+    """Fill in ``value``'s unknown dims from ``dims`` (same rank); a known dim is never changed."""
+    if dims is None or (value.shape is not None and value.shape.rank() != len(dims)):
+        return False
+    old = list(value.shape.dims) if value.shape is not None else [None] * len(dims)
+    new = [d if _unknown(o) and not _unknown(d) else o for o, d in zip(old, dims, strict=True)]
+    if all(n is o for n, o in zip(new, old, strict=True)):
+        return False
+    value.shape = ir.Shape([ir.SymbolicDim(None) if d is None else d for d in new])
+    return True
 
 
 class _OpGuardedRule:

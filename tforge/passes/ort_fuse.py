@@ -10,9 +10,11 @@ by arithmetic. This pass ends a pipeline (after compression and quantization) an
   the next residual add reads), option ``skip-norms``.
 - **Attention with a KV cache** (rotary on Q and K, ``Concat(past, new)`` -> present, repeat-kv
   for grouped-query attention, scores, additive mask, Softmax, context, head merge: about 45
-  nodes a layer in the dynamo export) into one ``com.microsoft.GroupQueryAttention`` with
-  ``do_rotary=1``, reading the Q/K/V projections' outputs, the past tensors (``[batch,
-  kv_heads, past, head_dim]``, as exported) and writing the present ones, option ``attention``.
+  nodes a layer in the dynamo export, about 80 in the TorchScript one) into one
+  ``com.microsoft.GroupQueryAttention`` with ``do_rotary=1``, reading the Q/K/V projections'
+  outputs, the past tensors (``[batch, kv_heads, past, head_dim]``, as exported) and writing the
+  present ones, option ``attention``. The head merge is proven as the encoder fusion's is
+  (:func:`~tforge.compiler.attention_paths.merge_heads`), run-time ``Reshape`` targets included.
 - **Attention without a KV cache** (encoders such as BERT/MiniLM and ViT; also a decoder run
   without a cache): the core between the Q/K/V values and the output projection's input (head
   split, K^T, scale, additive mask, Softmax, probs @ V, head merge: about 20 nodes a layer) into
@@ -47,11 +49,28 @@ Masks (option ``mask``):
 - ``seqlens``: ``seqlens_k = sum(attention_mask) - 1`` per row and no bias: the mask subgraph
   goes away, but only right padding (or none) is handled, as in onnxruntime-genai's models.
 
+The two exports of a cache graph differ, and both are read. Hugging Face's TorchScript export
+computes the head splits' targets and the ``rotate_half`` bounds from ``Shape`` at run time
+(``canonicalize`` reads them back: static heads, constant bounds), reshapes the context to its
+own shape before the merge (a no-op the merge's trace proves), leaves the mask's dims
+unannotated (its dim 1, added to ``[batch, heads, seq, total]`` scores, is 1 or heads wherever the
+graph runs, for heads > 1), and writes the mask as ``Where(mask, 0, -inf)``, so a NaN guard
+``Where(IsNaN(p), 0, p)`` follows each Softmax (``canonicalize`` drops it only for a finite mask).
+A guarded site's bias is the mask clamped, ``Max(mask, float32 min)``, once per mask: in a row
+with an unmasked key a clamped entry softmaxes to exactly 0, as ``-inf`` does (scores below
+1e31), so those rows are as before. A row whose keys are all masked (a left-padded query) is 0
+after the guard, and ORT's CPU kernel (1.31, measured) writes 0 for it too, clamped or not: the
+same. The clamp is for a kernel that would compute that row as 0/0: its NaN, written to the
+present cache, would make every later score reading it NaN (NaN + ``-inf`` is NaN).
+
 Limits of the fused op, ORT's own: with a past, a step of more than one token needs batch 1; on
 a first prompt (empty past) the op reads only ``position_ids[0, 0]`` and numbers the tokens on
 from it, so rows whose positions are not consecutive (left padding numbered by a cumulative sum)
-get other rotary angles than the unfused graph. Padded query rows (whose outputs nobody reads)
-may differ too. Positions must stay below ``max-positions``.
+get other rotary angles than the unfused graph (with ``do_rotary=0``, RotaryEmbedding reads
+every position). A row whose keys are all masked is 0 in ORT's kernel, which a graph with a
+finite mask (the dynamo export's ``finfo.min``) computes as a uniform average of all the values:
+those rows, and the cache entries later layers compute from them, differ; no valid row reads
+them (their keys are masked). Positions must stay below ``max-positions``.
 
 The block map gives the norms and, where it recognised the attention, its head counts and
 whether it is causal (and, for attention without a cache, rotary, KV heads, the projections and
@@ -75,6 +94,7 @@ from tforge.compiler.attention_paths import (
     AttentionCore,
     attention_core,
     graph_inputs_reached,
+    merge_heads,
     peel_scale,
     softmax_score_chain,
 )
@@ -94,6 +114,7 @@ from tforge.compiler.structure import (
     Norm,
     block_map,
     const_array,
+    nan_guarded_softmax,
     producers,
     static_dims,
 )
@@ -259,6 +280,7 @@ class _Site:
     cos: ir.Value
     sin: ir.Value
     position_ids: ir.Value
+    nan_guard: bool  # Where(IsNaN(p), 0, p) after the Softmax: the mask may hold -inf
 
 
 class _SoftmaxFusion:
@@ -298,6 +320,7 @@ class _AttentionFusion(_SoftmaxFusion):
         self.graph = model.graph
         self.caches: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
         self.lengths: dict[int, tuple[ir.Value, ir.Value]] = {}
+        self.finite: dict[int, ir.Value] = {}
 
     # ------------------------------------------------------------------ reading a site
 
@@ -307,9 +330,7 @@ class _AttentionFusion(_SoftmaxFusion):
             raise Skip("Softmax is not over the last axis", softmax)
         chain = softmax_score_chain(softmax)
         scale, mask, scores = chain.scale, chain.mask, chain.scores
-        context = only_reader(softmax.outputs[0])
-        if context is None or context.op_type != "MatMul" or context.inputs[0] is not softmax.outputs[0]:
-            raise Skip("the Softmax is not read by exactly one probs @ V MatMul", softmax)
+        context, nan_guard = _context_matmul(softmax)
         q_scale, q_rot = peel_scale(scores.inputs[0])
         k_scale, k_t = peel_scale(scores.inputs[1])
         scale *= q_scale * k_scale
@@ -322,7 +343,6 @@ class _AttentionFusion(_SoftmaxFusion):
             raise Skip("Q and K are rotated with different tables", present_key.producer())
         k, k_split = _heads_split(x_k, "key")
         v, v_split = _heads_split(present_value.producer().inputs[1], "value")  # type: ignore[union-attr]
-        output, anchor = _head_merge(context)
         past_key = present_key.producer().inputs[0]  # type: ignore[union-attr]
         past_value = present_value.producer().inputs[0]  # type: ignore[union-attr]
         kv_dims = static_dims(past_key)
@@ -339,6 +359,12 @@ class _AttentionFusion(_SoftmaxFusion):
         for split, n in ((k_split, kv_heads), (v_split, kv_heads)):
             if _heads_of(split, head_dim) != n:
                 raise Skip("the key/value head split does not match the cache's KV heads", split)
+        # the merge may read the sequence length off the rotated query (TorchScript), whose rows
+        # are the context's: probs @ V has the rows of q_rot @ K^T
+        output = merge_heads(context.outputs[0], q, heads, head_dim, rows=(q_rot,))
+        anchor = output.producer()
+        if anchor is None or anchor is context:
+            raise Skip("the context is not merged back by a layout op", context)
         attn = self.by_softmax.get(id(softmax))
         if attn is not None:
             if (attn.num_heads, attn.num_kv_heads, attn.head_dim) != (heads, kv_heads, head_dim):
@@ -352,14 +378,16 @@ class _AttentionFusion(_SoftmaxFusion):
         if position_ids.dtype != ir.DataType.INT64 or (position_ids.shape is not None and position_ids.shape.rank() != 2):
             raise Skip("the rotary positions are not an int64 [batch, seq] input", position_ids)
         if mask is not None:
+            # added to the [batch, heads, seq, total] scores, a mask whose dim 1 is not annotated
+            # (the TorchScript export's) is 1 or heads wherever the graph runs, when heads > 1
             dims = static_dims(mask)
-            if dims is None or len(dims) != 4 or dims[1] not in (1, heads):
+            if dims is None or len(dims) != 4 or dims[1] not in (1, heads, *((None,) if heads > 1 else ())):
                 raise Skip("the additive mask is not [batch or 1, 1 or heads, seq, total]", mask)
         if q.dtype != ir.DataType.FLOAT or past_key.dtype != ir.DataType.FLOAT:
             raise Skip("attention is not float32", softmax)
         return _Site(
             q, k, v, past_key, past_value, present_key, present_value, output, anchor,  # type: ignore[arg-type]
-            heads, kv_heads, head_dim, scale, mask, key_mask, cos, sin, position_ids,
+            heads, kv_heads, head_dim, scale, mask, key_mask, cos, sin, position_ids, nan_guard is not None,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ rewriting
@@ -368,6 +396,8 @@ class _AttentionFusion(_SoftmaxFusion):
         cos_cache, sin_cache = self._caches(site)
         seqlens, total = self._lengths(site.key_mask)
         bias = site.mask if self.opts.mask == "bias" else None
+        if bias is not None and site.nan_guard:
+            bias = self._finite_bias(bias)
         base = site.anchor.name or site.output.name or "attention"
         fused = self.opts.rotary == "fused" or (self.opts.rotary == "auto" and site.head_dim % 16 == 0)
         if fused and site.head_dim % 16:
@@ -429,6 +459,26 @@ class _AttentionFusion(_SoftmaxFusion):
                 self.editor.initializer("rotary.sin_cache", sin_c),
             )
         return self.caches[key]
+
+    def _finite_bias(self, mask: ir.Value) -> ir.Value:
+        """``Max(mask, float32 min)``, once per mask: the bias of a NaN-guarded attention.
+
+        The guard turns the NaN row of a query whose keys are all masked with ``-inf`` into zeros.
+        GroupQueryAttention has no guard: a kernel computing such a row as 0/0 would write NaN to
+        the present cache, and every later score reading it would be NaN (NaN plus ``-inf`` is
+        NaN). With the float32 minimum, a score plus the bias rounds to that minimum (scores below
+        1e31), which softmaxes to exactly 0 wherever a row has an unmasked key, as ``-inf`` does;
+        a fully masked row is finite whatever the kernel does (ORT's CPU kernel writes 0, as the
+        guard does).
+        """
+        if id(mask) not in self.finite:
+            base = mask.name or "attention_mask"
+            floor = self.editor.initializer(f"{base}.floor", np.array(np.finfo(np.float32).min, np.float32))
+            where = {"after": mask.producer()} if mask.producer() is not None else {"before": next(iter(self.graph))}
+            self.finite[id(mask)] = self.editor.op(
+                "Max", [mask, floor], name=f"{base}.finite", dtype=mask.dtype, shape=mask.shape, **where,
+            )  # fmt: skip
+        return self.finite[id(mask)]
 
     def _lengths(self, key_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
         """(seqlens_k [batch] int32, total_sequence_length scalar int32) from the mask input."""
@@ -642,6 +692,23 @@ def _slice_bounds(node: ir.Node, rank: int) -> tuple[int, int] | None:
     return start, min(stop, size)  # type: ignore[type-var]
 
 
+def _context_matmul(softmax: ir.Node) -> tuple[ir.Node, ir.Node | None]:
+    """(the probs @ V MatMul reading ``softmax``, the NaN guard ``Where(IsNaN(p), 0, p)`` between
+    them or None), each value on the way read by the next op alone."""
+    probs = softmax.outputs[0]
+    uses = list(probs.uses())
+    guard = next((u.node for u in uses if nan_guarded_softmax(u.node) is softmax), None)
+    if guard is not None:
+        isnan = guard.inputs[0].producer()  # type: ignore[union-attr]
+        if probs.is_graph_output() or len(uses) != 2 or only_reader(isnan.outputs[0]) is not guard:  # type: ignore[union-attr]
+            raise Skip("the guarded Softmax or its IsNaN is read elsewhere", softmax)
+        probs = guard.outputs[0]
+    context = only_reader(probs)
+    if context is None or context.op_type != "MatMul" or context.inputs[0] is not probs:
+        raise Skip("the Softmax is not read by exactly one probs @ V MatMul", softmax)
+    return context, guard
+
+
 def _heads_split(value: ir.Value | None, role: str) -> tuple[ir.Value, ir.Node]:
     """(projection output [b, s, width], the Reshape) for ``Transpose(0,2,1,3)(Reshape(proj))``."""
     transpose = value.producer() if value is not None else None
@@ -694,9 +761,21 @@ def _cache_concat(value: ir.Value | None, role: str) -> tuple[ir.Value, bool]:
             raise Skip(f"{node.op_type} between the present {role} and the attention MatMul", node)
         if node.op_type == "Transpose" and _perm(node) not in ((0, 2, 1), (0, 1, 3, 2)):
             raise Skip(f"a Transpose other than K^T on the {role} path", node)
+        if node.op_type == "Unsqueeze" and _unsqueezed_axes(node) not in ([2], [-3]):
+            # repeat-kv repeats each KV head in place ([b, kv, 1, t, d] expanded, then merged):
+            # another new axis would interleave the KV heads, giving query heads other keys
+            raise Skip(f"the repeat-kv Unsqueeze on the {role} path does not add axis 2", node)
         seen.append(node.op_type)
         value = node.inputs[0]
     raise Skip(f"the {role} operand does not come from a present cache output", value)
+
+
+def _unsqueezed_axes(node: ir.Node) -> list[int] | None:
+    axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    attr = node.attributes.get("axes")  # opset < 13
+    if axes is None and attr is None:
+        return None
+    return [int(a) for a in (np.asarray(axes).ravel() if axes is not None else attr.value)]  # type: ignore[union-attr]
 
 
 def _read_on_path(value: ir.Value) -> bool:
@@ -705,18 +784,6 @@ def _read_on_path(value: ir.Value) -> bool:
         return False
     data = [u for u in value.uses() if u.node.op_type != "Shape"]
     return len(data) == 1
-
-
-def _head_merge(context: ir.Node) -> tuple[ir.Value, ir.Node]:
-    """(merged [b, s, heads*dim] value, the merging Reshape) after the context MatMul."""
-    transpose = only_reader(context.outputs[0])
-    if transpose is None or transpose.op_type != "Transpose" or _perm(transpose) != _HEADS_FIRST:
-        raise Skip("the context is not moved back by Transpose(0, 2, 1, 3)", transpose or context)
-    reshape = only_reader(transpose.outputs[0])
-    dims = static_dims(reshape.outputs[0]) if reshape is not None else None
-    if reshape is None or reshape.op_type != "Reshape" or dims is None or len(dims) != 3:
-        raise Skip("the context heads are not merged by a Reshape to [batch, seq, width]", transpose)
-    return reshape.outputs[0], reshape
 
 
 def _single_input(value: ir.Value, graph: ir.Graph, what: str, at: ir.Node) -> ir.Value:
