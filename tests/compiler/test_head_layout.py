@@ -19,6 +19,8 @@ from tforge.compiler.head_layout import (
     Axis,
     LayoutContext,
     Roles,
+    SlotGrid,
+    _extent,
     _rewrite,
     _target,
     apply_edits,
@@ -230,7 +232,7 @@ def test_softmax_over_heads_is_skipped() -> None:
 def test_every_axis_preserving_op_has_the_elementwise_rule() -> None:
     rule = TRANSFER["Add"]
     assert all(TRANSFER[op] is rule for op in AXIS_PRESERVING)
-    assert {"Reshape", "Expand", "Transpose", "Unsqueeze", "Squeeze", "Slice", "Split", "Concat"} <= set(TRANSFER)
+    assert {"Reshape", "Expand", "Transpose", "Unsqueeze", "Squeeze", "Slice", "Split", "Concat", "Gather", "GatherND"} <= set(TRANSFER)
 
 
 def test_static_reshape_merges_batch_and_heads_and_splits_them_back() -> None:
@@ -404,3 +406,283 @@ def test_layer_norm_over_heads_is_skipped() -> None:
     )
     with pytest.raises(Skip, match="normalises over the heads axis"):
         _apply(node, {0: [OTHER, OTHER, HEADS, DIM]})
+
+
+def test_run_time_batch_merged_with_heads_and_split_back() -> None:
+    """``[b, H, s, d] -> [-1, s, d] -> [-1, H, s, d]`` with constant trailing dims (a transposed
+    key once run-time shapes are folded): the -1 is batch x heads, the split rewrites H."""
+    _, merge = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, 4, 5, 2] x) => (float[N, 5, 2] y) <int64[3] t> { y = Reshape (x, t) }""",
+        t=np.array([-1, 5, 2], np.int64),
+    )
+    (merged,), ctx = _apply(merge, {0: [OTHER, HEADS, OTHER, DIM]})
+    assert _kinds(merged) == ["heads", "other", "dim"] and merged[0].outer == 0  # type: ignore[index]
+    assert ctx.edits.targets == []  # nothing in [-1, 5, 2] counts heads
+    _, split = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[N, 5, 2] x) => (float[B, 4, 5, 2] y) <int64[4] t> { y = Reshape (x, t) }""",
+        t=np.array([-1, 4, 5, 2], np.int64),
+    )
+    (back,), ctx = _apply(split, {0: merged})
+    assert _kinds(back) == ["other", "heads", "other", "dim"] and back[1].new == 2  # type: ignore[index]
+    assert ctx.edits.targets[0][1] == [-1, 2, 5, 2]
+
+
+def test_reshape_keeping_the_width_whole_follows_a_run_time_last_dim() -> None:
+    """TorchScript's Conv1D: ``[b*s, W] -> [b, s, W]`` (a constant W, rewritten) and back with
+    ``Shape(x)[-1:]``, which adapts by itself."""
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[N, 8] x, int64[1] b, int64[1] s) => (float[B, S, 8] y) <int64[1] w>
+        { t = Concat <axis = 0> (b, s, w)
+          y = Reshape (x, t) }""",
+        w=np.array([8], np.int64),
+    )
+    reshape = next(n for n in node.graph if n.op_type == "Reshape")
+    (out,), ctx = _apply(reshape, {0: [OTHER, WIDTH]})
+    assert _kinds(out) == ["other", "other", "width"] and ctx.edits.targets[0][1] == [None, None, 4]
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 8] x) => (float[N, 8] y) <int64[1] minus, int64[1] big, int64[1] zero>
+        { shape = Shape (x)
+          last = Slice (shape, minus, big, zero)
+          t = Concat <axis = 0> (minus, last)
+          y = Reshape (x, t) }""",
+        minus=np.array([-1], np.int64), big=np.array([2**62], np.int64), zero=np.array([0], np.int64),
+    )
+    reshape = next(n for n in node.graph if n.op_type == "Reshape")
+    (out,), ctx = _apply(reshape, {0: [OTHER, OTHER, WIDTH]})
+    assert _kinds(out) == ["other", "width"] and ctx.edits.targets == []
+
+
+def _ts_expand_shared(**consts: np.ndarray) -> tuple[ir.Node, ir.Node]:
+    """``TS_EXPAND`` with a second Expand reading the same shape arithmetic (as TorchScript
+    shares one shape between layers): the two Expands."""
+    text = TS_EXPAND.replace("=> (float[B, 2, 2, S, 2] y)", "=> (float[B, 2, N, S, 2] y, float[B, 2, N, S, 2] y2)")
+    model = testing.model_from_onnx_text(
+        text.replace("y = Expand (x, t)", "y = Expand (x, t)\n    y2 = Expand (x, t)"),
+        d=np.array([2], np.int64), flat=np.array([-1], np.int64), n5=np.array([5], np.int64),
+        minus=np.array(-1, np.int64), **consts,
+    )  # fmt: skip
+    first, second = (n for n in model.graph if n.op_type == "Expand")
+    return first, second
+
+
+def test_an_extent_is_read_through_shape_arithmetic_other_layers_share() -> None:
+    """TorchScript builds every layer's mask with one ``expand(mask, [b, -1, q, k])`` shape:
+    shared, so not rewritable, but read to prove the mask has one entry on the heads axis."""
+    expand, _ = _ts_expand_shared(rep=np.array([-1], np.int64))
+    with pytest.raises(Skip, match="shared with other readers"):
+        _target(expand, 1)
+    assert _target(expand, 1, reading=True).elems[2] == 1  # -1 ("keep") replaced by 1
+    assert _extent(expand.outputs[0], -3) == 1
+
+
+def test_shared_shape_arithmetic_of_constants_gives_the_reader_a_constant_of_its_own() -> None:
+    """A fixed-shape TorchScript export computes one repeat-KV shape from constants for every
+    layer: the Expand being rewritten reads its new shape as a constant, the others keep theirs."""
+    consts = {name: np.array([v], np.int64) for name, v in (("b", 3), ("kv", 2), ("s", 5), ("rep", 2))}
+    expand, other = _ts_expand_shared(**consts)
+    kv = Axis("heads", _mask(KV, KEEP_KV))
+    (out,), ctx = _apply(expand, {0: [OTHER, kv, OTHER, OTHER, DIM]})
+    assert _kinds(out) == ["other", "heads", "rep", "other", "dim"]
+    [(target, new)] = ctx.edits.targets
+    assert target.materialize and new == [3, 2, 1, 5, 2]
+    apply_edits(GraphEditor(_owner(expand), "test"), ctx.edits)
+    assert const_array(expand.inputs[1]).tolist() == [3, 2, 1, 5, 2]
+    assert other.inputs[1].producer().op_type == "Where"
+
+
+# ----------------------------------------------------------------------------- head slots (Falcon)
+
+# Multi-query: 4 query heads, then the one key and value: slots [q0 q1 q2 q3 k v]; heads 1 goes
+MQ_SLOTS = ((0, 1, 2, 3), (4,), (5,))
+
+
+def _mq_ctx() -> LayoutContext:
+    return LayoutContext.keeping(H, 1, D, [0, 2, 3], [0], 3)
+
+
+def _fused(ctx: LayoutContext, slots: tuple[tuple[int, ...], ...]) -> Axis:
+    grid = SlotGrid.of(slots, ctx.q_mask, ctx.kv_mask)  # type: ignore[arg-type]
+    return Axis("width", np.repeat(grid.kept[0], D), slots=grid)
+
+
+def _mq_slots() -> tuple[Axis, LayoutContext]:
+    ctx = _mq_ctx()
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 12] x) => (float[B, S, 6, 2] y) <int64[4] t> { y = Reshape (x, t) }""",
+        t=np.array([0, 0, 6, 2], np.int64),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, OTHER, _fused(ctx, MQ_SLOTS)]}, ctx)
+    assert _kinds(out) == ["other", "other", "slots", "dim"]
+    assert ctx.edits.targets[0][1] == [0, 0, 5, 2]  # one query slot fewer
+    return out[2], ctx  # type: ignore[index]
+
+
+def test_multi_query_slots_selected_by_slice_and_gather_become_heads() -> None:
+    slots, _ = _mq_slots()
+    _, q = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 6, 2] x) => (float[B, S, 4, 2] y) <int64[1] s, int64[1] e, int64[1] a> { y = Slice (x, s, e, a) }""",
+        s=np.array([0], np.int64), e=np.array([-2], np.int64), a=np.array([2], np.int64),
+    )
+    (out,), ctx = _apply(q, {0: [OTHER, OTHER, slots, DIM]}, _mq_ctx())
+    assert out[2].kind == "heads" and out[2].keep.tolist() == [True, False, True, True]  # type: ignore[index,union-attr]
+    assert ctx.edits.targets == []  # [0, -2) still selects the query slots
+    for index, new in ((-2, None), (4, 3)):  # the key: from the end it stays, counted from 0 it moves
+        _, k = _node(
+            """<ir_version: 10, opset_import: ["" : 18]>
+            g (float[B, S, 6, 2] x) => (float[B, S, 1, 2] y) <int64[1] i> { y = Gather <axis = 2> (x, i) }""",
+            i=np.array([index], np.int64),
+        )
+        (out,), ctx = _apply(k, {0: [OTHER, OTHER, slots, DIM]}, _mq_ctx())
+        assert out[2].kind == "heads" and (out[2].old, out[2].new) == (1, 1)  # type: ignore[index]
+        assert [arr.tolist() for _, _, arr in ctx.edits.constants] == ([] if new is None else [[new]])
+
+
+def test_split_of_the_slots_gets_new_sizes_and_heads() -> None:
+    slots, _ = _mq_slots()
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 6, 2] x) => (float[B, S, 4, 2] q, float[B, S, 1, 2] k, float[B, S, 1, 2] v) <int64[3] n>
+        { q, k, v = Split <axis = 2> (x, n) }""",
+        n=np.array([4, 1, 1], np.int64),
+    )
+    outs, ctx = _apply(node, {0: [OTHER, OTHER, slots, DIM]}, _mq_ctx())
+    assert [(o[2].kind, o[2].new) for o in outs] == [("heads", 3), ("heads", 1), ("heads", 1)]  # type: ignore[index]
+    ((_, sizes),) = ctx.edits.split_sizes
+    assert sizes == [3, 1, 1]
+
+
+def test_gather_nd_of_a_leading_slots_axis_selects_the_value() -> None:
+    slots, _ = _mq_slots()
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[6, B, S, 2] x) => (float[1, B, S, 2] y) <int64[1, 1] i> { y = GatherND (x, i) }""",
+        i=np.array([[5]], np.int64),
+    )
+    (out,), ctx = _apply(node, {0: [slots, OTHER, OTHER, DIM]}, _mq_ctx())
+    assert _kinds(out) == ["heads", "other", "other", "dim"] and out[0].old == 1  # type: ignore[index]
+    ((_, index, arr),) = ctx.edits.constants
+    assert index == 1 and arr.tolist() == [[4]]
+
+
+# Grouped (the new decoder architecture): per KV group [q, q, k, v]; query heads 1 and 2 go,
+# one from each group at different places, which the rectangular layout allows
+GQA_SLOTS = ((0, 1, 4, 5), (2, 6), (3, 7))
+
+
+def _grouped() -> tuple[list[Axis], LayoutContext]:
+    ctx = _ctx([0, 3], [0, 1], 1)
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 16] x) => (float[B, S, 2, 4, 2] y) <int64[5] t> { y = Reshape (x, t) }""",
+        t=np.array([0, 0, -1, 4, 2], np.int64),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, OTHER, _fused(ctx, GQA_SLOTS)]}, ctx)
+    assert _kinds(out) == ["other", "other", "heads", "slots", "dim"]
+    assert ctx.edits.targets[0][1] == [0, 0, -1, 3, 2]
+    return out, ctx  # type: ignore[return-value]
+
+
+def test_grouped_query_slots_merge_into_the_query_heads() -> None:
+    roles, ctx = _grouped()
+    _, q = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 2, 4, 2] x) => (float[B, S, 2, 2, 2] y) <int64[1] s, int64[1] e, int64[1] a> { y = Slice (x, s, e, a) }""",
+        s=np.array([0], np.int64), e=np.array([2], np.int64), a=np.array([3], np.int64),
+    )
+    (sliced,), ctx = _apply(q, {0: roles}, ctx)
+    assert _kinds(sliced) == ["other", "other", "heads", "slots", "dim"]
+    assert ctx.edits.targets[-1][1] == [1]  # one query slot per group is left
+    _, merge = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 2, 2, 2] x) => (float[B, S, 4, 2] y) <int64[4] t> { y = Reshape (x, t) }""",
+        t=np.array([0, 0, 4, 2], np.int64),
+    )
+    (out,), ctx = _apply(merge, {0: sliced}, _ctx([0, 3], [0, 1], 1))
+    assert _kinds(out) == ["other", "other", "heads", "dim"]
+    assert out[2].keep.tolist() == [True, False, False, True]  # type: ignore[index,union-attr]
+    assert ctx.edits.targets[0][1] == [0, 0, 2, 2]
+
+
+def test_grouped_slots_cut_where_the_groups_keep_different_heads_is_skipped() -> None:
+    roles, ctx = _grouped()
+    _, q = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 2, 4, 2] x) => (float[B, S, 2, 1, 2] y) <int64[1] s, int64[1] e, int64[1] a> { y = Slice (x, s, e, a) }""",
+        s=np.array([0], np.int64), e=np.array([1], np.int64), a=np.array([3], np.int64),
+    )
+    with pytest.raises(Skip, match="kept heads differ from one KV group to another"):
+        _apply(q, {0: roles}, ctx)
+    _, add = _node(  # a constant varying along the slots has no one mask to be sliced by
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 2, 4, 2] x) => (float[B, S, 2, 4, 2] y) <float[4, 1] c> { y = Add (x, c) }""",
+        c=np.ones((4, 1), np.float32),
+    )
+    with pytest.raises(Skip, match="varies along the head slots"):
+        _apply(add, {0: roles}, ctx)
+
+
+def test_slots_cut_into_rows_that_are_not_kv_groups_are_skipped() -> None:
+    ctx = _mq_ctx()
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 12] x) => (float[B, S, 2, 3, 2] y) <int64[5] t> { y = Reshape (x, t) }""",
+        t=np.array([0, 0, 2, 3, 2], np.int64),
+    )
+    with pytest.raises(Skip, match="not one KV group each"):
+        _apply(node, {0: [OTHER, OTHER, _fused(ctx, MQ_SLOTS)]}, ctx)
+
+
+# ----------------------------------------------------------------------------- multi-query repeat (GPT-BigCode)
+
+# The one KV head's channels whole on the last axis of [b, 1, 1, s, d] (GPT-BigCode unsqueezes the
+# fused output before splitting it), repeated to the 4 query heads: [b, 1, 4, s, d], then merged.
+MQ_WIDTH = Axis("width", np.ones(D, bool))
+MQ_EXPAND = """<ir_version: 10, opset_import: ["" : 18]>
+g (float[B, 1, 1, S, 2] x) => (float[B, 1, 4, S, 2] y) <int64[5] t> { y = Expand (x, t) }"""
+MQ_MERGE = """<ir_version: 10, opset_import: ["" : 18]>
+g (float[B, 1, 4, S, 2] x) => (float[B, 4, S, 2] y) <int64[4] t> { y = Reshape (x, t) }"""
+
+
+def test_expand_of_the_one_kv_head_finds_the_multi_query_repeat() -> None:
+    _, node = _node(MQ_EXPAND, t=np.array([1, 1, 4, 1, 2], np.int64))
+    (out,), ctx = _apply(node, {0: [OTHER, OTHER, OTHER, OTHER, MQ_WIDTH]}, _mq_ctx())
+    assert _kinds(out) == ["other", "heads", "rep", "other", "dim"]
+    assert (out[1].old, out[1].new, out[2].old, out[2].new) == (1, 1, 4, 3)  # type: ignore[index]
+    assert ctx.edits.targets[0][1] == [1, 1, 3, 1, 2]  # three query heads per KV head now
+
+    _, merge = _node(MQ_MERGE, t=np.array([0, 4, -1, 2], np.int64))
+    (merged,), ctx = _apply(merge, {0: out}, ctx)
+    assert _kinds(merged) == ["other", "heads", "other", "dim"]
+    assert np.array_equal(merged[1].keep, ctx.q_mask)  # type: ignore[index]
+    assert ctx.edits.targets[-1][1] == [0, 3, -1, 2]
+
+
+@pytest.mark.parametrize(
+    ("dims", "shape", "why"),
+    [
+        (("B, 2, 1, S, 2", "B, 2, 4, S, 2"), [1, 2, 4, 1, 2], "the axis before is not one: no single KV head"),
+        (("B, 1, 1, S, 2", "B, 4, 4, S, 2"), [1, 4, 4, 1, 2], "the axis before is expanded too"),
+    ],
+)
+def test_expand_not_proven_a_multi_query_repeat_keeps_its_count(dims: tuple[str, str], shape: list[int], why: str) -> None:
+    text = MQ_EXPAND.replace("B, 1, 1, S, 2", dims[0]).replace("B, 1, 4, S, 2", dims[1])
+    _, node = _node(text, t=np.array(shape, np.int64))
+    (out,), ctx = _apply(node, {0: [OTHER, OTHER, OTHER, OTHER, MQ_WIDTH]}, _mq_ctx())
+    assert "rep" not in _kinds(out), why
+    assert not ctx.edits.targets, why
+
+
+def test_one_heads_width_is_not_split_onto_an_axis_that_is_not_one() -> None:
+    """``[b, 1, 4, s, d] -> [b, 4, s, d]`` of one KV head's channels is no head split: the axis
+    before head_dim is the sequence, not a heads axis of one (it was, before the fix, and the
+    repeat count 4 stayed when the query heads went to 3)."""
+    _, node = _node(MQ_MERGE, t=np.array([0, 4, -1, 2], np.int64))
+    (out,), ctx = _apply(node, {0: [OTHER, OTHER, OTHER, OTHER, MQ_WIDTH]}, _mq_ctx())
+    assert "heads" not in _kinds(out)
+    assert not ctx.edits.targets

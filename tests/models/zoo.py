@@ -306,6 +306,16 @@ def _falcon(new_decoder_architecture: bool) -> torch.nn.Module:
     return _hidden_state_wrapper(transformers.FalconModel(config), use_cache=False)
 
 
+def _gpt_bigcode() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.GPTBigCodeConfig(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTERMEDIATE,
+        n_positions=64, multi_query=True, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return _hidden_state_wrapper(transformers.GPTBigCodeModel(config), use_cache=False)
+
+
 def _vit() -> torch.nn.Module:
     import transformers
 
@@ -440,6 +450,16 @@ EXTRA: dict[str, ZooEntry] = {
             build=lambda: _falcon(new_decoder_architecture=True),
             notes="Falcon's new decoder architecture: query_key_value reshaped per KV group to "
                   "[kv_heads, heads / kv_heads + 2, head_dim], K and V expanded to the group's query heads",
+            **_TEXT,
+        ),
+        ZooEntry(
+            name="gpt_bigcode",
+            truth=Truth(**_COMMON, num_kv_heads=1, intermediate_size=INTERMEDIATE, gated=False,
+                        norm="layer", pre_norm=True, causal=True, fused_qkv=True,
+                        activation="gelu_tanh", qkv_bias=True, attn_implementation="sdpa"),
+            build=_gpt_bigcode,
+            notes="multi-query GPT-BigCode: fused c_attn unsqueezed to [b, 1, s, W] and split [H*d, d, d]; "
+                  "the one KV head repeated by a constant count (Expand [b, 1, H, s, d], Reshape [b, H, s, d])",
             **_TEXT,
         ),
     ]

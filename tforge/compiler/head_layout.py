@@ -3,14 +3,16 @@
 Head pruning must rewrite every constant that encodes the head count or the width on the way
 from the Q/K/V projections to the output projection: ``Reshape`` targets (``[b, s, H, d]``
 splits, ``[b, s, H*d]`` merges, the ``[b, KV, rep, s, d] -> [b, H, s, d]`` merge of grouped-query
-attention), ``Expand`` shapes (the ``rep`` of repeat-KV), ``Split`` sizes and ``Slice`` bounds of
-a fused QKV output, as constants or as constant parts of a ``Concat``-built shape; per-head
+attention, also with multi-query's one KV head), ``Expand`` shapes (the ``rep`` of repeat-KV),
+``Split`` sizes and ``Slice`` bounds of a fused QKV output, ``Gather``/``GatherND`` indices of its
+head slots (Falcon), as constants or as constant parts of a ``Concat``-built shape; per-head
 constants broadcast against the heads axis; and the value shape annotations on those paths.
 
 To know which dimension of each shape is the heads axis, every value in the attention's region
 (:func:`attention_region`) gets a role per axis: ``heads``, ``rep`` (KV repeat), ``dim``
-(head_dim), ``width`` (heads x head_dim, head-major) or ``other``, with a mask of what is kept
-on the counted ones. Roles start at the projections' ``[.., width]`` outputs and are propagated
+(head_dim), ``width`` (heads x head_dim, head-major), ``slots`` (head-sized slots of a fused QKV
+output that Q, K and V select, Falcon: :class:`SlotGrid`) or ``other``, with a mask of what is
+kept on the counted ones. Roles start at the projections' ``[.., width]`` outputs and are propagated
 op by op by the rules of :data:`TRANSFER` (one function per op; elementwise and other
 axis-preserving ops share one). A constant element is rewritten only where its role says what
 it counts; a shape computed at run time from ``Shape`` adapts by itself. Anything a rule does
@@ -40,10 +42,13 @@ __all__ = [
     "HeadEdits",
     "LayoutContext",
     "Roles",
+    "SlotGrid",
     "TRANSFER",
     "apply_edits",
     "attention_region",
+    "kept_qkv_columns",
     "plan_head_removal",
+    "qkv_columns",
 ]
 
 _WALK_LIMIT = 600
@@ -56,16 +61,20 @@ _WALK_LIMIT = 600
 class Axis:
     """What one dimension of a value on an attention path counts.
 
-    ``heads``, ``rep`` and ``width`` carry a mask over their old extent (True = kept);
+    ``heads``, ``rep``, ``width`` and ``slots`` carry a mask over their old extent (True = kept);
     ``width`` is heads x head_dim, head-major. ``dim`` is head_dim (unchanged); ``other`` is
     anything else (batch, sequence, broadcast ones). ``outer > 1`` is a heads axis merged with
     the axes before it (``[B*H, S, d]``, batch-major, as static-shape exports of batched matmuls
-    write attention): ``outer`` blocks of the heads, each masked by ``keep``.
+    write attention): ``outer`` blocks of the heads, each masked by ``keep``; ``outer = 0`` when
+    the axes before were merged at run time (a batch of unknown size). ``slots`` says what
+    each head-sized slot of a fused QKV output holds: on a ``slots`` axis, and on the fused
+    ``width`` before the Reshape that cuts it into slots.
     """
 
-    kind: Literal["heads", "rep", "width", "dim", "other"]
+    kind: Literal["heads", "rep", "width", "slots", "dim", "other"]
     keep: np.ndarray | None = None
     outer: int = 1
+    slots: SlotGrid | None = None
 
     @property
     def old(self) -> int:
@@ -91,6 +100,113 @@ _DIM = Axis("dim")
 Roles = list[Axis] | None  # None: not known (a shape computed at run time reordered the axes)
 
 
+Label = tuple[Literal["q", "k", "v"], int]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SlotGrid:
+    """What the positions of a ``slots`` axis hold: head-sized slots of a fused QKV output.
+
+    Falcon reshapes its fused output into slots (``Attention.qkv_slots``) and Q, K and V select
+    theirs with Slice, Gather or GatherND. ``labels[r][j]`` is what position ``j`` holds in row
+    ``r``: ``("q", h)`` query head ``h``, ``("k", j)`` / ``("v", j)`` KV head ``j``'s key /
+    value; ``kept[r, j]`` whether it stays. ``grouped``: the rows are the positions of a groups
+    axis before this one, one KV head each (the new decoder architecture,
+    ``[..., kv_heads, heads / kv_heads + 2, head_dim]``); else there is one row, the whole fused
+    output (multi-query ``[..., heads + 2, head_dim]``). Removing columns keeps the layout
+    rectangular because every kept group keeps as many slots as the others.
+    """
+
+    labels: tuple[tuple[Label, ...], ...]
+    kept: np.ndarray  # bool [rows, positions]
+    grouped: bool = False
+
+    @classmethod
+    def of(
+        cls, qkv_slots: tuple[Sequence[int], Sequence[int], Sequence[int]], q_mask: np.ndarray, kv_mask: np.ndarray
+    ) -> SlotGrid:
+        """One row: the slots of a whole fused output (``Attention.qkv_slots``), kept by the masks."""
+        q_slots, k_slots, v_slots = qkv_slots
+        labels: list[Label] = [("q", 0)] * (len(q_slots) + len(k_slots) + len(v_slots))
+        kept = np.zeros(len(labels), bool)
+        for kind, slots, mask in (("q", q_slots, q_mask), ("k", k_slots, kv_mask), ("v", v_slots, kv_mask)):
+            for i, slot in enumerate(slots):
+                labels[slot] = (kind, i)  # type: ignore[assignment]
+                kept[slot] = mask[i]
+        return cls((tuple(labels),), kept[None, :])
+
+    @property
+    def kept_rows(self) -> np.ndarray:
+        return self.kept[self.kept.any(axis=1)]
+
+    def axis(self) -> Axis:
+        rows = self.kept_rows
+        return Axis("slots", (rows[0] if len(rows) else self.kept[0]).copy(), slots=self)
+
+    def take(self, positions: Sequence[int]) -> SlotGrid:
+        labels = tuple(tuple(row[p] for p in positions) for row in self.labels)
+        return SlotGrid(labels, self.kept[:, list(positions)], self.grouped)
+
+    def bounds(self, start: int, end: int, node: ir.Node) -> tuple[int, int]:
+        """The kept positions before ``start`` and up to ``end``, the same in every kept row."""
+        found = {(int(r[:start].sum()), int(r[:end].sum())) for r in self.kept_rows}
+        if len(found) != 1:
+            raise Skip(
+                f"{node.op_type} '{node.name}' cuts the head slots between positions whose kept "
+                "heads differ from one KV group to another", node,
+            )  # fmt: skip
+        return found.pop()
+
+    def picks(self, positions: Sequence[int], node: ir.Node) -> tuple[list[int], np.ndarray]:
+        """The new positions of the kept ones of ``positions`` and which of them are kept."""
+        rows = self.kept_rows
+        chosen = rows[:, list(positions)]
+        if not (chosen == chosen[:1]).all():
+            raise Skip(f"{node.op_type} '{node.name}' selects head slots kept in some KV groups only", node)
+        keep = chosen[0].copy()
+        return [int(rows[0, :p].sum()) for p, k in zip(positions, keep, strict=True) if k], keep
+
+    def regrouped(self, per_row: int, ctx: LayoutContext, node: ir.Node) -> SlotGrid:
+        """The one row of the fused output cut into rows of ``per_row`` positions, one KV group each."""
+        (flat,) = self.labels
+        rows = [flat[i : i + per_row] for i in range(0, len(flat), per_row)]
+        pattern = [kind for kind, _ in rows[0]]
+        for g, row in enumerate(rows):
+            if [kind for kind, _ in row] != pattern or sorted(x for x in row if x[0] != "q") != [("k", g), ("v", g)]:
+                raise Skip(
+                    f"Reshape '{node.name}' cuts the fused QKV output into rows of {per_row} head "
+                    "slots that are not one KV group each (its query heads, key and value)", node,
+                )  # fmt: skip
+        if len(rows) != ctx.num_kv_heads:
+            raise Skip(f"Reshape '{node.name}' cuts the fused QKV output into {len(rows)} groups of head slots", node)
+        kept = self.kept.reshape(len(rows), per_row)
+        counts = {int(r.sum()) for r in kept if r.any()}
+        if len(counts) != 1:
+            raise Skip(f"Reshape '{node.name}': the kept KV groups would keep different numbers of head slots", node)
+        return SlotGrid(tuple(tuple(r) for r in rows), kept, grouped=True)
+
+
+def qkv_columns(attn: Attention) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The output columns of a fused QKV linear holding Q (head-major), K and V (KV-head-major)."""
+    d = attn.head_dim
+    if attn.qkv_slots is not None:
+        return tuple(  # type: ignore[return-value]
+            np.asarray([s * d + i for s in slots for i in range(d)], np.int64) for slots in attn.qkv_slots
+        )
+    if attn.qkv_per_head:
+        raise ValueError("a fused QKV laid out per head has no contiguous Q, K and V columns")
+    q_w, kv_w = attn.num_heads * d, attn.num_kv_heads * d
+    return np.arange(q_w), np.arange(q_w, q_w + kv_w), np.arange(q_w + kv_w, q_w + 2 * kv_w)
+
+
+def kept_qkv_columns(attn: Attention, heads: Sequence[int], kv_heads: Sequence[int]) -> np.ndarray:
+    """The columns of a fused QKV linear that keeping ``heads`` and ``kv_heads`` keeps, in order
+    (the layout of what is left is the old one with fewer heads)."""
+    d = attn.head_dim
+    q, k, v = (c.reshape(-1, d) for c in qkv_columns(attn))
+    return np.sort(np.concatenate([q[list(heads)].ravel(), k[list(kv_heads)].ravel(), v[list(kv_heads)].ravel()]))
+
+
 @dataclasses.dataclass
 class _Target:
     """A 1-D int64 shape-like input: its elements, and where each constant one lives."""
@@ -108,6 +224,9 @@ class _Target:
     source_readers: list[tuple[ir.Node, int]] | None = None
     avoid: list[int | None] | None = None
     fixed: list[bool] | None = None
+    #: The reader gets a constant of its own instead of a rewritten start: the chain is shared
+    #: with other readers, and it computes only constants (a fixed-shape TorchScript export)
+    materialize: bool = False
 
 
 @dataclasses.dataclass
@@ -224,7 +343,12 @@ def plan_head_removal(
     ctx = LayoutContext.keeping(attn.num_heads, attn.num_kv_heads, d, heads, kv_heads, per_group, attn)
     q_mask, kv_mask = ctx.q_mask, ctx.kv_mask
     roles: dict[int, Roles] = {}
-    if attn.fused_qkv:
+    if attn.qkv_slots is not None:  # the slots keep their order; the Reshape after the projection cuts them
+        grid = SlotGrid.of(attn.qkv_slots, q_mask, kv_mask)
+        width = np.repeat(grid.kept[0], d)
+        roles[id(attn.q.output)] = _leading(attn.q.output, Axis("width", width, slots=grid))
+        ctx.slot_counts = {len(grid.kept[0]), len(grid.kept[0]) * d}
+    elif attn.fused_qkv:
         width = np.concatenate([np.repeat(q_mask, d), np.repeat(kv_mask, d), np.repeat(kv_mask, d)])
         roles[id(attn.q.output)] = _leading(attn.q.output, Axis("width", width))
     else:
@@ -274,6 +398,8 @@ class LayoutContext:
     edits: HeadEdits = dataclasses.field(default_factory=lambda: HeadEdits())
     scores_matmul: ir.Node | None = None
     context_matmul: ir.Node | None = None
+    #: sizes that count head slots of a fused QKV output (their number, their width)
+    slot_counts: set[int] = dataclasses.field(default_factory=set)
 
     @classmethod
     def keeping(
@@ -298,7 +424,7 @@ class LayoutContext:
 
     def record_shapes(self, region: list[ir.Node], roles: dict[int, Roles]) -> None:
         counts = {self.num_heads, self.num_kv_heads, self.group}
-        counts |= {c * self.head_dim for c in counts}
+        counts |= {c * self.head_dim for c in counts} | self.slot_counts
         counts.discard(1)
         values = [out for node in region for out in node.outputs]
         values += [m.outputs[0] for m in (self.scores_matmul, self.context_matmul) if m is not None]
@@ -347,7 +473,9 @@ def _start_scores(ctx: LayoutContext, attn: Attention, roles: dict[int, Roles]) 
     k = roles.get(id(attn.scores_matmul.inputs[1]))
     if k is not None:
         k_heads = [a for a in k if a.kind == "heads"]
-        if len(k_heads) != 1 or k_heads[0].new != heads.new:
+        if len(k_heads) != 1:
+            raise Skip(f"the key at the scores MatMul has no one traced heads axis ({_kinds(k)})", attn.scores_matmul)
+        if k_heads[0].new != heads.new and not _one_kv_head(ctx, k_heads[0]):
             raise Skip("the key heads at the scores MatMul do not match the query heads", attn.scores_matmul)
     roles[id(attn.scores_matmul.outputs[0])] = q[:-1] + [_OTHER]
 
@@ -359,9 +487,23 @@ def _start_context(ctx: LayoutContext, attn: Attention, roles: dict[int, Roles])
     v = roles.get(id(attn.context_matmul.inputs[1]))
     if v is not None:
         v_heads = [a for a in v if a.kind == "heads"]
-        if len(v_heads) != 1 or v_heads[0].new != int(ctx.q_mask.sum()):
+        if len(v_heads) != 1:
+            raise Skip(
+                f"the value at the context MatMul has no one traced heads axis ({_kinds(v)})", attn.context_matmul
+            )
+        if v_heads[0].new != int(ctx.q_mask.sum()) and not _one_kv_head(ctx, v_heads[0]):
             raise Skip("the value heads at the context MatMul do not match the query heads", attn.context_matmul)
     roles[id(attn.context_matmul.outputs[0])] = probs[:-1] + [_DIM]
+
+
+def _kinds(roles: list[Axis]) -> str:
+    """The roles of a value's axes, as a Skip reason names them: ``other, heads 4, dim``."""
+    return ", ".join(f"{a.kind} {a.old}" if a.counted else a.kind for a in roles)
+
+
+def _one_kv_head(ctx: LayoutContext, axis: Axis) -> bool:
+    """The one KV head of multi-query attention, broadcast by the MatMul to every query head."""
+    return ctx.num_kv_heads == 1 and axis.old == axis.new == 1 and axis.outer == 1
 
 
 def _transfer(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles]) -> None:
@@ -409,14 +551,16 @@ def _elementwise_rule(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles]
 # ------------------------------------------------------------------ shapes read from inputs
 
 
-def _target(node: ir.Node, index: int) -> _Target:
+def _target(node: ir.Node, index: int, *, reading: bool = False) -> _Target:
+    """The shape-like input ``index`` of ``node``; ``reading``: only its values are wanted
+    (nothing will be rewritten), so shape arithmetic shared with other readers is fine."""
     value = node.inputs[index] if index < len(node.inputs) else None
     if value is None:
         raise Skip(f"{node.op_type} '{node.name}' has no shape input", node)
     chain = _shape_chain(value, node)
     if chain is None:
         return _plain_target(node, index, value)
-    source, readers, selects = chain
+    source, readers, selects, shared = chain
     target = _plain_target(node, index, source)
     avoid: list[int | None] = [None] * len(target.elems)
     fixed = [False] * len(target.elems)
@@ -433,6 +577,10 @@ def _target(node: ir.Node, index: int) -> _Target:
                 avoid[i] = int(equal_to[i])
             else:  # two conditions on one element: keep the stricter reading, no rewrite
                 fixed[i] = True
+    if shared and not reading:
+        if any(e is None for e in elems):
+            raise Skip(f"the shape arithmetic before '{node.name}' is shared with other readers", node)
+        return _Target(node, index, elems, None, [(-1, i) for i in range(len(elems))], materialize=True)
     return dataclasses.replace(
         target, node=node, index=index, elems=elems, source=source, source_readers=readers,
         avoid=avoid, fixed=fixed,
@@ -495,15 +643,15 @@ _SMALL = 64  # elements of a constant the shape arithmetic evaluator handles
 
 def _shape_chain(
     value: ir.Value, reader: ir.Node
-) -> tuple[ir.Value, list[tuple[ir.Node, int]], list[tuple[np.ndarray, np.ndarray]]] | None:
+) -> tuple[ir.Value, list[tuple[ir.Node, int]], list[tuple[np.ndarray, np.ndarray]], bool] | None:
     """See through the arithmetic TorchScript writes between a shape and the ``Expand`` reading it.
 
     ``expand(x, sizes)`` with ``-1`` meaning "keep" is exported as
     ``Where(Equal(s, -1), 1, s)`` on ``s = Reshape(Concat(...), [-1])``. Returns the value the
     chain starts from (a Concat's output or a constant), its readers in the chain, and per
-    ``Where`` (innermost first) the constants it compares with and substitutes; None when
-    ``value`` is not such a chain. Every value inside the chain must be read by the chain (or
-    ``reader``) only, so that rewriting the start changes nothing else.
+    ``Where`` (innermost first) the constants it compares with and substitutes, and whether a
+    value inside the chain is read by anything but the chain and ``reader`` (then rewriting the
+    start would change other readers too); None when ``value`` is not such a chain.
     """
     selects: list[tuple[np.ndarray, np.ndarray]] = []
     inside: list[ir.Node] = []
@@ -547,13 +695,14 @@ def _shape_chain(
     if not inside:
         return None
     members = {id(n) for n in inside} | {id(reader)}
-    for node in inside:
-        for out in node.outputs:
-            if out.is_graph_output() or any(id(u.node) not in members for u in out.uses()):
-                raise Skip(f"the shape arithmetic before '{reader.name}' is shared with other readers", reader)
+    shared = any(
+        out.is_graph_output() or any(id(u.node) not in members for u in out.uses())
+        for node in inside
+        for out in node.outputs
+    )
     readers = [(u.node, u.idx) for u in current.uses() if id(u.node) in members]
     selects.reverse()
-    return current, readers, selects
+    return current, readers, selects, shared
 
 
 def _small_constant(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
@@ -615,8 +764,12 @@ def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
 
     if inp is not None:
         n = len(inp)
+        leading_only = all(a.kind == "other" for a in inp[:-1])
+        # a fused QKV output cut into head slots: [.., T*d] -> [.., T, d] or [.., KV, T/KV, d]
+        if inp[-1].slots is not None and leading_only and size(k - 1) == d:
+            return _slot_split(ctx, node, inp, target, size)
         # split: [.., H*d] -> [.., H, d]
-        if inp[-1].kind == "width" and k >= 2 and all(a.kind == "other" for a in inp[:-1]) and size(k - 1) == d:
+        if inp[-1].kind == "width" and k >= 2 and leading_only and size(k - 1) == d and _heads_element(inp[-1], elems, size, d):
             width = inp[-1]
             if width.old % d:
                 raise Skip(f"Reshape '{node.name}' splits {width.old} channels by head_dim {d}", node)
@@ -633,6 +786,18 @@ def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
             width = Axis("width", np.repeat(inp[-2].keep, d))
             _rewrite(ctx, target, elems[:-1] + [_scaled(width, elems[-1])])
             return [_OTHER] * (k - 1) + [width]
+        # the width kept whole, the axes before it regrouped (TorchScript's Conv1D: [b*s, W] <-> [b, s, W])
+        if inp[-1].kind == "width" and leading_only and k >= 1 and (
+            size(k - 1) == inp[-1].old or _is_last_dim_of(target, k - 1, node.inputs[0], n)
+        ):
+            _rewrite(ctx, target, elems[:-1] + [_scaled(inp[-1], elems[-1])])
+            return [_OTHER] * (k - 1) + [inp[-1]]
+        # query heads in their KV groups merged: [.., KV, slots, ..] -> [.., H, ..] (Falcon)
+        for a in range(n - 1):
+            if inp[a].kind == "heads" and inp[a + 1].kind == "slots" and k == n - 1:
+                out = inp[:a] + [_grouped_queries(ctx, node, inp[a], inp[a + 1])] + inp[a + 2 :]
+                _rewrite(ctx, target, [_scaled(r, e) for r, e in zip(out, elems, strict=True)])
+                return out
         # repeat-KV merge: [.., KV, rep, ..] -> [.., H, ..]
         for a in range(n - 1):
             if inp[a].kind == "heads" and inp[a + 1].kind == "rep" and k == n - 1:
@@ -658,13 +823,115 @@ def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
             _rewrite(ctx, target, [_scaled(a, e) for a, e in zip(inp, elems, strict=True)])
             return list(inp)
         # static shapes: axes merged or split as a whole (batch x heads for a 3-D matmul)
-        regrouped = _regroup(ctx, node, inp, target)
+        regrouped = _regroup(ctx, node, inp, target) or _batch_heads(ctx, node, inp, target)
         if regrouped is not None:
             return regrouped
     # anything else must be computed at run time, which adapts by itself
     if any(e is not None and e not in (-1, 0) for e in elems):
         raise Skip(f"Reshape '{node.name}' on the attention path has a constant target whose axes were not traced", node)
     return None
+
+
+def _heads_element(width: Axis, elems: list[int | None], size: Callable[[int], int | None], d: int) -> bool:
+    """Whether the next-to-last element of a Reshape target splitting ``width`` by head_dim can be
+    its head count. One head's channels (the KV head of multi-query attention) split off a width
+    of ``d`` leave a one there: a target whose element is not known to be one is not such a split
+    (``[b, 1, G, s, d] -> [b, G, s, d]`` of repeat-KV would make the sequence axis the heads)."""
+    if width.old != d:
+        return True
+    return elems[-2] == 1 or size(len(elems) - 2) == 1
+
+
+def _slot_split(
+    ctx: LayoutContext, node: ir.Node, inp: list[Axis], target: _Target, size: Callable[[int], int | None]
+) -> Roles:
+    """The Reshape cutting a fused QKV output into head slots (``Attention.qkv_slots``).
+
+    ``[.., T*d] -> [.., T, d]``: one axis of all the slots (multi-query Falcon). ``[.., T*d] ->
+    [.., KV, T/KV, d]``: a groups axis, one KV head each (its role is those KV heads), and the
+    slots of each group (Falcon's new decoder architecture).
+    """
+    grid = inp[-1].slots
+    assert grid is not None
+    elems, k, n = target.elems, len(target.elems), len(inp)
+    total = grid.kept.shape[1]
+    if k == n + 1 and size(k - 2) in (None, total):
+        axis = grid.axis()
+        _rewrite(ctx, target, elems[:-2] + [_scaled(axis, elems[-2]), elems[-1]])
+        return [_OTHER] * (k - 2) + [axis, _DIM]
+    per_row = size(k - 2)
+    if k == n + 2 and per_row is not None and total % per_row == 0:
+        axis = grid.regrouped(per_row, ctx, node).axis()
+        groups = Axis("heads", ctx.kv_mask)
+        _rewrite(ctx, target, elems[:-3] + [_scaled(groups, elems[-3]), _scaled(axis, elems[-2]), elems[-1]])
+        return [_OTHER] * (k - 3) + [groups, axis, _DIM]
+    raise Skip(f"Reshape '{node.name}' cuts the fused QKV output into head slots in a way not understood", node)
+
+
+def _grouped_queries(ctx: LayoutContext, node: ir.Node, groups: Axis, slots: Axis) -> Axis:
+    """The query heads of a Reshape merging KV groups with the query slots each group holds."""
+    grid = slots.slots
+    labels = [label for row in grid.labels for label in row] if grid is not None else []
+    if (
+        grid is None
+        or not grid.grouped
+        or labels != [("q", h) for h in range(ctx.num_heads)]
+        or groups.keep is None
+        or not np.array_equal(groups.keep, ctx.kv_mask)
+    ):
+        raise Skip(f"Reshape '{node.name}' merges head slots of the fused QKV output that are not the query heads", node)
+    return Axis("heads", ctx.q_mask)
+
+
+def _selected(ctx: LayoutContext, grid: SlotGrid) -> Axis:
+    """The role of the slots a Slice, Split, Gather or GatherND selected: all the query heads,
+    keys or values in order become their heads axis; one key or value per KV group is no head
+    axis (the groups axis before it counts the KV heads); anything else stays slots."""
+    kinds = {kind for row in grid.labels for kind, _ in row}
+    if not grid.grouped and len(kinds) == 1:
+        kind = kinds.pop()
+        count = ctx.num_heads if kind == "q" else ctx.num_kv_heads
+        if [i for _, i in grid.labels[0]] == list(range(count)):
+            return Axis("heads", (ctx.q_mask if kind == "q" else ctx.kv_mask).copy())
+    if grid.grouped and kinds in ({"k"}, {"v"}) and all(len(row) == 1 for row in grid.labels):
+        return _OTHER
+    return grid.axis()
+
+
+def _relative(new: int, old: int, extent: int) -> int:
+    """``new`` written as ``old`` was: from the end when ``old`` was negative."""
+    return new - extent if old < 0 and new < extent else new
+
+
+def _is_last_dim_of(target: _Target, index: int, value: ir.Value | None, rank: int) -> bool:
+    """Whether element ``index`` of ``target`` is computed at run time as the last dim of
+    ``value`` (``Shape(value)[-1]`` sliced or gathered, squeezed and unsqueezed, as TorchScript
+    writes ``x.size(-1)``)."""
+    if target.concat is None or target.elems[index] is not None:
+        return False
+    part, _ = target.parts[index]
+    current = target.concat.inputs[part]
+    for _ in range(_CHAIN_LIMIT):
+        node = current.producer() if current is not None else None
+        if node is None or not is_default_domain(node):
+            return False
+        if node.op_type in ("Squeeze", "Unsqueeze", "Cast", "Identity"):
+            current = node.inputs[0]
+            continue
+        if node.op_type in ("Gather", "Slice"):
+            shape = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if shape is None or shape.op_type != "Shape" or shape.attributes or shape.inputs[0] is not value:
+                return False
+            if node.op_type == "Gather":
+                index_arr = const_array(node.inputs[1])
+                return index_arr is not None and index_arr.size == 1 and int(index_arr.ravel()[0]) in (-1, rank - 1)
+            bounds = [const_array(i) for i in node.inputs[1:]]
+            if any(b is None or b.size != 1 for b in bounds):
+                return False
+            start, end, *rest = (int(b.ravel()[0]) for b in bounds)  # type: ignore[union-attr]
+            return start in (-1, rank - 1) and end >= rank and rest in ([], [0], [0, 1])
+        return False
+    return False
 
 
 def _regroup(ctx: LayoutContext, node: ir.Node, inp: list[Axis], target: _Target) -> Roles:
@@ -721,6 +988,44 @@ def _regroup(ctx: LayoutContext, node: ir.Node, inp: list[Axis], target: _Target
     return out
 
 
+def _batch_heads(ctx: LayoutContext, node: ir.Node, inp: list[Axis], target: _Target) -> Roles:
+    """A run-time batch merged with the heads into a leading ``-1``, or split back out of it.
+
+    ``[b, H, s, d] -> [-1, s, d]`` and ``[-1, s, d] -> [-1, H, s, d]`` (the 3-D matmul of a
+    transposed key, once the shapes an export computes at run time are folded into constants):
+    the axes after the leading ones are constants whose product is the input's, so the ``-1``
+    is exactly batch x heads. The merged axis is a heads axis of an unknown number of blocks
+    (``outer = 0``). None for anything else.
+    """
+    elems, dims = target.elems, static_dims(node.inputs[0])
+    if dims is None or not elems or elems[0] != -1 or any(e is None or e <= 0 for e in elems[1:]):
+        return None
+    splitting = inp[0].kind == "heads" and inp[0].outer != 1
+    lead = 1 if splitting else next((i + 1 for i, a in enumerate(inp) if a.counted), 0)
+    rest, rest_elems = inp[lead:], elems[2:] if splitting else elems[1:]
+    rest_dims = dims[lead:]
+    if (
+        lead == 0
+        or any(a.counted for a in rest)
+        or any(d is None for d in rest_dims)
+        or int(np.prod(rest_dims)) != int(np.prod(rest_elems))  # type: ignore[arg-type]
+    ):
+        return None
+    same = list(rest_dims) == list(rest_elems)  # the trailing axes kept one for one: their roles too
+    tail = list(rest) if same else [_OTHER] * len(rest_elems)
+    heads = inp[lead - 1]
+    if splitting:
+        assert heads.keep is not None
+        if elems[1] != heads.keep.shape[0]:
+            return None
+        inner = Axis("heads", heads.keep)
+        _rewrite(ctx, target, [-1, _scaled(inner, elems[1]), *rest_elems])
+        return [_OTHER, inner, *tail]
+    if heads.kind != "heads" or heads.outer != 1 or any(a.kind != "other" for a in inp[: lead - 1]):
+        return None
+    return [Axis("heads", heads.keep, outer=0), *tail]
+
+
 def _align(a: list[int], b: list[int]) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
     """Split two shapes of equal size into consecutive groups of axes with equal products."""
     groups = []
@@ -769,15 +1074,43 @@ def _expand(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
             role.kind == "other"
             and in_dims[j - (k - n)] == 1
             and before is not None
-            and before.kind == "heads"
             and e is not None
             and e == ctx.group
             and ctx.group > 1
         ):
-            role = ctx.rep_axis()
+            if before.kind == "heads":
+                role = ctx.rep_axis()
+            elif _single_kv_head(ctx, out, inp, in_dims, elems, j - (k - n)):
+                out[-1] = Axis("heads", ctx.kv_mask.copy())
+                role = ctx.rep_axis()
+                inp = inp[:-1] + [_DIM]
         out.append(role)
     _rewrite(ctx, target, [_scaled(r, e) for r, e in zip(out, elems, strict=True)])
     return out
+
+
+def _single_kv_head(
+    ctx: LayoutContext, out: list[Axis], inp: list[Axis], in_dims: list[int | None], elems: list[int | None], j: int
+) -> bool:
+    """Whether axis ``j - 1`` of an Expand's input is the KV heads axis of multi-query attention
+    and axis ``j`` its repeat: ``[.., 1, 1, .., width]`` (GPT-BigCode, ``[b, 1, 1, s, d]``
+    expanded to ``[b, 1, H, s, d]``), the one KV head's channels whole on the last axis, an axis
+    of one before the repeat that the Expand leaves at one. Then the last axis is its head_dim."""
+    last = inp[-1]
+    return (
+        ctx.num_kv_heads == 1
+        and j >= 1
+        and j < len(inp) - 1
+        and out[-1].kind == "other"
+        and in_dims[j - 1] == 1
+        and elems[len(out) - 1] == 1
+        and last.kind == "width"
+        and last.slots is None
+        and last.outer == 1
+        and last.old == ctx.head_dim
+        and bool(last.keep.all())  # type: ignore[union-attr]
+        and not any(a.counted for a in inp[:-1])
+    )
 
 
 def _transpose(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
@@ -849,8 +1182,16 @@ def _slice(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
             raise Skip(f"Slice '{node.name}' steps through a heads axis", node)
         if role.kind == "heads" and (start, end) == (0, role.old):
             continue
-        if role.kind != "width":
-            raise Skip(f"Slice '{node.name}' cuts a {role.kind} axis", node)
+        if role.slots is not None and role.kind == "slots":
+            grid = role.slots
+            new_start, new_end = grid.bounds(start, end, node)
+            new_starts[i] = _relative(new_start, starts.elems[i], role.new)
+            new_ends[i] = ends.elems[i] if ends.elems[i] >= role.old else _relative(new_end, ends.elems[i], role.new)
+            out[axis] = _selected(ctx, grid.take(range(start, end)))
+            continue
+        if role.kind != "width" or role.slots is not None:
+            what = "the head slots of a fused QKV output along its width" if role.slots is not None else f"a {role.kind} axis"
+            raise Skip(f"Slice '{node.name}' cuts {what}", node)
         new_starts[i] = int(role.keep[:start].sum())
         new_ends[i] = new_starts[i] + int(role.keep[start:end].sum())
         if ends.elems[i] >= role.old and new_ends[i] == int(role.keep.sum()):
@@ -876,8 +1217,9 @@ def _split(ctx: LayoutContext, node: ir.Node, inp: Roles) -> list[Roles]:
     count = len(node.outputs)
     if not role.counted:
         return [list(inp[:axis]) + [_OTHER] + list(inp[axis + 1 :]) for _ in range(count)]
-    if role.kind != "width":
-        raise Skip(f"Split '{node.name}' splits a {role.kind} axis", node)
+    if role.kind not in ("width", "slots") or (role.kind == "width" and role.slots is not None):
+        what = "the head slots of a fused QKV output along its width" if role.slots is not None else f"a {role.kind} axis"
+        raise Skip(f"Split '{node.name}' splits {what}", node)
     sizes: list[int] | None = None
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         target = _target(node, 1)
@@ -892,13 +1234,95 @@ def _split(ctx: LayoutContext, node: ir.Node, inp: Roles) -> list[Roles]:
     new_sizes = []
     start = 0
     for size in sizes:
-        part = role.keep[start : start + size].copy()
-        new_sizes.append(int(part.sum()))
-        out.append(list(inp[:axis]) + [Axis("width", part)] + list(inp[axis + 1 :]))
+        if role.slots is not None:  # Q, K and V slots split apart (the same cut in every KV group)
+            first, last = role.slots.bounds(start, start + size, node)
+            new_sizes.append(last - first)
+            part_axis = _selected(ctx, role.slots.take(range(start, start + size)))
+        else:
+            part = role.keep[start : start + size].copy()
+            new_sizes.append(int(part.sum()))
+            part_axis = Axis("width", part)
+        out.append(list(inp[:axis]) + [part_axis] + list(inp[axis + 1 :]))
         start += size
     if new_sizes != sizes:
         ctx.edits.split_sizes.append((node, new_sizes))
     return out
+
+
+def _gather_rule(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], path: list[int]) -> list[Roles]:
+    """``Gather`` from a traced value with constant indices: of head slots (Falcon's K and V,
+    TorchScript), rewritten to the slots' new places; of uncounted axes, passed through."""
+    inp = roles[id(node.inputs[0])] if path == [0] else None
+    if inp is None:
+        raise Skip(f"Gather '{node.name}' on an untraced layout or with traced indices", node)
+    axis_attr = node.attributes.get("axis")
+    axis = int(axis_attr.value) if axis_attr is not None else 0
+    axis = axis + len(inp) if axis < 0 else axis
+    indices = const_array(node.inputs[1])
+    role = inp[axis]
+    if not role.counted:
+        rank = np.asarray(indices).ndim if indices is not None else _rank(node.inputs[1])
+        if rank is None:
+            raise Skip(f"Gather '{node.name}' has indices of unknown rank", node)
+        return [inp[:axis] + [_OTHER] * rank + inp[axis + 1 :]]
+    if indices is None or np.asarray(indices).ndim > 1:
+        raise Skip(f"Gather '{node.name}' selects from a {role.kind} axis with indices it cannot follow", node)
+    picked, new = _pick_slots(ctx, node, role, np.asarray(indices))
+    _set_indices(ctx, node, indices, new)
+    return [inp[:axis] + ([picked] if picked is not None else []) + inp[axis + 1 :]]
+
+
+def _gather_nd_rule(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], path: list[int]) -> list[Roles]:
+    """``GatherND`` of whole leading positions with constant indices (dynamo's Falcon: K and V
+    slots of ``[slots, .., head_dim]``): like Gather along axis 0 when only that axis is indexed."""
+    inp = roles[id(node.inputs[0])] if path == [0] else None
+    batch = node.attributes.get("batch_dims")
+    indices = const_array(node.inputs[1])
+    if inp is None or indices is None or (batch is not None and int(batch.value)):
+        raise Skip(f"GatherND '{node.name}' on the attention path is not understood", node)
+    indices = np.asarray(indices)
+    depth = int(indices.shape[-1]) if indices.ndim else 0
+    if depth < 1 or depth > len(inp):
+        raise Skip(f"GatherND '{node.name}' has indices of shape {list(indices.shape)}", node)
+    if not any(a.counted for a in inp[:depth]):
+        return [[_OTHER] * (indices.ndim - 1) + inp[depth:]]
+    if depth != 1 or indices.ndim > 2:
+        raise Skip(f"GatherND '{node.name}' selects from a {inp[0].kind} axis with indices it cannot follow", node)
+    picked, new = _pick_slots(ctx, node, inp[0], indices[..., 0] if indices.ndim == 2 else indices[0])
+    _set_indices(ctx, node, indices, np.asarray(new).reshape(-1, 1) if indices.ndim == 2 else np.asarray(new).reshape(1))
+    return [([picked] if picked is not None else []) + inp[1:]]
+
+
+def _pick_slots(ctx: LayoutContext, node: ir.Node, role: Axis, indices: np.ndarray) -> tuple[Axis | None, np.ndarray]:
+    """The role of the head slots at ``indices`` (0-D: the axis goes; 1-D: it stays, selected)
+    and the indices of the kept ones after the removal, written as before (from the end when negative)."""
+    grid = role.slots
+    if role.kind != "slots" or grid is None:
+        raise Skip(f"{node.op_type} '{node.name}' selects from a {role.kind} axis", node)
+    flat = [int(i) for i in indices.ravel()]
+    if any(not -role.old <= i < role.old for i in flat):
+        raise Skip(f"{node.op_type} '{node.name}' selects head slots out of range", node)
+    positions = [i + role.old if i < 0 else i for i in flat]
+    new_positions, keep = grid.picks(positions, node)
+    picked = _selected(ctx, grid.take(positions))
+    kept_old = [i for i, k in zip(flat, keep, strict=True) if k]
+    new = [_relative(n, o, role.new) for n, o in zip(new_positions, kept_old, strict=True)]
+    if indices.ndim == 0:
+        if not keep.all() or (picked.counted and picked.old != 1):
+            raise Skip(f"{node.op_type} '{node.name}' selects one head slot and drops its axis", node)
+        return None, np.asarray(new[0], np.int64)
+    if not new:
+        raise Skip(f"{node.op_type} '{node.name}' selects only head slots that are removed", node)
+    return picked, np.asarray(new, np.int64)
+
+
+def _set_indices(ctx: LayoutContext, node: ir.Node, old: np.ndarray, new: np.ndarray) -> None:
+    if np.asarray(old).shape != new.shape or not np.array_equal(np.asarray(old), new):
+        ctx.edits.constants.append((node, 1, new))
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    return value.shape.rank() if value is not None and value.shape is not None else None
 
 
 def _concat(ctx: LayoutContext, node: ir.Node, first: Roles, path: list[int]) -> Roles:
@@ -1017,6 +1441,8 @@ def _broadcast_operand(ctx: LayoutContext, node: ir.Node, index: int, roles: lis
                 )  # fmt: skip
         if not axis.counted or size == 1:
             continue
+        if axis.kind == "slots":  # kept slots may differ per KV group: no one mask slices it
+            raise Skip(f"{node.op_type} '{node.name}' reads '{value.name}', which varies along the head slots", node)
         if size != axis.old or arr is None:
             raise Skip(
                 f"{node.op_type} '{node.name}' reads '{value.name}' with {size} entries on a "
@@ -1041,7 +1467,7 @@ def _reduce_mean(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
         axes = list(range(len(inp)))
     axes = sorted({a + len(inp) if a < 0 else a for a in axes})
     for a in axes:
-        if inp[a].kind in ("heads", "rep") and inp[a].old > 1:
+        if inp[a].kind in ("heads", "rep", "slots") and inp[a].old > 1:
             raise Skip(f"ReduceMean '{node.name}' averages over the {inp[a].kind} axis", node)
     keep = node.attributes.get("keepdims")
     if keep is not None and not int(keep.value):
@@ -1062,7 +1488,7 @@ def _layer_norm_rule(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles],
     axis = int(axis_attr.value) if axis_attr is not None else -1
     axis = axis + len(inp) if axis < 0 else axis
     for r in inp[axis:]:
-        if r.kind in ("heads", "rep") and r.old > 1:
+        if r.kind in ("heads", "rep", "slots") and r.old > 1:
             raise Skip(f"LayerNormalization '{node.name}' normalises over the {r.kind} axis", node)
     for i in range(1, len(node.inputs)):
         _broadcast_operand(ctx, node, i, inp)
@@ -1101,7 +1527,8 @@ def _extent(value: ir.Value | None, axis: int, depth: int = 0) -> int | None:
         return big.pop() if len(big) == 1 else (1 if not big else None)
     if op in ("Expand", "Reshape"):
         try:
-            target = _target(node, 1)
+            # TorchScript builds every layer's mask with one Expand shape: shared, only read here
+            target = _target(node, 1, reading=True)
         except Skip:
             return None
         k = len(target.elems)
@@ -1134,6 +1561,8 @@ TRANSFER: dict[str, Rule] = {
     "Slice": _of_first(_slice),
     "Split": _split_rule,
     "Concat": _concat_rule,
+    "Gather": _gather_rule,
+    "GatherND": _gather_nd_rule,
     "ReduceMean": _of_first(_reduce_mean),
     "LayerNormalization": _layer_norm_rule,
     **{op: _elementwise_rule for op in sorted(AXIS_PRESERVING)},
@@ -1156,6 +1585,9 @@ def apply_edits(editor: GraphEditor, edits: HeadEdits) -> None:
             if reader not in entry[2]:
                 entry[2].append(reader)
     for target, new, readers in groups.values():
+        if target.materialize:
+            editor.set_constant(_input(target.node, target.index), readers, np.asarray(new, np.int64))
+            continue
         if target.concat is None:
             value = target.source if target.source is not None else _input(target.node, target.index)
             original = np.asarray(const_array(value)).reshape(-1)

@@ -10,9 +10,12 @@ applying a compensation to the projection, and the size figures of the report.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+import onnx
+import onnx.shape_inference
 import onnx_ir as ir
 
 from tforge.compiler import calibration
@@ -34,6 +37,7 @@ __all__ = [
     "input_stats",
     "linear_bias",
     "require_stats",
+    "shape_inference_error",
     "size_figures",
     "weight_of",
 ]
@@ -150,6 +154,108 @@ def apply_row_compensation(
         editor.set_weight(lin, plain)  # refitted rows are only right with the bias change
         return Compensation("none", "the projection's output is a graph output")
     return Compensation(kind, reason)
+
+
+# ----------------------------------------------------------------------------- self-check
+
+
+#: What the self-check follows back from the checked nodes: integer shape arithmetic
+_INTEGER_TYPES = frozenset({ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL})
+_CHECK_LIMIT = 1000  # nodes in one check
+_SMALL_CONSTANT = 4096  # elements of a constant the check copies (shapes, indices); larger ones are inputs
+
+
+def shape_inference_error(model: ir.Model, nodes: Sequence[ir.Node]) -> str | None:
+    """What ONNX's strict shape inference (types checked, shape values propagated) finds wrong
+    with ``nodes``, checked on their own: a small model of ``nodes`` and the integer shape
+    arithmetic that feeds them (back to ``Shape`` of any value and to small constants), reading
+    every other value as an input with its declared type and shape. Cheap (no weights are
+    copied); None when nothing is wrong or the nodes cannot be checked on their own."""
+    members = _with_shape_arithmetic(nodes)
+    if members is None:
+        return None
+    produced = {id(out) for node in members for out in node.outputs}
+    graph = onnx.GraphProto(name="check")
+    seen: set[int] = set()
+    for node in members:
+        for value in node.inputs:
+            if value is None or id(value) in produced or id(value) in seen:
+                continue
+            seen.add(id(value))
+            tensor = value.const_value
+            if tensor is not None and tensor.size <= _SMALL_CONSTANT:
+                proto = ir.serde.serialize_tensor(tensor)
+                proto.name = value.name or ""
+                graph.initializer.append(proto)
+            elif value.type is None:
+                return None
+            else:
+                graph.input.append(ir.serde.serialize_value(value))
+        graph.node.append(ir.serde.serialize_node(node))
+    inside = {id(node) for node in members}
+    for node in members:
+        for out in node.outputs:
+            if not out.name or out.type is None:
+                continue
+            last = out.is_graph_output() or not any(id(u.node) in inside for u in out.uses())
+            (graph.output if last else graph.value_info).append(ir.serde.serialize_value(out))
+    proto = onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()
+    ])  # fmt: skip
+    proto.ir_version = model.ir_version
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as e:
+        return str(e)
+    return None
+
+
+def _with_shape_arithmetic(nodes: Sequence[ir.Node]) -> list[ir.Node] | None:
+    """``nodes`` and the integer shape arithmetic feeding them, in a topological order."""
+    found: dict[int, ir.Node] = {id(n): n for n in nodes}
+    queue = list(nodes)
+    while queue:
+        node = queue.pop()
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is None or id(producer) in found or not _shape_arithmetic(producer):
+                continue
+            found[id(producer)] = producer
+            queue.append(producer)
+            if len(found) > _CHECK_LIMIT:
+                return None
+    if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in found.values() for attr in n.attributes.values()):
+        return None
+    ordered: list[ir.Node] = []
+    done: set[int] = set()
+
+    def visit(node: ir.Node) -> None:
+        stack = [(node, False)]
+        while stack:
+            current, expanded = stack.pop()
+            if id(current) in done:
+                continue
+            if expanded:
+                done.add(id(current))
+                ordered.append(current)
+                continue
+            stack.append((current, True))
+            for value in current.inputs:
+                producer = value.producer() if value is not None else None
+                if producer is not None and id(producer) in found and id(producer) not in done:
+                    stack.append((producer, False))
+
+    for node in found.values():
+        visit(node)
+    return ordered
+
+
+def _shape_arithmetic(node: ir.Node) -> bool:
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in ("Shape", "Size", "Constant"):
+        return True
+    return bool(node.outputs) and all(out.dtype in _INTEGER_TYPES for out in node.outputs)
 
 
 # ----------------------------------------------------------------------------- report

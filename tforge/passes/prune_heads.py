@@ -13,6 +13,10 @@ output projection:
 - per-head constants broadcast against the heads axis (e.g. position biases), which are sliced;
 - the value shape annotations on those paths.
 
+A fused QKV cut into head-sized slots that Q, K and V select (Falcon, ``Attention.qkv_slots``)
+keeps the kept heads' slots in their order; the slot Reshape and the Slice/Gather/GatherND
+selections are rewritten like the rest (the ``slots`` role of the head-layout analysis).
+
 Which dimension of each shape is the heads axis is the head-layout analysis of
 :mod:`tforge.compiler.head_layout` (roles per axis, propagated op by op); an attention whose
 paths hold anything it does not understand is skipped with the reason in the statistics.
@@ -25,6 +29,15 @@ the present outputs; their declared heads axis shrinks with the KV heads (the ca
 what the graph returns). TorchScript exports compute their shapes at run time from ``Shape``;
 those adapt by themselves, except a merge of repeated KV heads written as ``kv * n_rep``, which
 is skipped when the number of query heads per KV head would change.
+
+Multi-query attention written as repeat-KV (GPT-BigCode: the one KV head ``[b, 1, 1, s, d]``
+expanded to ``[b, 1, H, s, d]`` and merged to ``[b, H, s, d]``): the repeat count is the number
+of query heads and is rewritten with them; a repeat the analysis cannot prove is a Skip.
+
+Self-check: each rewritten attention (projections to output projection, with the integer shape
+arithmetic feeding it) must pass ONNX's strict shape inference when the untouched one did; a
+failure is a head-count constant the analysis missed, and the pass raises
+:class:`~tforge.errors.VerificationError` rather than hand on a graph that does not load.
 
 Grouped-query attention: a kept KV head keeps the same number of query heads as every other
 (the graph repeats KV heads uniformly), and a KV head is removed only with all its query heads
@@ -47,12 +60,19 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from tforge.compiler import pruning
-from tforge.compiler.head_layout import HeadEdits, apply_edits, attention_region, plan_head_removal
+from tforge.compiler.head_layout import (
+    HeadEdits,
+    apply_edits,
+    attention_region,
+    kept_qkv_columns,
+    plan_head_removal,
+    qkv_columns,
+)
 from tforge.compiler.pass_infra import Pass, PassResult, Property, SiteStats, Skip
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import GraphEditor
 from tforge.compiler.structure import Attention, Block, Norm, block_map, const_array
-from tforge.errors import PassConfigError
+from tforge.errors import PassConfigError, VerificationError
 from tforge.passes.math import compensation
 from tforge.passes.math import importance as imp
 
@@ -69,6 +89,8 @@ class _Site:
     #: repeat count computed at run time from a constant, as TorchScript's repeat-KV does), so
     #: thinning every group would not be exact; dropping whole groups keeps that count.
     whole_groups: bool = False
+    #: The untouched attention passes ONNX's strict shape inference: the rewritten one must too
+    self_check: bool = False
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -139,14 +161,6 @@ class PruneHeads(Pass):
             if self.per_layer and block.index not in self.per_layer:
                 continue
             try:
-                if attn.qkv_slots is not None:
-                    # head_layout follows a fused width cut along its last axis (Split, Slice) or per
-                    # head; a reshape into slots mixes Q, K and V slots on one axis, which it cannot mask
-                    raise Skip(
-                        "fused QKV reshaped into head slots that Q, K and V select ([..., slots, head_dim], "
-                        "Falcon): the slot reshape and selections are not rewritten yet",
-                        attn.q.matmul,
-                    )
                 region = attention_region(attn, order)
                 # dry runs before any change: the structure is understood for what will be removed
                 whole_groups = _dry_run(attn, region)
@@ -157,7 +171,11 @@ class PruneHeads(Pass):
                 continue
             if whole_groups is not None:
                 stats[f"whole KV groups only: {whole_groups.reason}"] += 1
-            sites.append(_Site(block, attn, scores, region, whole_groups is not None))
+            before_error = pruning.shape_inference_error(model, _checked_nodes(attn, region))
+            if before_error is not None:
+                logger.debug("prune-heads: block %d: no self-check, the export fails shape inference: %s",
+                             block.index, before_error)  # fmt: skip
+            sites.append(_Site(block, attn, scores, region, whole_groups is not None, before_error is None))
 
         counts = self._counts(sites, stats)
         editor = GraphEditor(model, self.name)
@@ -194,6 +212,7 @@ class PruneHeads(Pass):
                 else:
                     edits = _plan(attn, site.region, selection)
                     kind = self._prune(model, editor, site, selection, edits)
+                    _self_check(model, site)
                     stats["pruned"] += 1
                     if edits.cache_inputs:
                         stats["KV cache inputs reshaped"] += len(edits.cache_inputs)
@@ -283,11 +302,8 @@ class PruneHeads(Pass):
         q_cols = _head_columns(selection.heads, d)
         kv_cols = _head_columns(selection.kv_heads, d)
         moments = pruning.input_moments(model, attn.o)
-        if attn.fused_qkv:
-            q_width = attn.num_heads * d
-            kv_width = attn.num_kv_heads * d
-            cols = np.concatenate([q_cols, q_width + kv_cols, q_width + kv_width + kv_cols])
-            editor.take_columns(attn.q, cols)
+        if attn.fused_qkv:  # the kept heads' slots, wherever the layout puts Q, K and V
+            editor.take_columns(attn.q, kept_qkv_columns(attn, selection.heads, selection.kv_heads))
         else:
             editor.take_columns(attn.q, q_cols)
             editor.take_columns(attn.k, kv_cols)
@@ -347,9 +363,8 @@ class PruneHeads(Pass):
 def _qkv_weights(attn: Attention) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if attn.fused_qkv:
         w = pruning.weight_of(attn.q)
-        q_w = attn.num_heads * attn.head_dim
-        kv_w = attn.num_kv_heads * attn.head_dim
-        return w[:, :q_w], w[:, q_w : q_w + kv_w], w[:, q_w + kv_w : q_w + 2 * kv_w]
+        q, k, v = qkv_columns(attn)
+        return w[:, q], w[:, k], w[:, v]
     return tuple(pruning.weight_of(lin) for lin in (attn.q, attn.k, attn.v))  # type: ignore[return-value]
 
 
@@ -413,6 +428,33 @@ def _select_groups(scores: np.ndarray, num_kv_heads: int, keep: int) -> imp.Head
     groups = np.sort(np.argsort(-sums, kind="stable")[: keep // group])
     heads = tuple(int(g * group + h) for g in groups for h in range(group))
     return imp.HeadSelection(heads, tuple(int(g) for g in groups), group)
+
+
+def _checked_nodes(attn: Attention, region: list[ir.Node]) -> list[ir.Node]:
+    """The attention's nodes from the Q/K/V projections to the output projection's MatMul."""
+    nodes: dict[int, ir.Node] = {}
+    for lin in (attn.q, attn.k, attn.v):
+        for node in (lin.matmul, lin.bias_add):
+            if node is not None:
+                nodes.setdefault(id(node), node)
+    for node in [*region, attn.scores_matmul, attn.context_matmul, attn.o.matmul]:
+        nodes.setdefault(id(node), node)
+    return list(nodes.values())
+
+
+def _self_check(model: ir.Model, site: _Site) -> None:
+    """The rewritten attention passes ONNX's strict shape inference when the original did: a
+    failure is a head-count constant the head-layout analysis missed, a bug; the pass stops
+    rather than hand on a graph that does not load."""
+    if not site.self_check:
+        return
+    error = pruning.shape_inference_error(model, _checked_nodes(site.attn, site.region))
+    if error is not None:
+        raise VerificationError(
+            f"prune-heads: block {site.block.index}: the rewritten attention fails ONNX's strict "
+            f"shape inference (a head-count constant was not rewritten; a bug in the head-layout "
+            f"analysis): {' '.join(error.split())[:600]}"
+        )
 
 
 def _plan(attn: Attention, region: list[ir.Node], selection: imp.HeadSelection) -> HeadEdits:
