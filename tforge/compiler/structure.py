@@ -464,24 +464,105 @@ def static_dims(value: ir.Value | None) -> list[int | None] | None:
 
 def reshape_target(node: ir.Node) -> list[int | None] | None:
     """Target dims of a Reshape, with None where they are computed at run time."""
+    parts = _target_parts(node)
+    return None if parts is None else [dim for dim, _ in parts]
+
+
+def _target_parts(node: ir.Node) -> list[tuple[int | None, ir.Value | None]] | None:
+    """Each target dim of a Reshape (None when computed at run time) with the one-element
+    ``Concat`` operand that computes it (None for a constant dim)."""
     target = node.inputs[1] if len(node.inputs) > 1 else None
     arr = const_array(target)
     if arr is not None:
-        return [int(x) for x in arr.ravel()]
+        return [(int(x), None) for x in arr.ravel()]
     producer = target.producer() if target is not None else None
     if producer is None or producer.op_type != "Concat":
         return None
-    dims: list[int | None] = []
+    parts: list[tuple[int | None, ir.Value | None]] = []
     for part in producer.inputs:
         arr = const_array(part)
         if arr is not None:
-            dims.extend(int(x) for x in arr.ravel())
+            parts.extend((int(x), None) for x in arr.ravel())
             continue
         shape = static_dims(part)
         if shape is None or len(shape) != 1 or shape[0] is None:
             return None
-        dims.extend([None] * shape[0])
-    return dims
+        parts.extend([(None, part if shape[0] == 1 else None)] * shape[0])
+    return parts
+
+
+def _resolved_reshape_target(node: ir.Node) -> list[int | None] | None:
+    """:func:`reshape_target` with its ``-1`` resolved where the graph proves its size.
+
+    TorchScript writes ``x.view(b, s, heads, -1)`` as ``Concat(size(x, 0), size(x, 1), [heads],
+    [-1])``, and shape inference may lose the output's dims (every block after the first, in some
+    exports), so the head_dim is only in the input's width. When every run-time target dim copies
+    an axis of the input (``Shape -> Gather -> Unsqueeze`` of the input itself, or a ``0``), the
+    input's rank is annotated and its other axes have known sizes, the ``-1`` is their product
+    over the constant target dims (``[b, s, 192] -> [b, s, 4, -1]``: 48). Otherwise the target is
+    returned as it is.
+    """
+    parts = _target_parts(node)
+    data = node.inputs[0]
+    dims = static_dims(data)
+    if parts is None:
+        return None
+    target = [dim for dim, _ in parts]
+    if dims is None or target.count(-1) != 1:
+        return target
+    allowzero = node.attributes.get("allowzero")
+    copied: list[int] = []
+    constant = 1
+    for i, (dim, part) in enumerate(parts):
+        if dim == -1:
+            continue
+        if dim == 0 and not (allowzero is not None and int(allowzero.value)):
+            copied.append(i)
+        elif dim is None:
+            axis = _copied_axis(part, data) if part is not None else None
+            if axis is None or not -len(dims) <= axis < len(dims):
+                return target
+            copied.append(axis % len(dims))
+        else:
+            constant *= dim
+    rest = [d for j, d in enumerate(dims) if j not in copied]
+    if len(set(copied)) != len(copied) or None in rest or constant <= 0:
+        return target
+    size = int(np.prod(rest))  # type: ignore[arg-type]
+    if size % constant:
+        return target
+    target[target.index(-1)] = size // constant
+    return target
+
+
+def _copied_axis(part: ir.Value, data: ir.Value) -> int | None:
+    """The axis of ``data`` whose size the one-element value ``part`` is, when it is computed as
+    ``Unsqueeze(Gather(Shape(data), i))`` (TorchScript's ``x.size(i)``) or as
+    ``Shape(data, start=i, end=i + 1)``; None otherwise."""
+    node = part.producer()
+    if node is not None and node.op_type == "Unsqueeze" and node.inputs[0] is not None:
+        gather = node.inputs[0].producer()
+        if gather is None or gather.op_type != "Gather" or len(gather.inputs) < 2 or gather.inputs[0] is None:
+            return None
+        index = const_array(gather.inputs[1])
+        shape = gather.inputs[0].producer()
+        if index is None or index.size != 1 or shape is None or shape.op_type != "Shape" or shape.inputs[0] is not data:
+            return None
+        if "start" in shape.attributes or "end" in shape.attributes:
+            return None
+        return int(index.reshape(()))
+    if node is not None and node.op_type == "Shape" and node.inputs[0] is data:
+        start, end = node.attributes.get("start"), node.attributes.get("end")
+        if start is not None and end is not None and int(end.value) - int(start.value) == 1:
+            return int(start.value)
+    return None
+
+
+def _reshape_dims(node: ir.Node) -> list[list[int | None]]:
+    """What a Reshape's output dims are known to be: its annotated dims, its target, and the
+    target with ``-1`` resolved (:func:`_resolved_reshape_target`), those that are known."""
+    found = [static_dims(node.outputs[0]), reshape_target(node), _resolved_reshape_target(node)]
+    return [dims for dims in found if dims]
 
 
 def _node_label(node: ir.Node | None) -> str:
@@ -801,10 +882,8 @@ def _head_split(path: list[ir.Node], width: int) -> tuple[int, int] | None:
     for node in path:
         if node.op_type != "Reshape":
             continue
-        dims = static_dims(node.outputs[0])
-        target = reshape_target(node)
-        for cand in (dims, target):
-            if not cand or len(cand) < 3:
+        for cand in _reshape_dims(node):
+            if len(cand) < 3:
                 continue
             last = cand[-1]
             if last is None or last <= 0 or width % last != 0:
@@ -815,33 +894,42 @@ def _head_split(path: list[ir.Node], width: int) -> tuple[int, int] | None:
     return None
 
 
-def _per_head_qkv(lin: Linear, path: list[ir.Node]) -> tuple[int, int] | None | str:
+def _per_head_qkv(
+    lin: Linear, paths: tuple[list[ir.Node], list[ir.Node], list[ir.Node]]
+) -> tuple[int, int] | None | str:
     """(heads, head_dim) when a fused QKV output is reshaped to ``[..., heads, 3 * head_dim]``
-    and then split in three equal parts of its last axis inside each head (GPT-NeoX); None when
-    the path does not split a Reshape's heads that way; why not, when it does but unevenly.
+    and then cut in three equal parts of its last axis inside each head, by a Split or by three
+    Slices (GPT-NeoX; TorchScript writes its ``chunk(3)`` as Slices); None when the paths do not
+    cut a Reshape's heads that way; why not, when they do but unevenly.
 
-    The path runs from the fused linear's output forward to the scores, so the Reshape comes
-    before the Split on it.
+    The paths (query, key, value) run from the fused linear's output forward to the scores and
+    the context, so the Reshape comes before the cut on the query's.
     """
-    split_at = next((i for i, n in enumerate(path) if n.op_type == "Split"), None)
-    if split_at is None:
+    q_path = paths[0]
+    cut_at = next((i for i, n in enumerate(q_path) if n.op_type in ("Split", "Slice")), None)
+    if cut_at is None:
         return None
-    split = path[split_at]
-    widths = _split_widths([split])
-    rank = split.inputs[0].shape.rank() if split.inputs[0] is not None and split.inputs[0].shape is not None else None
-    axis_attr = split.attributes.get("axis")
-    axis = int(axis_attr.value) if axis_attr is not None else 0
-    if widths is None or len(widths) != 3 or (axis != -1 and (rank is None or axis != rank - 1)):
+    cut = q_path[cut_at]
+    if cut.op_type == "Slice":
+        widths = _three_slices_of(cut.inputs[0], paths)
+    else:
+        widths = _split_widths([cut])
+        rank = cut.inputs[0].shape.rank() if cut.inputs[0] is not None and cut.inputs[0].shape is not None else None
+        axis_attr = cut.attributes.get("axis")
+        axis = int(axis_attr.value) if axis_attr is not None else 0
+        if axis != -1 and (rank is None or axis != rank - 1):
+            return None
+    if widths is None or len(widths) != 3:
         return None
     per_head = sum(widths)
     if per_head >= lin.out_features or lin.out_features % per_head:
         return None
     heads = lin.out_features // per_head
-    for node in path[:split_at]:
+    for node in q_path[:cut_at]:
         if node.op_type != "Reshape":
             continue
-        for cand in (static_dims(node.outputs[0]), reshape_target(node)):
-            if cand and len(cand) >= 3 and cand[-1] == per_head and cand[-2] in (heads, -1, 0, None):
+        for cand in _reshape_dims(node):
+            if len(cand) >= 3 and cand[-1] == per_head and cand[-2] in (heads, -1, 0, None):
                 if len(set(widths)) != 1:
                     return (
                         f"fused QKV linear '{lin.name}' is split per head into unequal parts {widths} "
@@ -849,6 +937,18 @@ def _per_head_qkv(lin: Linear, path: list[ir.Node]) -> tuple[int, int] | None | 
                     )
                 return heads, widths[0]
     return None
+
+
+def _three_slices_of(data: ir.Value | None, paths: tuple[list[ir.Node], ...]) -> list[int] | None:
+    """Widths of the query, key and value parts when the first Slice on each path cuts ``data``'s
+    last axis (of annotated size) and the three cover it in that order."""
+    dims = static_dims(data)
+    if data is None or not dims or dims[-1] is None:
+        return None
+    slices = [next((n for n in path if n.op_type == "Slice"), None) for path in paths]
+    if any(s is None or s.inputs[0] is not data for s in slices):
+        return None
+    return _covering_widths([slice_bounds(s, dims[-1]) for s in slices if s is not None], dims[-1])
 
 
 # Ops that only select or rearrange elements: a fused QKV output's columns can be followed
@@ -933,18 +1033,25 @@ def _evaluate_index_op(node: ir.Node, data: np.ndarray, out: ir.Value) -> np.nda
 def _evaluated_shape(node: ir.Node, data: np.ndarray, out: ir.Value) -> list[int] | None:
     """The target shape of a Reshape or Expand with run-time dims taken as 1: from the output's
     annotated dims, else the target's constant parts (a Reshape's ``0`` copies the input's dim and
-    one ``-1`` takes what is left)."""
+    one ``-1`` takes what is left), a run-time dim times a constant being that constant
+    (:func:`_runtime_multiple`)."""
     dims = static_dims(out)
-    target = reshape_target(node)
-    rank = len(dims) if dims is not None else len(target) if target is not None else None
+    parts = _target_parts(node)
+    if parts is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        computed = _runtime_shape(node.inputs[1])
+        parts = None if computed is None else [(int(x), None) for x in computed.ravel()]
+    rank = len(dims) if dims is not None else len(parts) if parts is not None else None
     if rank is None:
         return None
     shape: list[int | None] = []
     for i in range(rank):
         known = dims[i] if dims is not None and i < len(dims) else None
-        wanted = target[i] if target is not None and i < len(target) else None
+        wanted, part = parts[i] if parts is not None and i < len(parts) else (None, None)
+        multiple = _runtime_multiple(part) if known is None and wanted is None and part is not None else None
         if known is not None:
             shape.append(known)
+        elif multiple is not None:
+            shape.append(multiple)
         elif node.op_type == "Reshape" and wanted == 0 and i < data.ndim:
             shape.append(data.shape[i])
         elif wanted is not None and wanted > 0:
@@ -961,6 +1068,72 @@ def _evaluated_shape(node: ir.Node, data: np.ndarray, out: ir.Value) -> list[int
             return None
         shape[shape.index(None)] = data.size // rest
     return [int(x) for x in shape]  # type: ignore[arg-type]
+
+
+# Ops that pass a one-element shape value on unchanged (TorchScript and dynamo wrap every dim
+# computed at run time in them).
+_DIM_WRAPPERS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity"})
+
+
+def _unwrapped_dim(value: ir.Value | None) -> ir.Node | None:
+    """The producer of a one-element shape value, past the ops that only rewrap it."""
+    node = value.producer() if value is not None else None
+    while node is not None and node.op_type in _DIM_WRAPPERS and node.inputs and node.inputs[0] is not None:
+        node = node.inputs[0].producer()
+    return node
+
+
+def _is_runtime_dim(value: ir.Value | None) -> bool:
+    """Whether ``value`` is one dim of a tensor's shape: ``Shape`` (one element of it by its
+    ``start``/``end`` or a ``Gather``), rewrapped."""
+    node = _unwrapped_dim(value)
+    if node is not None and node.op_type == "Gather":
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return node is not None and node.op_type == "Shape"
+
+
+def _runtime_multiple(part: ir.Value) -> int | None:
+    """``c`` when a target dim is ``Mul(<run-time dim>, c)`` for a constant ``c``: the dim read
+    with its run-time factor taken as 1, like every run-time dim here. Bloom's dynamo export
+    merges the heads into the batch this way, ``reshape(batch * heads, q_len, head_dim)``, and
+    the heads are in the constant."""
+    node = _unwrapped_dim(part)
+    if node is None or node.op_type != "Mul" or len(node.inputs) != 2:
+        return None
+    for dim, factor in (node.inputs, reversed(node.inputs)):
+        c = const_array(factor)
+        if c is not None and c.size == 1 and _is_runtime_dim(dim) and int(c.reshape(())) > 0:
+            return int(c.reshape(()))
+    return None
+
+
+def _runtime_shape(value: ir.Value) -> np.ndarray | None:
+    """A shape computed at run time from other tensors' shapes, in NumPy with every run-time dim
+    taken as 1: each ``Shape`` it reads gives its tensor's annotated dims (None as 1).
+
+    TorchScript computes ``k.expand(b, s, kv_heads, group, head_dim)`` (Falcon's repeat-KV) from
+    the query's shape, through ``Where(Equal(shape, -1), 1, shape)``: the output's annotation
+    loses the repeat, and only this evaluation reads it. None when some op or shape is not known.
+    """
+    env: dict[int, np.ndarray | None] = {}
+    queue, seen = deque([value]), 0
+    while queue and seen < _MASK_EVAL_NODES:
+        node = queue.popleft().producer()
+        if node is None or id(node.outputs[0]) in env:
+            continue
+        seen += 1
+        if node.op_type != "Shape":
+            queue.extend(i for i in node.inputs if i is not None and const_array(i) is None)
+            continue
+        dims = static_dims(node.inputs[0])
+        if dims is None:
+            return None
+        start, end = node.attributes.get("start"), node.attributes.get("end")
+        ones = np.array([1 if d is None else d for d in dims], dtype=np.int64)
+        env[id(node.outputs[0])] = ones[
+            int(start.value) if start is not None else 0 : int(end.value) if end is not None else len(dims)
+        ]
+    return _evaluate_mask(value, env)
 
 
 def _head_slot_qkv(
@@ -1071,12 +1244,17 @@ def _slice_widths(lin: Linear, *paths: list[ir.Node]) -> list[int] | None:
         first = path[0] if path else None
         if first is None or first.inputs[0] is not lin.output:
             return None
-        b = slice_bounds(first, lin.out_features)
-        if b is None:
-            return None
-        bounds.append(b)
-    (q0, q1), (k0, k1), (v0, v1) = bounds
-    if q0 != 0 or k0 != q1 or v0 != k1 or v1 != lin.out_features or not q0 < q1 < k1 < v1:
+        bounds.append(slice_bounds(first, lin.out_features))
+    return _covering_widths(bounds, lin.out_features)
+
+
+def _covering_widths(bounds: list[tuple[int, int] | None], width: int) -> list[int] | None:
+    """Widths of three (start, end) parts of an axis ``width`` long when they cover it, each part
+    non-empty, in order; None for anything else."""
+    if len(bounds) != 3 or any(b is None for b in bounds):
+        return None
+    (q0, q1), (k0, k1), (v0, v1) = bounds  # type: ignore[misc]
+    if q0 != 0 or k0 != q1 or v0 != k1 or v1 != width or not q0 < q1 < k1 < v1:
         return None
     return [q1 - q0, k1 - k0, v1 - v0]
 
@@ -1313,6 +1491,12 @@ def _numpy_op(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray | No
             return x
         if op == "Cast":
             return x.astype(ir.DataType(int(attr("to"))).numpy())  # type: ignore[arg-type]
+        if op == "Concat" and all(i is not None for i in inputs):
+            return np.concatenate(inputs, axis=int(attr("axis", 0)))  # type: ignore[arg-type]
+        if op == "ConstantOfShape":
+            fill = node.attributes.get("value")
+            fill_value = fill.value.numpy().reshape(()) if fill is not None else np.float32(0)
+            return np.full(tuple(int(d) for d in x), fill_value)
         if op == "Transpose":
             perm = attr("perm")
             return np.transpose(x, [int(p) for p in perm] if perm is not None else None)  # type: ignore[union-attr]
@@ -1392,7 +1576,7 @@ def _find_attention(
     if fused:
         if v is not q:
             return f"{where}: query and key come from fused linear '{q.name}' but value from '{v.name}'"
-        per_head = _per_head_qkv(q, q_path)
+        per_head = _per_head_qkv(q, (q_path, k_path, v_path))
         if isinstance(per_head, str):
             return f"{where}: {per_head}"
         widths = _split_widths(q_path) or _split_widths(k_path) or _slice_widths(q, q_path, k_path, v_path)
@@ -1413,6 +1597,14 @@ def _find_attention(
             return (
                 f"{where}: fused QKV linear '{q.name}' is not split into three parts by a Split "
                 f"or by three Slices of its last axis (query, key, value in that order)"
+            )
+        if sum(widths) != q.out_features:
+            # A Split of a reshaped output (CodeGen's [..., groups, 3 * width] cut per group)
+            # whose reshape was not read: its widths are not the linear's, and a map built on
+            # them would be wrong.
+            return (
+                f"{where}: fused QKV linear '{q.name}' ({q.out_features} wide) is cut into parts "
+                f"{widths} that do not cover its output"
             )
         qkv_split = (widths[0], widths[1], widths[2])
         q_width, k_width = widths[0], widths[1]
