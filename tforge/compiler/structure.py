@@ -961,7 +961,9 @@ _INDEX_OPS = frozenset(
 
 def _columns_on_path(lin: Linear, path: list[ir.Node], end: ir.Value) -> np.ndarray | None:
     """Which columns of ``lin``'s output each element of the value on ``path`` holds, evaluated
-    on the column indices with every run-time dim (batch, sequence) taken as 1.
+    on the column indices with every run-time dim (batch, sequence) taken as 1, or, in a
+    fixed-shape export, at the static dims its Reshape targets are written for (axes that only
+    copy the columns, batch and sequence, are then collapsed to 1 at the end).
 
     The walk follows the path from the linear while its ops only select or rearrange elements,
     and stops before the first other op, or before one that would move or resize the last axis
@@ -971,7 +973,13 @@ def _columns_on_path(lin: Linear, path: list[ir.Node], end: ir.Value) -> np.ndar
     if not path or path[0].inputs[0] is not lin.output:
         return None
     rank = lin.output.shape.rank() if lin.output.shape is not None else 2
-    cols = np.arange(lin.out_features, dtype=np.int64).reshape([1] * (rank - 1) + [lin.out_features])
+    lead = [1] * (rank - 1)
+    dims = static_dims(lin.output)
+    if dims is not None and None not in dims and int(np.prod(dims)) <= _STATIC_COLUMNS_LIMIT:
+        lead = [int(d) for d in dims[:-1]]  # a static export's targets hold these dims
+    cols = np.broadcast_to(
+        np.arange(lin.out_features, dtype=np.int64), [*lead, lin.out_features]
+    ).copy()
     for i, node in enumerate(path):
         if node.op_type not in _INDEX_OPS or not node.inputs or node.inputs[0] is None:
             break
@@ -992,6 +1000,20 @@ def _columns_on_path(lin: Linear, path: list[ir.Node], end: ir.Value) -> np.ndar
             if perm is None or int(perm.value[-1]) != cols.ndim - 1:
                 break
         cols = new
+    return _without_copied_axes(cols)
+
+
+#: elements of a fixed-shape linear output evaluated on its column indices (larger: read at 1s)
+_STATIC_COLUMNS_LIMIT = 1 << 20
+
+
+def _without_copied_axes(cols: np.ndarray) -> np.ndarray:
+    """``cols`` with every axis but the last along which all entries are equal (batch, sequence:
+    copies of the same columns) cut to its first entry, so a fixed-shape export reads like a
+    dynamic one evaluated at 1s."""
+    for axis in range(cols.ndim - 1):
+        if cols.shape[axis] > 1 and np.all(cols == cols.take([0], axis=axis)):
+            cols = cols.take([0], axis=axis)
     return cols
 
 
