@@ -231,6 +231,11 @@ SWEEP_FAMILIES = {
             "CodeGenConfig", "CodeGenModel", vocab_size=zoo.VOCAB, n_embd=_H, n_layer=_L, n_head=_N,
             n_inner=zoo.INTERMEDIATE, n_positions=64, n_ctx=64, rotary_dim=8,
         ), causal=True, fused_qkv=True, intermediate=zoo.INTERMEDIATE, activation="gelu_tanh"),
+        # 8 heads in CodeGen's 4 groups: each group's parts hold two heads, reshaped again into heads
+        _sweep_entry("codegen-groups", _family(
+            "CodeGenConfig", "CodeGenModel", vocab_size=zoo.VOCAB, n_embd=_H, n_layer=_L, n_head=2 * _N,
+            n_inner=zoo.INTERMEDIATE, n_positions=64, n_ctx=64, rotary_dim=4,
+        ), causal=True, fused_qkv=True, intermediate=zoo.INTERMEDIATE, activation="gelu_tanh"),
         # each projection viewed as [b, s, heads, -1]
         _sweep_entry("deberta-v2", _family(
             "DebertaV2Config", "DebertaV2Model", decoder=False, vocab_size=zoo.VOCAB, hidden_size=_H,
@@ -315,3 +320,16 @@ def test_a_split_that_does_not_cover_the_fused_linear_is_refused(sweep_model) ->
     assert [b.attention is not None for b in found.blocks] == [True, False]  # block 1 keeps its FFN only
     (why,) = found.unrecognized
     assert "192 wide) is cut into parts [16, 16, 16] that do not cover its output" in why, why
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_codegen_groups_of_several_heads_are_refused(exporter: str, sweep_model) -> None:  # type: ignore[no-untyped-def]
+    """CodeGen with more heads than its 4 groups: the fused output is cut per group (not per
+    head) and each part is reshaped again into heads. Reading the group as a head would report
+    4 heads of 16 for 8 heads of 8: the block is refused with the reason instead."""
+    model = tforge.load(sweep_model("codegen-groups", exporter))
+    _run(model, "canonicalize", SWEEP_FAMILIES["codegen-groups"])
+    found = find_blocks(model)
+    assert all(b.attention is None for b in found.blocks)
+    assert len(found.unrecognized) == zoo.LAYERS
+    assert all("reshaped again to 8 wide (groups of several heads)" in why for why in found.unrecognized), found.unrecognized

@@ -925,6 +925,18 @@ def _per_head_qkv(
     if per_head >= lin.out_features or lin.out_features % per_head:
         return None
     heads = lin.out_features // per_head
+    for node in q_path[cut_at + 1 :]:  # the query part must already be one head's columns
+        if node.op_type not in ("Reshape", "Transpose", "Identity"):
+            break
+        if node.op_type == "Reshape":
+            again = [cand[-1] for cand in _reshape_dims(node) if cand and cand[-1] not in (-1, 0, None)]
+            if again and again[0] != widths[0]:
+                # CodeGen cuts groups of several heads this way, then splits each part into heads
+                return (
+                    f"fused QKV linear '{lin.name}': the parts of {widths[0]} cut inside each group are "
+                    f"reshaped again to {again[0]} wide (groups of several heads): not read"
+                )
+            break
     for node in q_path[:cut_at]:
         if node.op_type != "Reshape":
             continue
