@@ -24,6 +24,8 @@ from tforge.compiler.head_layout import (
     _rewrite,
     _target,
     apply_edits,
+    kept_qkv_columns,
+    qkv_columns,
 )
 from tforge.compiler.ops import AXIS_PRESERVING
 from tforge.compiler.pass_infra import Skip
@@ -188,6 +190,59 @@ def test_split_of_a_fused_width_rewrites_its_sizes() -> None:
     assert [o[2].new for o in outs] == [4, 2, 2]  # type: ignore[index]
     ((_, sizes),) = ctx.edits.split_sizes
     assert sizes == [4, 2, 2]
+
+
+def _per_head_ctx() -> LayoutContext:
+    """Keeping heads 0 and 2 of a fused QKV laid out per head (``[H, 3, D]``, no grouped-query attention)."""
+    ctx = LayoutContext.keeping(H, H, D, KEEP_Q, KEEP_Q, 1)
+    ctx.per_head_width = 3 * D
+    return ctx
+
+
+def test_reshape_of_a_per_head_fused_width_splits_whole_heads_of_q_k_and_v() -> None:
+    per_head = Axis("width", np.repeat(_mask(H, KEEP_Q), 3 * D))
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 24] x) => (float[B, S, 4, 6] y) <int64[4] t> { y = Reshape (x, t) }""",
+        t=np.array([0, 0, 4, 6], np.int64),
+    )
+    (out,), ctx = _apply(node, {0: [OTHER, OTHER, per_head]}, _per_head_ctx())
+    assert _kinds(out) == ["other", "other", "heads", "dim"]
+    assert np.array_equal(out[2].keep, _mask(H, KEEP_Q))
+    assert [new for _, new in ctx.edits.targets] == [[0, 0, 2, 6]]
+    # Q, K and V cut inside each head: the last axis does not change, nor do the sizes
+    _, split = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 4, 6] x) => (float[B, S, 4, 2] q, float[B, S, 4, 2] k, float[B, S, 4, 2] v) <int64[3] n>
+        { q, k, v = Split <axis = -1> (x, n) }""",
+        n=np.array([2, 2, 2], np.int64),
+    )
+    outs, ctx = _apply(split, {0: out}, ctx)
+    assert all(_kinds(o) == ["other", "other", "heads", "other"] for o in outs)
+    assert not ctx.edits.split_sizes and len(ctx.edits.targets) == 1
+
+
+def test_a_per_head_fused_width_is_not_split_by_head_dim() -> None:
+    per_head = Axis("width", np.repeat(_mask(H, KEEP_Q), 3 * D))
+    _, node = _node(
+        """<ir_version: 10, opset_import: ["" : 18]>
+        g (float[B, S, 24] x) => (float[B, S, 12, 2] y) <int64[4] t> { y = Reshape (x, t) }""",
+        t=np.array([0, 0, 12, 2], np.int64),
+    )
+    with pytest.raises(Skip):  # 12 pieces of head_dim would be Q, K and V of every head mixed
+        _apply(node, {0: [OTHER, OTHER, per_head]}, _per_head_ctx())
+
+
+def test_fused_qkv_columns_per_head_layout() -> None:
+    from types import SimpleNamespace
+
+    attn = SimpleNamespace(num_heads=3, num_kv_heads=3, head_dim=2, qkv_slots=None, qkv_per_head=True)
+    q, k, v = qkv_columns(attn)  # type: ignore[arg-type]
+    assert q.tolist() == [0, 1, 6, 7, 12, 13]
+    assert k.tolist() == [2, 3, 8, 9, 14, 15]
+    assert v.tolist() == [4, 5, 10, 11, 16, 17]
+    # each kept head keeps its 3 * head_dim contiguous columns, in head order
+    assert kept_qkv_columns(attn, [0, 2], [0, 2]).tolist() == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17]  # type: ignore[arg-type]
 
 
 def test_concat_along_another_axis_keeps_roles() -> None:

@@ -12,6 +12,7 @@ import onnx_ir as ir
 import pytest
 
 import tforge
+from tests.compiler.test_structure_layouts import SWEEP_FAMILIES
 from tests.models import tiny, zoo
 from tforge import testing
 from tforge.compiler import head_layout, verify
@@ -183,8 +184,13 @@ def _prune_export(model: ir.Model, entry, spec: str, exporter: str) -> dict:
     return _prune(model, entry, spec, zoo.STATIC_SHAPE if _static(exporter) else (2, 9))
 
 
+#: Families outside the zoo that only head-pruning tests export here (built as the structure
+#: sweep builds them): GPT-NeoX, a fused QKV laid out per head
+OTHERS: dict[str, zoo.ZooEntry] = {"gpt_neox": SWEEP_FAMILIES["gpt_neox"]}
+
+
 def _entry(name: str) -> zoo.ZooEntry:
-    return zoo.ZOO.get(name) or zoo.EXTRA[name]
+    return zoo.ZOO.get(name) or zoo.EXTRA.get(name) or OTHERS[name]
 
 
 def _zero_output_rows(model: ir.Model, heads: Sequence[int], layers: Sequence[int] | None = None) -> None:
@@ -257,6 +263,13 @@ ZOO_SHAPES = [(1, 5), (3, 12)]
         ("gpt_bigcode", "dynamo", [0, 3], 2, 1),
         ("gpt_bigcode", "torchscript", [2], 3, 1),
         ("gpt_bigcode", "torchscript", [0, 2], 2, 1),
+        # fused query_key_value laid out per head, [b, s, heads, 3 * head_dim], cut into Q, K and V
+        # inside each head (Split, or three Slices): each kept head keeps its 3 * head_dim columns
+        ("gpt_neox", "dynamo", [1], 3, 3),
+        ("gpt_neox", "dynamo", [0, 3], 2, 2),
+        ("gpt_neox", "torchscript", [2], 3, 3),
+        ("gpt_neox", "torchscript", [1, 2], 2, 2),
+        ("gpt_neox", "static", [0], 3, 3),
     ],
 )
 def test_zoo_heads_with_zero_output_rows_go_exactly(
@@ -277,6 +290,8 @@ def test_zoo_heads_with_zero_output_rows_go_exactly(
         assert attn is not None and (attn.num_heads, attn.num_kv_heads) == (keep, kv_after)
         if name.startswith("falcon"):  # still head slots, fewer of them: the kept heads' in order
             assert attn.qkv_layout == "head_slots" and len(attn.qkv_slots[0]) == keep  # type: ignore[index]
+        if name == "gpt_neox":  # still per head, fewer of them
+            assert attn.qkv_layout == "per_head" and attn.q.out_features == 3 * keep * attn.head_dim
     _assert_consistent(model)
     for batch, seq in _shapes(exporter):
         feeds = entry.inputs(batch, seq, np.random.default_rng(3))
@@ -295,7 +310,7 @@ KNOWN_SKIPS = {
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("name", [*zoo.NAMES, *zoo.EXTRA])
+@pytest.mark.parametrize("name", [*zoo.NAMES, *zoo.EXTRA, *OTHERS])
 def test_a_quarter_of_the_heads_on_every_family_and_export(name: str, exporter: str, exported) -> None:
     """``prune-heads{ratio=0.25}`` on each family as each exporter writes it: every attention the
     block map finds loses a head, or keeps all four when they sit on two KV heads (three is no

@@ -12,9 +12,10 @@ To know which dimension of each shape is the heads axis, every value in the atte
 (:func:`attention_region`) gets a role per axis: ``heads``, ``rep`` (KV repeat), ``dim``
 (head_dim), ``width`` (heads x head_dim, head-major), ``slots`` (head-sized slots of a fused QKV
 output that Q, K and V select, Falcon: :class:`SlotGrid`) or ``other``, with a mask of what is
-kept on the counted ones. Roles start at the projections' ``[.., width]`` outputs and are propagated
-op by op by the rules of :data:`TRANSFER` (one function per op; elementwise and other
-axis-preserving ops share one). A constant element is rewritten only where its role says what
+kept on the counted ones. Roles start at the projections' ``[.., width]`` outputs (a fused QKV
+laid out per head, GPT-NeoX, is a width of ``3 * head_dim`` per head, split into heads of that
+width) and are propagated op by op by the rules of :data:`TRANSFER` (one function per op;
+elementwise and other axis-preserving ops share one). A constant element is rewritten only where its role says what
 it counts; a shape computed at run time from ``Shape`` adapts by itself. Anything a rule does
 not understand is a :class:`~tforge.compiler.pass_infra.Skip` naming the node.
 :func:`plan_head_removal` collects the edits for one choice of kept heads before anything
@@ -193,8 +194,9 @@ def qkv_columns(attn: Attention) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(  # type: ignore[return-value]
             np.asarray([s * d + i for s in slots for i in range(d)], np.int64) for slots in attn.qkv_slots
         )
-    if attn.qkv_per_head:
-        raise ValueError("a fused QKV laid out per head has no contiguous Q, K and V columns")
+    if attn.qkv_per_head:  # [heads, 3, head_dim]: head h's Q, K and V are its 3 * head_dim columns in turn
+        first = np.arange(attn.num_heads, dtype=np.int64)[:, None] * 3 * d
+        return tuple((first + part * d + np.arange(d, dtype=np.int64)).ravel() for part in range(3))  # type: ignore[return-value]
     q_w, kv_w = attn.num_heads * d, attn.num_kv_heads * d
     return np.arange(q_w), np.arange(q_w, q_w + kv_w), np.arange(q_w + kv_w, q_w + 2 * kv_w)
 
@@ -334,16 +336,23 @@ def plan_head_removal(
 ) -> HeadEdits:
     """Propagate axis roles through ``region`` for keeping query ``heads`` and ``kv_heads``
     (``per_group`` query heads per kept KV head); collect the edits that needs, or Skip."""
-    if attn.qkv_per_head:
+    if attn.qkv_per_head and attn.num_kv_heads != attn.num_heads:
         raise Skip(
-            "fused QKV laid out per head ([heads, 3, head_dim], GPT-NeoX): its head columns are not cut yet",
+            f"fused QKV laid out per head ([heads, 3, head_dim]) with {attn.num_kv_heads} KV heads "
+            f"for {attn.num_heads} query heads: only one K and V per query head is understood",
             attn.q.matmul,
-        )
+        )  # fmt: skip
     d = attn.head_dim
     ctx = LayoutContext.keeping(attn.num_heads, attn.num_kv_heads, d, heads, kv_heads, per_group, attn)
     q_mask, kv_mask = ctx.q_mask, ctx.kv_mask
     roles: dict[int, Roles] = {}
-    if attn.qkv_slots is not None:  # the slots keep their order; the Reshape after the projection cuts them
+    if attn.qkv_per_head:  # whole heads of 3 * head_dim columns; the Reshape after the projection cuts them
+        if not np.array_equal(q_mask, kv_mask):
+            raise Skip("fused QKV laid out per head: the kept KV heads are not the kept query heads", attn.q.matmul)
+        ctx.per_head_width = 3 * d
+        ctx.slot_counts = {attn.num_heads * 3 * d}
+        roles[id(attn.q.output)] = _leading(attn.q.output, Axis("width", np.repeat(q_mask, 3 * d)))
+    elif attn.qkv_slots is not None:  # the slots keep their order; the Reshape after the projection cuts them
         grid = SlotGrid.of(attn.qkv_slots, q_mask, kv_mask)
         width = np.repeat(grid.kept[0], d)
         roles[id(attn.q.output)] = _leading(attn.q.output, Axis("width", width, slots=grid))
@@ -400,6 +409,9 @@ class LayoutContext:
     context_matmul: ir.Node | None = None
     #: sizes that count head slots of a fused QKV output (their number, their width)
     slot_counts: set[int] = dataclasses.field(default_factory=set)
+    #: a fused QKV output laid out per head (``Attention.qkv_per_head``): the width of one head's
+    #: Q, K and V together (``3 * head_dim``), which the Reshape after the projection splits off
+    per_head_width: int | None = None
 
     @classmethod
     def keeping(
@@ -768,12 +780,23 @@ def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
         # a fused QKV output cut into head slots: [.., T*d] -> [.., T, d] or [.., KV, T/KV, d]
         if inp[-1].slots is not None and leading_only and size(k - 1) == d:
             return _slot_split(ctx, node, inp, target, size)
-        # split: [.., H*d] -> [.., H, d]
-        if inp[-1].kind == "width" and k >= 2 and leading_only and size(k - 1) == d and _heads_element(inp[-1], elems, size, d):
+        # split: [.., H*d] -> [.., H, d]; a fused QKV laid out per head: [.., H*3d] -> [.., H, 3d]
+        # (the last axis is then cut into Q, K and V inside each head, which removing heads leaves alone)
+        split = d
+        if (
+            ctx.per_head_width is not None
+            and inp[-1].kind == "width"
+            and inp[-1].old == ctx.num_heads * ctx.per_head_width
+        ):  # never by head_dim: that would mix one head's Q, K and V into "heads"
+            split = ctx.per_head_width
+        if (
+            inp[-1].kind == "width" and k >= 2 and leading_only and size(k - 1) == split
+            and _heads_element(inp[-1], elems, size, split)
+        ):  # fmt: skip
             width = inp[-1]
-            if width.old % d:
-                raise Skip(f"Reshape '{node.name}' splits {width.old} channels by head_dim {d}", node)
-            per_head = width.keep.reshape(-1, d)
+            if width.old % split:
+                raise Skip(f"Reshape '{node.name}' splits {width.old} channels by {split}", node)
+            per_head = width.keep.reshape(-1, split)
             if not (per_head.all(axis=1) | ~per_head.any(axis=1)).all():
                 raise Skip(f"Reshape '{node.name}' would split a head", node)
             heads = Axis("heads", per_head[:, 0].copy())

@@ -16,6 +16,9 @@ output projection:
 A fused QKV cut into head-sized slots that Q, K and V select (Falcon, ``Attention.qkv_slots``)
 keeps the kept heads' slots in their order; the slot Reshape and the Slice/Gather/GatherND
 selections are rewritten like the rest (the ``slots`` role of the head-layout analysis).
+A fused QKV laid out per head (GPT-NeoX, ``Attention.qkv_per_head``: ``[.., heads, 3 * head_dim]``
+cut into Q, K and V inside each head) keeps each kept head's ``3 * head_dim`` columns in order;
+only the heads element of the per-head Reshape changes (the in-head Split or Slices do not).
 
 Which dimension of each shape is the heads axis is the head-layout analysis of
 :mod:`tforge.compiler.head_layout` (roles per axis, propagated op by op); an attention whose
