@@ -52,6 +52,7 @@ __all__ = [
     "shape_elements",
     "score_chain",
     "softmax_score_chain",
+    "squeeze_axes",
     "value_columns",
 ]
 
@@ -541,7 +542,7 @@ class _Tracer:
                 raise Skip(f"Transpose '{node.name}' on the {what} path does not permute its {len(layout)} axes", node)
             return tuple(layout[p] for p in perm)
         if op in ("Unsqueeze", "Squeeze"):
-            axes = _axes_of(node)
+            axes = squeeze_axes(node)
             if op == "Unsqueeze":
                 if axes is None:
                     raise Skip(f"Unsqueeze '{node.name}' on the {what} path has no constant axes", node)
@@ -594,7 +595,9 @@ def _flat_target(node: ir.Node) -> bool:
     return target is not None and [int(x) for x in np.asarray(target).ravel()] == [-1]
 
 
-def _axes_of(node: ir.Node) -> list[int] | None:
+def squeeze_axes(node: ir.Node) -> list[int] | None:
+    """The constant axes of a ``Squeeze``/``Unsqueeze`` (input, or attribute below opset 13); None
+    when they are computed at run time or absent."""
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         arr = const_array(node.inputs[1])
         return None if arr is None else [int(x) for x in np.asarray(arr).ravel()]

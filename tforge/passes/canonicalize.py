@@ -265,16 +265,14 @@ def _unknown(dim: int | ir.SymbolicDim | None) -> bool:
     return dim is None or (isinstance(dim, ir.SymbolicDim) and (not dim.value or _MADE_UP.match(dim.value) is not None))
 
 
-def _refine_shape(value: ir.Value, dims: list[int | ir.SymbolicDim | None] | None) -> bool:
+def _refine_shape(value: ir.Value, dims: list[int | ir.SymbolicDim | None]) -> None:
     """Fill in ``value``'s unknown dims from ``dims`` (same rank); a known dim is never changed."""
-    if dims is None or (value.shape is not None and value.shape.rank() != len(dims)):
-        return False
+    if value.shape is not None and value.shape.rank() != len(dims):
+        return
     old = list(value.shape.dims) if value.shape is not None else [None] * len(dims)
     new = [d if _unknown(o) and not _unknown(d) else o for o, d in zip(old, dims, strict=True)]
-    if all(n is o for n, o in zip(new, old, strict=True)):
-        return False
-    value.shape = ir.Shape([ir.SymbolicDim(None) if d is None else d for d in new])
-    return True
+    if any(n is not o for n, o in zip(new, old, strict=True)):
+        value.shape = ir.Shape([ir.SymbolicDim(None) if d is None else d for d in new])
 
 
 class _OpGuardedRule:

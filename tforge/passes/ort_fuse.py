@@ -97,6 +97,7 @@ from tforge.compiler.attention_paths import (
     merge_heads,
     peel_scale,
     softmax_score_chain,
+    squeeze_axes,
 )
 from tforge.compiler.ops import (
     COMPARISONS,
@@ -761,21 +762,13 @@ def _cache_concat(value: ir.Value | None, role: str) -> tuple[ir.Value, bool]:
             raise Skip(f"{node.op_type} between the present {role} and the attention MatMul", node)
         if node.op_type == "Transpose" and _perm(node) not in ((0, 2, 1), (0, 1, 3, 2)):
             raise Skip(f"a Transpose other than K^T on the {role} path", node)
-        if node.op_type == "Unsqueeze" and _unsqueezed_axes(node) not in ([2], [-3]):
+        if node.op_type == "Unsqueeze" and squeeze_axes(node) not in ([2], [-3]):
             # repeat-kv repeats each KV head in place ([b, kv, 1, t, d] expanded, then merged):
             # another new axis would interleave the KV heads, giving query heads other keys
             raise Skip(f"the repeat-kv Unsqueeze on the {role} path does not add axis 2", node)
         seen.append(node.op_type)
         value = node.inputs[0]
     raise Skip(f"the {role} operand does not come from a present cache output", value)
-
-
-def _unsqueezed_axes(node: ir.Node) -> list[int] | None:
-    axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    attr = node.attributes.get("axes")  # opset < 13
-    if axes is None and attr is None:
-        return None
-    return [int(a) for a in (np.asarray(axes).ravel() if axes is not None else attr.value)]  # type: ignore[union-attr]
 
 
 def _read_on_path(value: ir.Value) -> bool:
