@@ -1,7 +1,7 @@
 """The block map on layouts beyond the zoo's defaults (issue 18): Falcon's fused QKV cut into head
-slots, and the TorchScript exports of the newer grouped-query families. Each model is a tiny
-random ``transformers`` model exported once per session; exact passes keep the outputs and the
-passes that cannot follow a layout say why."""
+slots, CodeGen's cut per group of heads (read as slots too), and the TorchScript exports of the
+newer grouped-query families. Each model is a tiny random ``transformers`` model exported once
+per session; exact passes keep the outputs and the passes that cannot follow a layout say why."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import tforge
 from tests.models import zoo
 from tforge import testing
 from tforge.compiler.calibration import FEEDS_KEY
+from tforge.compiler.head_layout import qkv_columns
 from tforge.compiler.pipeline import PassManager
 from tforge.compiler.structure import find_blocks
 from tforge.runtime import ort as ort_runtime
@@ -120,7 +121,7 @@ def test_falcon_exact_passes_keep_outputs_and_the_others_say_why(name: str, extr
 
     stats = {p.name: p.stats for p in report.passes}
     assert stats["ln-migrate"]["migrated"] >= layers, stats
-    assert stats["smoothquant"]["skipped: v->o: fused QKV reshaped into head slots (Falcon): V's columns are not proven private"] == layers
+    assert stats["smoothquant"]["skipped: v->o: fused QKV cut into head slots (Falcon, CodeGen): V's columns are not proven private"] == layers
     _assert_same_function(original, model, entry.inputs(2, 9, np.random.default_rng(1)))
     ort_runtime.create_session(model, optimize=True)  # loads in ONNX Runtime with its optimizations
 
@@ -258,7 +259,7 @@ SWEEP_FAMILIES = {
 
 # (family, exporter, what the map reports of every block: heads, KV heads, head_dim, qkv_layout)
 SWEEP = [
-    ("codegen", "torchscript", (4, 4, 16, "per_head")),
+    ("codegen", "torchscript", (4, 4, 16, "head_slots")),  # (query, value, key) in each group: slots
     ("deberta-v2", "torchscript", (4, 4, 16, None)),
     ("gpt_neox", "torchscript", (4, 4, 16, "per_head")),
     ("bloom", "dynamo", (4, 4, 16, "head_slots")),
@@ -306,8 +307,9 @@ def test_sweep_exports_map_every_block_and_keep_outputs(name: str, exporter: str
 
 def test_a_split_that_does_not_cover_the_fused_linear_is_refused(sweep_model) -> None:  # type: ignore[no-untyped-def]
     """CodeGen cuts [b, s, 4, -1] in [16, 16, 16]: when the -1 cannot be resolved (here the
-    reshaped input's dims are dropped), the parts cover 48 of the 192 columns, and the block is
-    refused rather than read as one head of 16."""
+    reshaped input's dims are dropped and the target is a graph input, so neither the Reshape's
+    dims nor the columns on the paths are known), the parts cover 48 of the 192 columns, and the
+    block is refused rather than read as one head of 16."""
     entry = SWEEP_FAMILIES["codegen"]
     model = tforge.load(sweep_model("codegen", "torchscript"))
     _run(model, "canonicalize", entry)
@@ -316,20 +318,74 @@ def test_a_split_that_does_not_cover_the_fused_linear_is_refused(sweep_model) ->
     assert reshape is not None and reshape.op_type == "Reshape"
     reshape.inputs[0].shape = None
     reshape.outputs[0].shape = None
+    target = ir.Value(name="target", shape=ir.Shape([4]), type=ir.TensorType(ir.DataType.INT64))
+    model.graph.inputs.append(target)
+    reshape.replace_input_with(1, target)
     found = find_blocks(model)
     assert [b.attention is not None for b in found.blocks] == [True, False]  # block 1 keeps its FFN only
     (why,) = found.unrecognized
     assert "192 wide) is cut into parts [16, 16, 16] that do not cover its output" in why, why
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_codegen_groups_of_several_heads_are_refused(exporter: str, sweep_model) -> None:  # type: ignore[no-untyped-def]
-    """CodeGen with more heads than its 4 groups: the fused output is cut per group (not per
-    head) and each part is reshaped again into heads. Reading the group as a head would report
-    4 heads of 16 for 8 heads of 8: the block is refused with the reason instead."""
-    model = tforge.load(sweep_model("codegen-groups", exporter))
-    _run(model, "canonicalize", SWEEP_FAMILIES["codegen-groups"])
+def _codegen_columns(heads: int, head_dim: int, part: int) -> np.ndarray:
+    """transformers' CodeGenAttention: the fused output viewed as [..., 4, -1], each group cut in
+    (query, value, key) parts of ``heads / 4`` heads; head ``h`` is head ``h % (heads / 4)`` of
+    group ``h // (heads / 4)``. The columns of ``part`` (0 query, 1 value, 2 key), head by head."""
+    per_group = heads // 4
+    local = per_group * head_dim
+    return np.concatenate(
+        [(h // per_group) * 3 * local + part * local + (h % per_group) * head_dim + np.arange(head_dim) for h in range(heads)]
+    )
+
+
+# (family, exporter, heads of head_dim)
+CODEGEN = [("codegen-groups", "dynamo", 8, 8), ("codegen-groups", "torchscript", 8, 8), ("codegen", "torchscript", 4, 16)]
+
+
+@pytest.mark.parametrize(("name", "exporter", "heads", "head_dim"), CODEGEN, ids=[f"{c[0]}-{c[1]}" for c in CODEGEN])
+def test_codegen_groups_are_read_as_head_slots(name: str, exporter: str, heads: int, head_dim: int, sweep_model) -> None:  # type: ignore[no-untyped-def]
+    """CodeGen's fused output is cut per group (4 of them, not per head) in (query, value, key)
+    order, and with more heads than groups each part is reshaped again into heads. It is read as
+    head slots, so head_layout.qkv_columns gives every reader transformers' columns of each head;
+    the exact passes keep the outputs; the V -> O rescalings skip it by name; prune-heads prunes
+    exactly (the removed heads' rows of the output projection zeroed) or says why not."""
+    entry = SWEEP_FAMILIES[name]
+    original = tforge.load(sweep_model(name, exporter))
+    model = tforge.load(sweep_model(name, exporter))
+    _run(model, "canonicalize", entry)
+    canonical = model.clone()
     found = find_blocks(model)
-    assert all(b.attention is None for b in found.blocks)
-    assert len(found.unrecognized) == zoo.LAYERS
-    assert all("reshaped again to 8 wide (groups of several heads)" in why for why in found.unrecognized), found.unrecognized
+    assert found.unrecognized == [] and len(found.blocks) == zoo.LAYERS
+    for block in found.blocks:
+        attn = block.attention
+        assert attn is not None and attn.qkv_layout == "head_slots"
+        assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (heads, heads, head_dim)
+        assert attn.qkv_split == (heads * head_dim,) * 3 and attn.o.in_features == heads * head_dim
+        q, k, v = qkv_columns(attn)
+        for got, part in ((q, 0), (v, 1), (k, 2)):
+            np.testing.assert_array_equal(got, _codegen_columns(heads, head_dim, part))
+
+    report = _run(model, "ln-migrate,calibrate,smoothquant{alpha=0.5}", entry)
+    stats = {p.name: p.stats for p in report.passes}
+    assert stats["ln-migrate"]["migrated"] == zoo.LAYERS, stats
+    reason = "skipped: v->o: fused QKV cut into head slots (Falcon, CodeGen): V's columns are not proven private"
+    assert stats["smoothquant"][reason] == zoo.LAYERS, stats
+    feeds = entry.inputs(2, 9, np.random.default_rng(1))
+    _assert_same_function(original, model, feeds)
+
+    pruned = canonical.clone()
+    run = _run(pruned, "calibrate,prune-heads{ratio=0.5 compensate=false}", entry).passes[-1]
+    if not run.stats.get("pruned"):  # every layer says why
+        blocked = [k for k in run.stats if k.startswith("skipped: ")]
+        assert sum(run.stats[k] for k in blocked) == zoo.LAYERS, run.stats
+        return
+    assert run.stats["pruned"] == zoo.LAYERS, run.stats
+    masked = canonical.clone()  # the same function: the removed heads' rows of o zeroed
+    for row, block in zip(run.details["layers"], find_blocks(masked).blocks, strict=True):
+        assert block.attention is not None
+        weight = block.attention.o.weight
+        rows = weight.const_value.numpy().copy()
+        for h in set(range(heads)) - set(row["kept"]):
+            rows[h * head_dim : (h + 1) * head_dim] = 0
+        weight.const_value = ir.tensor(rows)
+    _assert_same_function(masked, pruned, feeds)

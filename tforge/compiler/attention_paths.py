@@ -71,7 +71,7 @@ def value_columns(attn: Attention) -> tuple[int, int]:
     if attn.qkv_slots is not None:
         # V's slots are selected from a reshape that Q and K read too (Falcon): nothing here proves
         # that the Q and K selections leave V's columns alone
-        raise Skip("v->o: fused QKV reshaped into head slots (Falcon): V's columns are not proven private", attn.v.matmul)
+        raise Skip("v->o: fused QKV cut into head slots (Falcon, CodeGen): V's columns are not proven private", attn.v.matmul)
     start, width = _walk_to_value_columns(attn)
     if width != attn.num_kv_heads * attn.head_dim or attn.o.in_features != attn.num_heads * attn.head_dim:
         raise Skip("v->o: head layout does not match the widths", attn.o.matmul)

@@ -766,12 +766,13 @@ class _Walk:
 
     @staticmethod
     def _path(value: ir.Value, parent: dict[int, ir.Node | None]) -> list[ir.Node]:
-        """Nodes from ``value`` (a linear output) forward to the walk's start, via parent links."""
+        """Nodes from ``value`` (a linear output) forward to the walk's start, via parent links
+        (from the output the walk came through: the key's or value's part of a fused Split)."""
         path = []
         node = parent.get(id(value))
         while node is not None:
             path.append(node)
-            node = parent.get(id(node.outputs[0]))
+            node = next((parent[id(out)] for out in node.outputs if id(out) in parent), None)
         return path
 
 
@@ -895,7 +896,7 @@ def _head_split(path: list[ir.Node], width: int) -> tuple[int, int] | None:
 
 
 def _per_head_qkv(
-    lin: Linear, paths: tuple[list[ir.Node], list[ir.Node], list[ir.Node]]
+    lin: Linear, paths: tuple[list[ir.Node], list[ir.Node], list[ir.Node]], ends: tuple[ir.Value, ir.Value, ir.Value]
 ) -> tuple[int, int] | None | str:
     """(heads, head_dim) when a fused QKV output is reshaped to ``[..., heads, 3 * head_dim]``
     and then cut in three equal parts of its last axis inside each head, by a Split or by three
@@ -903,7 +904,9 @@ def _per_head_qkv(
     cut a Reshape's heads that way; why not, when they do but unevenly.
 
     The paths (query, key, value) run from the fused linear's output forward to the scores and
-    the context, so the Reshape comes before the cut on the query's.
+    the context (``ends``, the values the MatMuls read), so the Reshape comes before the cut on
+    the query's. A Split whose outputs are not query, key and value in that order (CodeGen's
+    query, value, key) is left to :func:`_head_slot_qkv`.
     """
     q_path = paths[0]
     cut_at = next((i for i, n in enumerate(q_path) if n.op_type in ("Split", "Slice")), None)
@@ -921,6 +924,8 @@ def _per_head_qkv(
             return None
     if widths is None or len(widths) != 3:
         return None
+    if cut.op_type == "Split" and [_output_read(cut, p, e) for p, e in zip(paths, ends, strict=True)] != [0, 1, 2]:
+        return None  # another order inside each head (CodeGen: query, value, key): read as head slots
     per_head = sum(widths)
     if per_head >= lin.out_features or lin.out_features % per_head:
         return None
@@ -931,11 +936,7 @@ def _per_head_qkv(
         if node.op_type == "Reshape":
             again = [cand[-1] for cand in _reshape_dims(node) if cand and cand[-1] not in (-1, 0, None)]
             if again and again[0] != widths[0]:
-                # CodeGen cuts groups of several heads this way, then splits each part into heads
-                return (
-                    f"fused QKV linear '{lin.name}': the parts of {widths[0]} cut inside each group are "
-                    f"reshaped again to {again[0]} wide (groups of several heads): not read"
-                )
+                return None  # groups of several heads, each part reshaped again into heads: head slots
             break
     for node in q_path[:cut_at]:
         if node.op_type != "Reshape":
@@ -949,6 +950,17 @@ def _per_head_qkv(
                     )
                 return heads, widths[0]
     return None
+
+
+def _output_read(node: ir.Node, path: list[ir.Node], end: ir.Value) -> int | None:
+    """Which output of ``node`` the path (ending at ``end``) goes on from; None if not on it."""
+    at = next((i for i, n in enumerate(path) if n is node), None)
+    if at is None:
+        return None
+    if at + 1 == len(path):
+        return next((j for j, out in enumerate(node.outputs) if out is end), None)
+    later = path[at + 1]
+    return next((j for j, out in enumerate(node.outputs) if out in later.inputs), None)
 
 
 def _three_slices_of(data: ir.Value | None, paths: tuple[list[ir.Node], ...]) -> list[int] | None:
@@ -971,7 +983,9 @@ _INDEX_OPS = frozenset(
 )  # fmt: skip
 
 
-def _columns_on_path(lin: Linear, path: list[ir.Node], end: ir.Value) -> np.ndarray | None:
+def _columns_on_path(
+    lin: Linear, path: list[ir.Node], end: ir.Value, qkv_cut: ir.Node | None = None
+) -> np.ndarray | None:
     """Which columns of ``lin``'s output each element of the value on ``path`` holds, evaluated
     on the column indices with every run-time dim (batch, sequence) taken as 1, or, in a
     fixed-shape export, at the static dims its Reshape targets are written for (axes that only
@@ -980,7 +994,11 @@ def _columns_on_path(lin: Linear, path: list[ir.Node], end: ir.Value) -> np.ndar
     The walk follows the path from the linear while its ops only select or rearrange elements,
     and stops before the first other op, or before one that would move or resize the last axis
     once it has been cut below the linear's width (the head_dim axis: a transpose to K^T, the
-    halves of rotary). None when a step cannot be evaluated from constants.
+    halves of rotary). Two exceptions: ``qkv_cut``, the Split or Slice that cuts Q, K and V apart
+    (CodeGen cuts them inside each of its groups, ``[..., groups, 3 * width]``), and a Reshape
+    that splits such a part into heads, the heads merged into the groups' axis at once or by
+    the next Reshape (CodeGen's groups of several heads). None when a step cannot be evaluated
+    from constants.
     """
     if not path or path[0].inputs[0] is not lin.output:
         return None
@@ -992,6 +1010,7 @@ def _columns_on_path(lin: Linear, path: list[ir.Node], end: ir.Value) -> np.ndar
     cols = np.broadcast_to(
         np.arange(lin.out_features, dtype=np.int64), [*lead, lin.out_features]
     ).copy()
+    merging = False  # the last step cut the last axis in two, and this one must merge the cut-off part
     for i, node in enumerate(path):
         if node.op_type not in _INDEX_OPS or not node.inputs or node.inputs[0] is None:
             break
@@ -1005,14 +1024,34 @@ def _columns_on_path(lin: Linear, path: list[ir.Node], end: ir.Value) -> np.ndar
         new = _evaluate_index_op(node, cols, out)
         if new is None:
             return None
-        if cols.shape[-1] < lin.out_features and new.shape[-1] != cols.shape[-1]:
-            break
+        if merging:
+            merging = False
+            if not (node.op_type == "Reshape" and _merges_heads(cols.shape[:-3], cols.shape[-3:], new.shape)):
+                return None  # the cut-off part stays an axis of its own: not one split into heads
+        elif cols.shape[-1] < lin.out_features and new.shape[-1] != cols.shape[-1] and node is not qkv_cut:
+            if node.op_type != "Reshape" or not 0 < new.shape[-1] < cols.shape[-1]:
+                break
+            # a part cut inside a group of heads split into them (CodeGen: [..., groups, width]
+            # to [..., groups * heads, head_dim], or to [..., groups, heads, head_dim] and merged)
+            if new.shape[:-1] == (*cols.shape[:-1], cols.shape[-1] // new.shape[-1]):
+                merging = True
+            elif not _merges_heads(cols.shape[:-2], (*cols.shape[-2:-1], cols.shape[-1] // new.shape[-1], new.shape[-1]), new.shape):
+                break
         if node.op_type == "Transpose" and cols.shape[-1] < lin.out_features:
             perm = node.attributes.get("perm")
             if perm is None or int(perm.value[-1]) != cols.ndim - 1:
                 break
         cols = new
+    if merging:
+        return None
     return _without_copied_axes(cols)
+
+
+def _merges_heads(lead: tuple[int, ...], split: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether ``shape`` is ``[*lead, groups * heads, head_dim]`` for ``split = (groups, heads,
+    head_dim)``: a group's heads merged into the axis of the groups."""
+    groups, heads, head_dim = split
+    return shape == (*lead, groups * heads, head_dim) and head_dim * heads * groups > 0
 
 
 #: elements of a fixed-shape linear output evaluated on its column indices (larger: read at 1s)
@@ -1184,8 +1223,9 @@ def _head_slot_qkv(
     """
     per_role: list[list[int]] = []
     head_dim = None
-    for path, end in zip(paths, ends, strict=True):
-        cols = _columns_on_path(lin, path, end)
+    cuts = _qkv_cuts(paths, ends)
+    for path, end, cut in zip(paths, ends, cuts, strict=True):
+        cols = _columns_on_path(lin, path, end, cut)
         if cols is None or cols.ndim < 2:
             return None
         d = int(cols.shape[-1])
@@ -1223,6 +1263,21 @@ def _head_slot_qkv(
     if sorted(everything) != list(range(lin.out_features // head_dim)):
         return f"fused QKV linear '{lin.name}': the query, key and value slots do not cover its output once each"
     return tuple(query), k_slots, v_slots, head_dim
+
+
+def _qkv_cuts(paths: tuple[list[ir.Node], ...], ends: tuple[ir.Value, ...]) -> list[ir.Node | None]:
+    """The node on each of the query, key and value paths that cuts them apart: one Split all
+    three read different outputs of, or three Slices of one value; Nones when there is none."""
+    split = next((n for n in paths[0] if n.op_type == "Split"), None)
+    if split is not None:
+        read = [_output_read(split, path, end) for path, end in zip(paths, ends, strict=True)]
+        if None not in read and len(set(read)) == 3:
+            return [split] * 3
+    slices = [next((n for n in path if n.op_type == "Slice"), None) for path in paths]
+    data = {id(s.inputs[0]) for s in slices if s is not None}
+    if None not in slices and len(data) == 1 and len(set(map(id, slices))) == 3:
+        return slices
+    return [None] * 3
 
 
 def _split_widths(path: list[ir.Node]) -> list[int] | None:
@@ -1610,17 +1665,19 @@ def _find_attention(
     if fused:
         if v is not q:
             return f"{where}: query and key come from fused linear '{q.name}' but value from '{v.name}'"
-        per_head = _per_head_qkv(q, (q_path, k_path, v_path))
+        ends = (scores.inputs[0], scores.inputs[1], context.inputs[1])
+        per_head = _per_head_qkv(q, (q_path, k_path, v_path), ends)
         if isinstance(per_head, str):
             return f"{where}: {per_head}"
         widths = _split_widths(q_path) or _split_widths(k_path) or _slice_widths(q, q_path, k_path, v_path)
         if per_head is not None:
             heads, head_dim = per_head
             widths = [heads * head_dim] * 3
-        elif widths is None:
-            found = _head_slot_qkv(
-                q, (q_path, k_path, v_path), (scores.inputs[0], scores.inputs[1], context.inputs[1])
-            )
+        elif widths is None or sum(widths) != q.out_features:
+            # head slots (Falcon), or parts cut inside groups of the output and reshaped into
+            # heads (CodeGen's [..., 4, 3 * width / 4] cut in query, value, key): read by
+            # replaying the index ops on the column numbers
+            found = _head_slot_qkv(q, (q_path, k_path, v_path), ends)
             if isinstance(found, str):
                 return f"{where}: {found}"
             if found is not None:
