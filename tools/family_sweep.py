@@ -83,6 +83,7 @@ class Family:
     kwargs: dict[str, Any]
     kv_heads: int = HEADS
     decoder: bool = True
+    heads: int = HEADS  # query heads (of HIDDEN // heads channels each)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     note: str = ""
 
@@ -145,6 +146,10 @@ FAMILIES: dict[str, Family] = {
         Family("codegen", "CodeGenConfig", "CodeGenModel", {
             "vocab_size": VOCAB, "n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS, "n_inner": INTERMEDIATE,
             "n_positions": POSITIONS, "n_ctx": POSITIONS, "rotary_dim": 8, **_TOKENS}),
+        Family("codegen-groups", "CodeGenConfig", "CodeGenModel", {
+            "vocab_size": VOCAB, "n_embd": HIDDEN, "n_layer": LAYERS, "n_head": 2 * HEADS, "n_inner": INTERMEDIATE,
+            "n_positions": POSITIONS, "n_ctx": POSITIONS, "rotary_dim": 4, **_TOKENS}, 2 * HEADS, heads=2 * HEADS,
+            note="two heads in each of CodeGen's 4 groups, as in real CodeGen models"),
         Family("starcoder2", "Starcoder2Config", "Starcoder2Model", _GQA, KV),
         Family("granite", "GraniteConfig", "GraniteModel", _GQA, KV),
         Family("cohere", "CohereConfig", "CohereModel", _GQA, KV),
@@ -370,7 +375,7 @@ def compile_step(src: Path, dst: Path, pipeline: list[str], feeds: dict[str, np.
 
 
 def check_variant(family: Family, path: Path, shape: tuple[int, int], npz: Path) -> dict[str, Any]:
-    truth = {"layers": LAYERS, "heads": HEADS, "kv_heads": family.kv_heads, "head_dim": HEAD_DIM}
+    truth = {"layers": LAYERS, "heads": family.heads, "kv_heads": family.kv_heads, "head_dim": HIDDEN // family.heads}
     feeds = text_feeds(*shape, np.random.default_rng(SEED + 2))
     rec: dict[str, Any] = {"path": str(path)}
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
