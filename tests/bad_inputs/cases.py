@@ -20,40 +20,13 @@ import onnx.helper as oh
 import onnx.numpy_helper as onh
 import onnx.parser
 
+from tests.models import tiny
+
 Writer = Callable[[Path], Path]
 
 # A one-block pre-norm transformer (LayerNorm, 2-head attention, GELU FFN), hidden size 8: a
 # model tforge accepts, from which each case breaks exactly one thing.
-BLOCK = """
-<ir_version: 10, opset_import: ["" : 20]>
-block (float[1, 4, 8] x) => (float[1, 4, 8] y)
-<float[8] g, float[8] b, float[8, 8] wq, float[8, 8] wk, float[8, 8] wv, float[8, 8] wo,
- int64[4] heads, int64[3] merged, float[8] g2, float[8] b2, float[8, 16] wu, float[16, 8] wd>
-{
-    h = LayerNormalization <axis = -1> (x, g, b)
-    q = MatMul (h, wq)
-    k = MatMul (h, wk)
-    v = MatMul (h, wv)
-    q4 = Reshape (q, heads)
-    qt = Transpose <perm = [0, 2, 1, 3]> (q4)
-    k4 = Reshape (k, heads)
-    kt = Transpose <perm = [0, 2, 3, 1]> (k4)
-    v4 = Reshape (v, heads)
-    vt = Transpose <perm = [0, 2, 1, 3]> (v4)
-    s = MatMul (qt, kt)
-    p = Softmax <axis = -1> (s)
-    c = MatMul (p, vt)
-    ct = Transpose <perm = [0, 2, 1, 3]> (c)
-    cm = Reshape (ct, merged)
-    o = MatMul (cm, wo)
-    r = Add (x, o)
-    h2 = LayerNormalization <axis = -1> (r, g2, b2)
-    u = MatMul (h2, wu)
-    a = Gelu (u)
-    d = MatMul (a, wd)
-    y = Add (r, d)
-}
-"""
+BLOCK = tiny.GELU_BLOCK.replace("VALUE_SOURCE", "MatMul (h, wv)")
 
 MLP = """
 <ir_version: 10, opset_import: ["" : 20]>
@@ -73,6 +46,7 @@ _SHAPES = {
     "wk": (8, 8),
     "wv": (8, 8),
     "wo": (8, 8),
+    "bo": (8,),
     "g2": (8,),
     "b2": (8,),
     "wu": (8, 16),

@@ -79,6 +79,43 @@ _PRE_NORM_LAYER = """    h{s} = LayerNormalization <axis = -1> ({inp}, g1{s}, b1
 """
 
 
+#: One pre-norm block with a GELU FFN at fixed shape ``[1, 4, 8]``, opset 20, its value projection
+#: left as ``VALUE_SOURCE`` for the test to write; ``heads`` ``[1, 4, 2, 4]`` and ``merged``
+#: ``[1, 4, 8]`` are initializers the test gives with the weights. The block map tests vary the
+#: value path; the bad-input corpus breaks one thing at a time in it.
+GELU_BLOCK = """
+<ir_version: 10, opset_import: ["" : 20]>
+block (float[1, 4, 8] x) => (float[1, 4, 8] y)
+<float[8] g, float[8] b, float[8, 8] wq, float[8, 8] wk, float[8, 8] wv, float[8, 8] wo, float[8] bo,
+ int64[4] heads, int64[3] merged, float[8] g2, float[8] b2, float[8, 16] wu, float[16, 8] wd>
+{
+    h = LayerNormalization <axis = -1> (x, g, b)
+    q = MatMul (h, wq)
+    k = MatMul (h, wk)
+    v = VALUE_SOURCE
+    q4 = Reshape (q, heads)
+    qt = Transpose <perm = [0, 2, 1, 3]> (q4)
+    k4 = Reshape (k, heads)
+    kt = Transpose <perm = [0, 2, 3, 1]> (k4)
+    v4 = Reshape (v, heads)
+    vt = Transpose <perm = [0, 2, 1, 3]> (v4)
+    s = MatMul (qt, kt)
+    p = Softmax <axis = -1> (s)
+    c = MatMul (p, vt)
+    ct = Transpose <perm = [0, 2, 1, 3]> (c)
+    cm = Reshape (ct, merged)
+    o0 = MatMul (cm, wo)
+    o = Add (o0, bo)
+    r = Add (x, o)
+    h2 = LayerNormalization <axis = -1> (r, g2, b2)
+    u = MatMul (h2, wu)
+    a = Gelu (u)
+    d = MatMul (a, wd)
+    y = Add (r, d)
+}
+"""
+
+
 #: the MiniLM tokenizer's vocabulary, so text calibration with that tokenizer can feed ``text_encoder``
 MINILM_VOCAB = 30522
 
