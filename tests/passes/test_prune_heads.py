@@ -275,8 +275,25 @@ ZOO_SHAPES = [(1, 5), (3, 12)]
 def test_zoo_heads_with_zero_output_rows_go_exactly(
     name: str, exporter: str, zero: list[int], keep: int, kv_after: int, exported
 ) -> None:
-    entry = _entry(name)
     model = _canonical(exported(name, exporter))
+
+    assert_zeroed_heads_go_exactly(model, _entry(name), zero, keep, kv_after, exporter)
+
+    for block in find_blocks(model).blocks:
+        attn = block.attention
+        assert attn is not None
+        if name.startswith("falcon"):  # still head slots, fewer of them: the kept heads' in order
+            assert attn.qkv_layout == "head_slots" and len(attn.qkv_slots[0]) == keep  # type: ignore[index]
+        if name == "gpt_neox":  # still per head, fewer of them
+            assert attn.qkv_layout == "per_head" and attn.q.out_features == 3 * keep * attn.head_dim
+
+
+def assert_zeroed_heads_go_exactly(
+    model: ir.Model, entry: zoo.ZooEntry, zero: list[int], keep: int, kv_after: int, exporter: str
+) -> None:
+    """Heads ``zero`` get zero output-projection rows, then ``prune-heads{keep=...}`` runs: every
+    layer keeps the other heads (``kv_after`` KV heads), the rewritten graph is consistent, and
+    it computes what the original did in ONNX Runtime."""
     _zero_output_rows(model, zero)
     original = model.clone()
 
@@ -288,10 +305,6 @@ def test_zoo_heads_with_zero_output_rows_go_exactly(
     for block in find_blocks(model).blocks:
         attn = block.attention
         assert attn is not None and (attn.num_heads, attn.num_kv_heads) == (keep, kv_after)
-        if name.startswith("falcon"):  # still head slots, fewer of them: the kept heads' in order
-            assert attn.qkv_layout == "head_slots" and len(attn.qkv_slots[0]) == keep  # type: ignore[index]
-        if name == "gpt_neox":  # still per head, fewer of them
-            assert attn.qkv_layout == "per_head" and attn.q.out_features == 3 * keep * attn.head_dim
     _assert_consistent(model)
     for batch, seq in _shapes(exporter):
         feeds = entry.inputs(batch, seq, np.random.default_rng(3))

@@ -6,7 +6,10 @@ splits, ``[b, s, H*d]`` merges, the ``[b, KV, rep, s, d] -> [b, H, s, d]`` merge
 attention, also with multi-query's one KV head), ``Expand`` shapes (the ``rep`` of repeat-KV),
 ``Split`` sizes and ``Slice`` bounds of a fused QKV output, ``Gather``/``GatherND`` indices of its
 head slots (Falcon), as constants or as constant parts of a ``Concat``-built shape; per-head
-constants broadcast against the heads axis; and the value shape annotations on those paths.
+constants broadcast against the heads axis (sliced); per-head tensors computed at run time and
+broadcast against it (MPT's ALiBi, MPNet's relative-position bias: each reader gets a ``Gather``
+of the kept heads, the tensor may serve every layer); and the value shape annotations on those
+paths.
 
 To know which dimension of each shape is the heads axis, every value in the attention's region
 (:func:`attention_region`) gets a role per axis: ``heads``, ``rep`` (KV repeat), ``dim``
@@ -14,10 +17,15 @@ To know which dimension of each shape is the heads axis, every value in the atte
 output that Q, K and V select, Falcon: :class:`SlotGrid`) or ``other``, with a mask of what is
 kept on the counted ones. Roles start at the projections' ``[.., width]`` outputs (a fused QKV
 laid out per head, GPT-NeoX, is a width of ``3 * head_dim`` per head, split into heads of that
-width) and are propagated op by op by the rules of :data:`TRANSFER` (one function per op;
-elementwise and other axis-preserving ops share one). A constant element is rewritten only where its role says what
-it counts; a shape computed at run time from ``Shape`` adapts by itself. Anything a rule does
-not understand is a :class:`~tforge.compiler.pass_infra.Skip` naming the node.
+width; a fused QKV cut into groups of head slots along a new axis, CodeGen, is a heads axis
+when each group is one head) and are propagated op by op by the rules of :data:`TRANSFER` (one
+function per op; elementwise and other axis-preserving ops share one). A Reshape that only
+regroups the axes after the last counted one (interleaved rotary's ``[.., H, d/2, 2] -> [.., H,
+d]``) keeps the roles of the axes up to it once each is proven to be the input's (a copy, a
+``Shape`` of a value with that axis, its extent, or annotations that agree). A constant element
+is rewritten only where its role says what it counts; a shape computed at run time from
+``Shape`` adapts by itself. Anything a rule does not understand is a
+:class:`~tforge.compiler.pass_infra.Skip` naming the node.
 :func:`plan_head_removal` collects the edits for one choice of kept heads before anything
 changes; :func:`apply_edits` makes them through the graph editor, cloning constants and
 ``Concat`` shapes that the exporter shared between layers.
@@ -241,6 +249,10 @@ class HeadEdits:
     shapes: list[tuple[ir.Value, ir.Shape | None]] = dataclasses.field(default_factory=list)
     #: KV cache inputs (past key/values) whose heads axis shrinks: the model's interface changes
     cache_inputs: list[ir.Value] = dataclasses.field(default_factory=list)
+    #: Per-head tensors computed at run time beside a heads axis (MPT's ALiBi, MPNet's relative
+    #: position bias): ``(reader, input index, [(axis, kept indices), ...])``. Each reader gets
+    #: Gathers of its own: the tensor may be computed once for every layer.
+    gathers: list[tuple[ir.Node, int, list[tuple[int, np.ndarray]]]] = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- region
@@ -254,8 +266,16 @@ def attention_region(attn: Attention, order: dict[int, int]) -> list[ir.Node]:
     nodes += _between([attn.scores_matmul.outputs[0]], [attn.context_matmul.inputs[0]])
     nodes += _between([attn.context_matmul.outputs[0]], [attn.o.input])
     unique = {id(n): n for n in nodes}
-    region = sorted(unique.values(), key=lambda n: order.get(id(n), -1))
     inside = set(unique) | {id(attn.scores_matmul), id(attn.context_matmul), id(attn.o.matmul)}
+    # a layout op off the paths whose output only Shape reads (TorchScript's MPT transposes the
+    # key once more only to read its length) is traced with them, so its annotations follow
+    for node in list(unique.values()):
+        for out in node.outputs:
+            for use in out.uses():
+                if id(use.node) not in inside and _read_by_shape_only(use.node):
+                    unique[id(use.node)] = use.node
+                    inside.add(id(use.node))
+    region = sorted(unique.values(), key=lambda n: order.get(id(n), -1))
     for node in region:
         for out in node.outputs:
             if out.is_graph_output() and _cache_input(node) is None:
@@ -267,6 +287,36 @@ def attention_region(attn: Attention, order: dict[int, int]) -> list[ir.Node]:
                         f"'{use.node.name}' outside the attention"
                     )
     return region
+
+
+def _read_by_shape_only(node: ir.Node) -> bool:
+    """A default-domain op with a transfer rule whose outputs only ``Shape`` reads."""
+    return (
+        is_default_domain(node)
+        and node.op_type in TRANSFER
+        and all(not out.is_graph_output() for out in node.outputs)
+        and all(use.node.op_type == "Shape" for out in node.outputs for use in out.uses())
+    )
+
+
+def _sizes_read_count_nothing(node: ir.Node, roles: dict[int, Roles]) -> None:
+    """A value off the attention paths that only ``Shape`` reads (see :func:`attention_region`):
+    each size read, ``Gather(Shape(x), i)``, must count no heads, which a smaller graph would not
+    select (only the count would change)."""
+    for out in node.outputs:
+        axes = roles.get(id(out))
+        for use in out.uses():
+            shape = use.node
+            readers = [u.node for u in shape.outputs[0].uses()]
+            for reader in readers:
+                index = const_array(reader.inputs[1]) if reader.op_type == "Gather" else None
+                if (
+                    axes is None
+                    or shape.attributes
+                    or index is None
+                    or any(axes[int(i)].counted for i in np.asarray(index).ravel())
+                ):
+                    raise Skip(f"Shape '{shape.name}' may read a head count of '{out.name}' off the attention paths", shape)
 
 
 def _cache_input(node: ir.Node) -> ir.Value | None:
@@ -379,6 +429,9 @@ def plan_head_removal(
         _start_scores(ctx, attn, roles)
     if not started_context:
         _start_context(ctx, attn, roles)
+    for node in region:
+        if _read_by_shape_only(node):
+            _sizes_read_count_nothing(node, roles)
 
     merged = roles.get(id(attn.o.input))
     want = np.repeat(q_mask, d)
@@ -780,6 +833,10 @@ def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
         # a fused QKV output cut into head slots: [.., T*d] -> [.., T, d] or [.., KV, T/KV, d]
         if inp[-1].slots is not None and leading_only and size(k - 1) == d:
             return _slot_split(ctx, node, inp, target, size)
+        # ... or into groups along a new axis, [.., T*d] -> [.., G, T/G*d] (CodeGen's mp_num groups)
+        grouped = _slot_groups(ctx, node, inp, target, size) if inp[-1].slots is not None and leading_only else None
+        if grouped is not None:
+            return grouped
         # split: [.., H*d] -> [.., H, d]; a fused QKV laid out per head: [.., H*3d] -> [.., H, 3d]
         # (the last axis is then cut into Q, K and V inside each head, which removing heads leaves alone)
         split = d
@@ -846,12 +903,19 @@ def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
             _rewrite(ctx, target, [_scaled(a, e) for a, e in zip(inp, elems, strict=True)])
             return list(inp)
         # static shapes: axes merged or split as a whole (batch x heads for a 3-D matmul)
-        regrouped = _regroup(ctx, node, inp, target) or _batch_heads(ctx, node, inp, target)
+        regrouped = (
+            _regroup(ctx, node, inp, target)
+            or _batch_heads(ctx, node, inp, target)
+            or _trailing_regroup(ctx, node, inp, target)
+        )
         if regrouped is not None:
             return regrouped
     # anything else must be computed at run time, which adapts by itself
     if any(e is not None and e not in (-1, 0) for e in elems):
-        raise Skip(f"Reshape '{node.name}' on the attention path has a constant target whose axes were not traced", node)
+        what = "" if inp is None else f": ({_kinds(inp)}) to [{', '.join('?' if e is None else str(e) for e in elems)}]"
+        raise Skip(
+            f"Reshape '{node.name}' on the attention path has a constant target whose axes were not traced{what}", node
+        )
     return None
 
 
@@ -891,6 +955,41 @@ def _slot_split(
     raise Skip(f"Reshape '{node.name}' cuts the fused QKV output into head slots in a way not understood", node)
 
 
+def _slot_groups(
+    ctx: LayoutContext, node: ir.Node, inp: list[Axis], target: _Target, size: Callable[[int], int | None]
+) -> Roles:
+    """The Reshape cutting a fused QKV output into groups of head slots, ``[.., T*d] -> [.., G,
+    T/G*d]``, each group then cut into its parts by a Split (CodeGen: ``mp_num`` groups, query,
+    value and key in each). Understood when group ``g`` is one head, query head ``g`` with its key
+    and value: the groups axis is then the heads axis, and a head leaves with its whole group.
+    None when the target is not such a cut (a constant ``G``, the group's width or a ``-1``)."""
+    grid = inp[-1].slots
+    assert grid is not None
+    elems, k = target.elems, len(target.elems)
+    total, groups = grid.kept.shape[1], elems[-2] if k == len(inp) + 1 else None
+    if groups is None or groups < 2 or total % groups:
+        return None
+    per_group = total // groups
+    width = per_group * ctx.head_dim
+    if size(k - 1) != width and not (  # a -1 is the group's width when the axes before are the input's
+        elems[-1] == -1 and all(_keeps_axis(node, target, j, inp[j]) for j in range(k - 2))
+    ):
+        return None
+    (flat,) = grid.labels
+    queries = [[i for kind, i in flat[g * per_group : (g + 1) * per_group] if kind == "q"] for g in range(groups)]
+    if queries != [[g] for g in range(groups)]:  # several heads a group would lose heads inside groups
+        raise Skip(
+            f"Reshape '{node.name}' cuts the fused QKV output into {groups} groups of head slots holding "
+            f"query heads {queries}: only groups of one head each are understood", node,
+        )  # fmt: skip
+    grid.regrouped(per_group, ctx, node)  # each group also holds that head's key and value
+    if not np.array_equal(ctx.q_mask, ctx.kv_mask):
+        raise Skip(f"Reshape '{node.name}' cuts the fused QKV output into heads whose query and KV heads differ", node)
+    heads = Axis("heads", ctx.q_mask.copy())
+    _rewrite(ctx, target, elems[:-2] + [_scaled(heads, elems[-2]), elems[-1]])
+    return [_OTHER] * (k - 2) + [heads, _OTHER]
+
+
 def _grouped_queries(ctx: LayoutContext, node: ir.Node, groups: Axis, slots: Axis) -> Axis:
     """The query heads of a Reshape merging KV groups with the query slots each group holds."""
     grid = slots.slots
@@ -927,33 +1026,92 @@ def _relative(new: int, old: int, extent: int) -> int:
 
 
 def _is_last_dim_of(target: _Target, index: int, value: ir.Value | None, rank: int) -> bool:
-    """Whether element ``index`` of ``target`` is computed at run time as the last dim of
-    ``value`` (``Shape(value)[-1]`` sliced or gathered, squeezed and unsqueezed, as TorchScript
-    writes ``x.size(-1)``)."""
+    """Whether element ``index`` of ``target`` is computed at run time as the last dim of ``value``."""
+    source = _shape_element(target, index)
+    return source is not None and source[0] is value and source[1] == rank - 1
+
+
+def _shape_element(target: _Target, index: int) -> tuple[ir.Value, int] | None:
+    """The value and axis whose size element ``index`` of ``target`` is, when computed at run
+    time from ``Shape(value)``, sliced or gathered, squeezed and unsqueezed (as TorchScript writes
+    ``x.size(-1)`` and ``x.shape[:-2]``); None otherwise."""
     if target.concat is None or target.elems[index] is not None:
-        return False
-    part, _ = target.parts[index]
+        return None
+    part, offset = target.parts[index]
     current = target.concat.inputs[part]
     for _ in range(_CHAIN_LIMIT):
         node = current.producer() if current is not None else None
         if node is None or not is_default_domain(node):
-            return False
+            return None
         if node.op_type in ("Squeeze", "Unsqueeze", "Cast", "Identity"):
             current = node.inputs[0]
             continue
-        if node.op_type in ("Gather", "Slice"):
-            shape = node.inputs[0].producer() if node.inputs[0] is not None else None
-            if shape is None or shape.op_type != "Shape" or shape.attributes or shape.inputs[0] is not value:
+        shape = node if node.op_type == "Shape" else node.inputs[0].producer() if node.inputs[0] is not None else None
+        if shape is None or shape.op_type != "Shape" or shape.attributes or shape.inputs[0] is None:
+            return None
+        rank = _rank(shape.inputs[0])
+        if rank is None:
+            return None
+        if node is shape:
+            return (shape.inputs[0], offset) if offset < rank else None
+        if node.op_type == "Gather":
+            index_arr = const_array(node.inputs[1])
+            if index_arr is None or index_arr.size != 1 or offset != 0:
+                return None
+            axis = int(index_arr.ravel()[0])
+            return (shape.inputs[0], axis % rank) if -rank <= axis < rank else None
+        if node.op_type != "Slice":
+            return None
+        bounds = [const_array(i) for i in node.inputs[1:]]
+        if any(b is None or b.size != 1 for b in bounds):
+            return None
+        start, end, *rest = (int(b.ravel()[0]) for b in bounds)  # type: ignore[union-attr]
+        if rest not in ([], [0], [-1], [0, 1], [-1, 1]):  # the one axis of the shape, step 1
+            return None
+        axis = _clamp(start, rank) + offset
+        return (shape.inputs[0], axis) if axis < _clamp(end, rank) else None
+    return None
+
+
+def _same_axis(source: ir.Value, value: ir.Value | None, j: int, depth: int = 0) -> bool:
+    """Whether axis ``j`` of ``value`` is axis ``j`` of ``source``: ``value`` is computed from it
+    by ops that keep every axis up to ``j`` (a Split, Slice, Concat, Squeeze or Unsqueeze of later
+    axes, a Transpose leaving them in place, a Reshape keeping them, one-input elementwise ops)."""
+    current = value
+    for _ in range(_CHAIN_LIMIT):
+        if current is source:
+            return True
+        node = current.producer() if current is not None else None
+        rank = _rank(current)
+        if node is None or not is_default_domain(node) or rank is None or depth > 2:
+            return False
+        op = node.op_type
+        if op in ("Split", "Concat"):
+            attr = node.attributes.get("axis")
+            later = (int(attr.value) if attr is not None else 0) % rank > j
+        elif op == "Slice":
+            later = all(a + rank > j for a in _sliced_axes(node, rank))
+        elif op in ("Squeeze", "Unsqueeze"):
+            try:
+                axes = _axes(node) or []
+            except Skip:  # axes computed at run time
                 return False
-            if node.op_type == "Gather":
-                index_arr = const_array(node.inputs[1])
-                return index_arr is not None and index_arr.size == 1 and int(index_arr.ravel()[0]) in (-1, rank - 1)
-            bounds = [const_array(i) for i in node.inputs[1:]]
-            if any(b is None or b.size != 1 for b in bounds):
+            axis_rank = rank if op == "Unsqueeze" else _rank(node.inputs[0])
+            later = bool(axes) and axis_rank is not None and all(a % axis_rank > j for a in axes)
+        elif op == "Transpose":
+            perm = node.attributes.get("perm")
+            later = perm is not None and list(perm.value)[: j + 1] == list(range(j + 1))
+        elif op == "Reshape":
+            try:
+                target = _target(node, 1, reading=True)
+            except Skip:
                 return False
-            start, end, *rest = (int(b.ravel()[0]) for b in bounds)  # type: ignore[union-attr]
-            return start in (-1, rank - 1) and end >= rank and rest in ([], [0], [0, 1])
-        return False
+            later = all(_keeps_axis(node, target, i, _OTHER, depth + 1) for i in range(j + 1))
+        else:
+            later = op in _SAME_SHAPE
+        if not later:
+            return False
+        current = node.inputs[0]
     return False
 
 
@@ -1009,6 +1167,65 @@ def _regroup(ctx: LayoutContext, node: ir.Node, inp: list[Axis], target: _Target
         new[oa] = _scaled(role, elems[oa])
     _rewrite(ctx, target, new)  # type: ignore[arg-type]
     return out
+
+
+def _trailing_regroup(ctx: LayoutContext, node: ir.Node, inp: list[Axis], target: _Target) -> Roles:
+    """A Reshape that keeps every axis up to the last counted one and regroups only those after it.
+
+    Interleaved rotary (GPT-J's ``rotate_every_two``, Cohere, GLM): ``stack((-x2, x1), -1)``
+    of the two halves taken by stepped Slices, ``[.., H, d/2, 2]``, flattened back to
+    ``[.., H, d]``. The regrouped axes count nothing (their product does not change); the kept
+    ones keep their roles and the counted ones' constants are rewritten. Each kept axis must be
+    provably the input's (:func:`_keeps_axis`); None when one is not.
+    """
+    counted = [j for j, a in enumerate(inp) if a.counted]
+    if not counted or counted[-1] >= len(inp) - 1 or len(target.elems) <= counted[-1] + 1:
+        return None
+    last = counted[-1]
+    if not all(_keeps_axis(node, target, j, inp[j]) for j in range(last + 1)):
+        return None
+    elems = target.elems
+    _rewrite(ctx, target, [_scaled(a, e) for a, e in zip(inp[: last + 1], elems, strict=False)] + elems[last + 1 :])
+    return inp[: last + 1] + [_OTHER] * (len(elems) - last - 1)
+
+
+def _keeps_axis(node: ir.Node, target: _Target, j: int, role: Axis, depth: int = 0) -> bool:
+    """Whether output axis ``j`` of a Reshape is its input's axis ``j``, given that every axis
+    before it is: its target element copies it (``0``; at run time ``Shape(v)[j]`` of a value
+    ``v`` whose axis ``j`` it is), or is its extent (the count of a counted axis, a static size),
+    or the annotations of input and output agree on it (one static size, one named dim) and the
+    element may stand for it."""
+    e = target.elems[j]
+    allowzero = node.attributes.get("allowzero")
+    if e == 0 and (allowzero is None or not int(allowzero.value)):
+        return True
+    x = node.inputs[0]
+    rank = _rank(x)
+    if x is None or rank is None:
+        return False
+    source = _shape_element(target, j)
+    if source is not None and source[1] == j and _same_axis(source[0], x, j, depth):
+        return True
+    dims = static_dims(x) or [None] * rank
+    after = _product(target.elems[j + 1 :])
+    if e == -1 and after is not None and after == _product(dims[j + 1 :]):
+        return True  # the axes after it are constants as large as the input's: the -1 is this axis
+    size = role.old if role.counted else dims[j]
+    if e is not None and e > 0:
+        return e == size
+    out = node.outputs[0].shape
+    if out is None or out.rank() != len(target.elems):
+        return False
+    before, after = x.shape[j], out[j]  # type: ignore[index]
+    named = isinstance(before, ir.SymbolicDim) and before.value is not None
+    return (isinstance(before, int) or named) and before == after
+
+
+def _product(sizes: Sequence[int | None]) -> int | None:
+    """The product of static sizes; None when one is not a known positive size."""
+    if any(x is None or x <= 0 for x in sizes):
+        return None
+    return int(np.prod(sizes, dtype=np.int64))
 
 
 def _batch_heads(ctx: LayoutContext, node: ir.Node, inp: list[Axis], target: _Target) -> Roles:
@@ -1437,7 +1654,9 @@ def _elementwise(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles], pat
 
 
 def _broadcast_operand(ctx: LayoutContext, node: ir.Node, index: int, roles: list[Axis]) -> None:
-    """A tensor combined with a path value: size 1 on counted axes, or a constant to slice."""
+    """A tensor combined with a path value: size 1 on counted axes, or the full extent, whose kept
+    entries are taken: a constant is sliced, a tensor computed at run time is read through a
+    ``Gather`` of the kept indices."""
     value = node.inputs[index]
     if value is None:
         return
@@ -1448,7 +1667,7 @@ def _broadcast_operand(ctx: LayoutContext, node: ir.Node, index: int, roles: lis
             raise Skip(f"{node.op_type} '{node.name}' reads a tensor of unknown shape", node)
         return
     offset = len(roles) - len(dims)
-    sliced = arr
+    takes: list[tuple[int, np.ndarray]] = []
     for j, size in enumerate(dims):
         if j + offset < 0:
             continue
@@ -1460,20 +1679,26 @@ def _broadcast_operand(ctx: LayoutContext, node: ir.Node, index: int, roles: lis
             if size is None:
                 raise Skip(
                     f"{node.op_type} '{node.name}' reads '{value.name}', whose extent on the "
-                    f"{axis.kind} axis is computed at run time and not known to be 1", node,
+                    f"{axis.kind} axis is computed at run time and not known to be 1 or {axis.old}", node,
                 )  # fmt: skip
         if not axis.counted or size == 1:
             continue
         if axis.kind == "slots":  # kept slots may differ per KV group: no one mask slices it
             raise Skip(f"{node.op_type} '{node.name}' reads '{value.name}', which varies along the head slots", node)
-        if size != axis.old or arr is None:
+        if size != axis.old:
             raise Skip(
                 f"{node.op_type} '{node.name}' reads '{value.name}' with {size} entries on a "
                 f"{axis.kind} axis of {axis.old}"
             )
-        sliced = np.take(sliced, np.flatnonzero(axis.full_keep), axis=j)
-    if sliced is not arr and sliced is not None:
-        ctx.edits.constants.append((node, index, sliced))
+        takes.append((j, np.flatnonzero(axis.full_keep)))
+    if not takes:
+        return
+    if arr is None:
+        ctx.edits.gathers.append((node, index, takes))
+        return
+    for j, kept in takes:
+        arr = np.take(arr, kept, axis=j)
+    ctx.edits.constants.append((node, index, arr))
 
 
 def _reduce_mean(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
@@ -1571,7 +1796,25 @@ def _extent(value: ir.Value | None, axis: int, depth: int = 0) -> int | None:
         if e is None or inner is None:
             return None
         return inner if e == 1 else (e if inner in (1, e) else None)
+    if op == "Slice" and axis not in _sliced_axes(node, _rank(node.inputs[0])):
+        # bounds on the other axes only (TorchScript's MPT cuts its ALiBi bias to the key length)
+        return _extent(node.inputs[0], axis, depth + 1)
     return None
+
+
+def _sliced_axes(node: ir.Node, rank: int | None) -> set[int]:
+    """The axes a ``Slice`` cuts, negative (counted from the last); every axis when not known."""
+    if rank is None:
+        return set(range(-64, 0))
+    axes = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    if axes is None and len(node.inputs) > 3 and node.inputs[3] is not None:
+        return set(range(-rank, 0))
+    if axes is None:
+        starts = static_dims(node.inputs[1])
+        if starts is None or len(starts) != 1 or starts[0] is None:
+            return set(range(-rank, 0))
+        axes = np.arange(starts[0])
+    return {int(a) % rank - rank for a in np.asarray(axes).ravel()}
 
 
 #: The transfer table: one rule per op on an attention path.
@@ -1632,6 +1875,8 @@ def apply_edits(editor: GraphEditor, edits: HeadEdits) -> None:
             editor.set_constant(part_value, [(concat, part)], updated.reshape(arr.shape))
     for node, index, arr in edits.constants:
         editor.set_constant(_input(node, index), [(node, index)], arr)
+    for node, index, takes in edits.gathers:
+        _gather_kept(editor, node, index, takes)
     for node, sizes in edits.split_sizes:
         array = np.asarray(sizes, np.int64)
         if len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -1643,6 +1888,23 @@ def apply_edits(editor: GraphEditor, edits: HeadEdits) -> None:
         editor.mark(node)
     for value, shape in edits.shapes:
         value.shape = shape
+
+
+def _gather_kept(editor: GraphEditor, node: ir.Node, index: int, takes: list[tuple[int, np.ndarray]]) -> None:
+    """Make input ``index`` of ``node`` read only the kept entries of the tensor it reads, through
+    ``Gather``s placed before ``node`` (the tensor itself and its other readers stay as they are)."""
+    value = _input(node, index)
+    base = node.name or "reader"
+    for axis, kept in takes:
+        indices = editor.initializer(f"{base}.kept_heads", kept.astype(np.int64))
+        dims: list[int | str | ir.SymbolicDim | None] | None = list(value.shape.dims) if value.shape is not None else None
+        if dims is not None:
+            dims[axis] = len(kept)
+        value = editor.op(
+            "Gather", [value, indices], name=f"{base}.kept_heads", attributes={"axis": axis}, before=node,
+            dtype=value.dtype, shape=ir.Shape(dims) if dims is not None else None,
+        )  # fmt: skip
+    node.replace_input_with(index, value)
 
 
 def _input(node: ir.Node, index: int) -> ir.Value:

@@ -11,6 +11,8 @@ output projection:
   (the ``rep`` of repeat-KV), ``Split`` sizes and ``Slice`` bounds of a fused QKV output, as
   constants or as constant parts of a ``Concat``-built shape;
 - per-head constants broadcast against the heads axis (e.g. position biases), which are sliced;
+  per-head tensors computed at run time (MPT's ALiBi, MPNet's relative-position bias), which each
+  reader reads through a ``Gather`` of the kept heads (the tensor may serve every layer);
 - the value shape annotations on those paths.
 
 A fused QKV cut into head-sized slots that Q, K and V select (Falcon, ``Attention.qkv_slots``)
@@ -19,6 +21,8 @@ selections are rewritten like the rest (the ``slots`` role of the head-layout an
 A fused QKV laid out per head (GPT-NeoX, ``Attention.qkv_per_head``: ``[.., heads, 3 * head_dim]``
 cut into Q, K and V inside each head) keeps each kept head's ``3 * head_dim`` columns in order;
 only the heads element of the per-head Reshape changes (the in-head Split or Slices do not).
+A fused QKV cut into groups of one head each (CodeGen's ``mp_num`` groups of query, value and
+key) loses the removed heads' groups; the group count of its Reshape changes.
 
 Which dimension of each shape is the heads axis is the head-layout analysis of
 :mod:`tforge.compiler.head_layout` (roles per axis, propagated op by op); an attention whose
