@@ -460,8 +460,9 @@ def tforge_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-def worker(name: str, force: bool, result_path: Path) -> None:
-    """Export one family every way and check every export; write the records to ``result_path``."""
+def worker(name: str, force: bool, result_path: Path, static_all: bool = False) -> None:
+    """Export one family every way (fixed shapes too with ``static_all`` or when in ``STATIC``) and
+    check every export; write the records to ``result_path``."""
     family = FAMILIES[name]
     folder = CACHE / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -483,7 +484,7 @@ def worker(name: str, force: bool, result_path: Path) -> None:
         result_path.write_text(json.dumps(out, indent=1))
         return
     variants = [("dynamo", None), ("torchscript", None)]
-    if name in STATIC:
+    if static_all or name in STATIC:
         variants += [("dynamo", STATIC_SHAPE), ("torchscript", STATIC_SHAPE)]
     for exporter, static in variants:
         key = exporter + (f"-static{static[0]}x{static[1]}" if static else "")
@@ -596,11 +597,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="re-export even when a cached export exists"
     )
+    parser.add_argument(
+        "--static-all", action="store_true", help=f"fixed-shape exports of every family (default: {', '.join(STATIC)})"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.force, args.result)
+        worker(args.worker, args.force, args.result, args.static_all)
         return 0
     names = args.families.split(",") if args.families else list(FAMILIES)
     unknown = [n for n in names if n not in FAMILIES]
@@ -622,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
             str(result_path),
         ]
         cmd += ["--force"] if args.force else []
+        cmd += ["--static-all"] if args.static_all else []
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
