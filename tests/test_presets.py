@@ -17,7 +17,14 @@ from tests.conftest import cosine, teacher_forced
 from tforge.cli import main
 from tforge.compiler.calibration import CalibrationData
 from tforge.errors import PassConfigError
-from tforge.presets import DECODER_PRESETS, PRESETS, has_kv_cache, preset_pipeline
+from tforge.presets import (
+    DECODER_PRESETS,
+    ENCODER_PRESETS,
+    PRESETS,
+    has_kv_cache,
+    is_encoder,
+    preset_pipeline,
+)
 
 PREFILL = 6
 
@@ -31,10 +38,14 @@ def _ops(model: ir.Model) -> dict[str, list[ir.Node]]:
 
 def test_the_pipeline_follows_the_model(llama_cache, zoo_model: Callable[[str], Path]) -> None:
     cache_model, encoder = tforge.load(llama_cache.dynamo), tforge.load(zoo_model("bert"))
+    decoder = tforge.load(zoo_model("llama"))  # causal, without a cache
     assert has_kv_cache(cache_model) and has_kv_cache(llama_cache.torchscript)
-    assert not has_kv_cache(encoder)
+    assert not has_kv_cache(encoder) and not has_kv_cache(decoder)
+    assert is_encoder(encoder) and not is_encoder(decoder) and not is_encoder(cache_model)
     assert preset_pipeline("w8a8", cache_model) == DECODER_PRESETS["w8a8"]
-    assert preset_pipeline("w8a8", encoder) == preset_pipeline("w8a8") == PRESETS["w8a8"]
+    assert preset_pipeline("w8a8", encoder) == ENCODER_PRESETS["w8a8"] != PRESETS["w8a8"]
+    assert preset_pipeline("w8a8", decoder) == preset_pipeline("w8a8") == PRESETS["w8a8"]
+    assert preset_pipeline("w4a8", encoder) == PRESETS["w4a8"]
     assert preset_pipeline("w4a8", cache_model) == DECODER_PRESETS["w4a8"] != PRESETS["w4a8"]
     with pytest.raises(PassConfigError, match="unknown preset 'w4a4'; did you mean"):
         preset_pipeline("w4a4", cache_model)

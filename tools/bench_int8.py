@@ -84,15 +84,16 @@ class Int8Protocol:
 
 
 # The rows after the two references. Each tforge pipeline starts with canonicalize,calibrate.
-def tforge_variants() -> dict[str, str]:
-    from tforge.presets import PRESETS
+def tforge_variants(model=None) -> dict[str, str]:
+    """Pipelines of the tforge rows; the preset row is the preset's pipeline for ``model``."""
+    from tforge.presets import preset_pipeline
 
     return {
         "tforge quantize (static)": "canonicalize,calibrate,quantize{activations=static}",
         "tforge ln-migrate + quantize (static)": "canonicalize,calibrate,ln-migrate,quantize{activations=static}",
         "tforge smoothquant + quantize (static)": "canonicalize,calibrate,smoothquant,quantize{activations=static}",
         "tforge quantize (per-token)": "canonicalize,calibrate,quantize{activations=dynamic-per-token}",
-        "tforge w8a8 preset": PRESETS["w8a8"],
+        "tforge w8a8 preset": preset_pipeline("w8a8", model),
     }
 
 
@@ -144,7 +145,7 @@ def _build_variants(name: str, src: Path, work: Path, protocol: Int8Protocol, fe
     dst = work / f"{name}.canonical-dynamic.onnx"
     ort_quantize(canonical, dst, None)
     variants.append(Variant("ORT quantize_dynamic of tforge fp32", "canonicalize,ort-layernorm, then ORT quantize_dynamic", tforge.load(dst), dst))
-    for label, spec in tforge_variants().items():
+    for label, spec in tforge_variants(fp32).items():
         prefix = "canonicalize,calibrate,"
         if not spec.startswith(prefix):
             raise SystemExit(f"bench: tforge variant {label!r} must start with {prefix!r}: {spec}")

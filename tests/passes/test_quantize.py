@@ -369,16 +369,21 @@ def test_minilm_w8a8_preset_keeps_sentence_embeddings(minilm_onnx: Path) -> None
     if not WIKITEXT.is_file():
         pytest.fail(f"{WIKITEXT} is missing; it ships with tforge (tforge/data/README.md)")
     from tforge.frontends import hf_models
-    from tforge.presets import PRESETS
+    from tforge.presets import ENCODER_PRESETS, preset_pipeline
 
     model = tforge.load(minilm_onnx)
-    pm = PassManager.parse(PRESETS["w8a8"], progress=lambda _: None)
+    spec = preset_pipeline("w8a8", model)
+    assert spec == ENCODER_PRESETS["w8a8"]
+    pm = PassManager.parse(spec, progress=lambda _: None)
     from tforge.api import _with_calibration
 
     pm.passes = _with_calibration(pm.passes, text=WIKITEXT, tokenizer=hf_models.minilm_dir())
     report = pm.run(model)
     by_name = {record.name: record for record in report.passes}
     assert by_name["quantize"].stats["quantized"] == 36
+    # the encoder pipeline: per tensor at run time from 20 dB, per token only below (layer 0's FFN down)
+    assert by_name["quantize"].stats["activations dynamic-per-token"] == 1
+    assert by_name["quantize"].stats["activations dynamic"] == 11
     assert by_name["ort-layernorm"].stats["residual add written as Sum"] == 13  # embeddings + 2 per layer
 
     tokenizer = hf_models.minilm_tokenizer()
@@ -388,10 +393,11 @@ def test_minilm_w8a8_preset_keeps_sentence_embeddings(minilm_onnx: Path) -> None
     ref = evaluate.sentence_embeddings(lambda f: ref_session.run(None, f)[0], tokenizer, sentences)
     got = evaluate.sentence_embeddings(lambda f: int8_session.run(None, f)[0], tokenizer, sentences)
     agreement = evaluate.agreement(ref, got)
-    # tools/bench.py measured mean 0.9989, min 0.998 on 256 sentences
-    assert agreement.mean > 0.997 and agreement.min > 0.99, agreement
+    # measured mean 0.9972, min 0.9950 on 256 sentences; the int8 issue's limits are 0.995 / 0.98
+    assert agreement.mean > 0.995 and agreement.min > 0.98, agreement
     feeds = evaluate.encode_sentences(tokenizer, sentences[:4])
-    assert _int8_kernels(model, feeds)["MatMulIntegerToFloat"] == 36
+    kernels = _int8_kernels(model, feeds)
+    assert (kernels["MatMulIntegerToFloat"], kernels["DynamicQuantizeMatMul"]) == (25, 11), kernels
 
 
 # ----------------------------------------------------------------------------- preset and CLI
