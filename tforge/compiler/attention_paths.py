@@ -11,7 +11,7 @@
 - :func:`merge_heads`: the same proof for the head merge alone, from a context whose heads come
   from elsewhere (a KV cache, rotary: the ONNX Runtime ``GroupQueryAttention`` fusion).
 - :func:`shape_elements` and :func:`reshape_extents`: shape vectors computed at run time from
-  ``Shape``, read back as extents (``canonicalize`` fills in the dims they prove).
+  ``Shape``, read back as extents (from :mod:`tforge.compiler.shape_reading`, kept importable here).
 - :func:`attention_core`: the whole core between the Q/K/V ``[batch, seq, width]`` values and
   the merged ``[batch, seq, heads * head_dim]`` context, read from the ``Softmax`` alone, with
   the head split, K^T and head merge *proven* by tracing which logical axes (batch, sequence,
@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Iterable
 
@@ -30,6 +29,15 @@ import onnx_ir as ir
 
 from tforge.compiler.ops import LAYOUT, data_uses, is_default_domain, only_reader
 from tforge.compiler.pass_infra import Skip
+from tforge.compiler.shape_reading import (
+    ONE,
+    Size,
+    annotated,
+    div,
+    mul,
+    reshape_extents,
+    shape_elements,
+)
 from tforge.compiler.structure import (
     Attention,
     const_array,
@@ -37,7 +45,6 @@ from tforge.compiler.structure import (
     producers,
     scalar,
     slice_bounds,
-    static_dims,
 )
 
 __all__ = [
@@ -384,12 +391,8 @@ class AttentionCore:
     flat_output: bool = False  # ``output`` is ``[batch * seq, width]`` (merged straight to 2-D)
 
 
-#: An extent: an integer times a product of named symbolic dims (sorted), e.g. ``(12, ("batch",))``.
-Size = tuple[int, tuple[str, ...]]
-_ONE: Size = (1, ())
 #: Ops that only regroup or reorder axes, which the trace follows.
 _REGROUP = frozenset({"Reshape", "Transpose", "Identity", "Unsqueeze", "Squeeze"})
-_SHAPE_DEPTH = 12  # ops of shape arithmetic followed back from a Reshape target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,40 +407,11 @@ class _Atom:
 _Layout = tuple[tuple[_Atom, ...], ...]  # per axis, the atoms it holds, outermost first
 
 
-def _mul(a: Size, b: Size) -> Size:
-    return a[0] * b[0], tuple(sorted(a[1] + b[1]))
-
-
-def _div(a: Size, b: Size) -> Size | None:
-    """``a / b`` when ``b`` divides ``a`` (integer part and symbols), else None."""
-    if b[0] == 0 or a[0] % b[0]:
-        return None
-    have, take = collections.Counter(a[1]), collections.Counter(b[1])
-    if take - have:
-        return None
-    return a[0] // b[0], tuple(sorted((have - take).elements()))
-
-
 def _axis_size(axis: tuple[_Atom, ...]) -> Size:
-    size = _ONE
+    size = ONE
     for atom in axis:
-        size = _mul(size, atom.size)
+        size = mul(size, atom.size)
     return size
-
-
-def _annotated(value: ir.Value) -> list[Size | None] | None:
-    """The value's annotated dims as extents (None where unknown)."""
-    if value.shape is None:
-        return None
-    out: list[Size | None] = []
-    for dim in value.shape.dims:
-        if isinstance(dim, int):
-            out.append((dim, ()))
-        elif isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str) and dim.value:
-            out.append((1, (dim.value,)))
-        else:
-            out.append(None)
-    return out
 
 
 def _roles(layout: _Layout) -> tuple[tuple[str, ...], ...]:
@@ -452,7 +426,7 @@ class _Tracer:
         self._fresh = 0
 
     def start(self, value: ir.Value, tensor: str, what: str) -> _Layout:
-        dims = _annotated(value)
+        dims = annotated(value)
         if dims is None or len(dims) != 3:
             raise Skip(f"the {what} is not a [batch, seq, width] value", value.producer() or value)
         if dims[2] is None or dims[2][1]:
@@ -462,7 +436,7 @@ class _Tracer:
             if size is None:  # unnamed dim: a symbol of its own, equal to nothing else
                 self._fresh += 1
                 size = (1, (f"?{tensor}{self._fresh}",))
-            atoms.append(() if size == _ONE else (_Atom(f"{tensor}.{role}", size),))
+            atoms.append(() if size == ONE else (_Atom(f"{tensor}.{role}", size),))
         layout = tuple(atoms)
         self.layouts[id(value)] = layout
         return layout
@@ -470,65 +444,7 @@ class _Tracer:
     def dims(self, value: ir.Value) -> list[Size | None] | None:
         if id(value) in self.layouts:
             return [_axis_size(axis) for axis in self.layouts[id(value)]]
-        return _annotated(value)
-
-    def elems(self, value: ir.Value | None, depth: int = 0) -> list[Size | int | None] | None:
-        """A 1-D (or scalar) int64 shape value: per element an extent, ``-1``/``0`` as themselves
-        (Reshape's markers), or None when computed at run time from something not traced."""
-        if value is None or depth > _SHAPE_DEPTH:
-            return None
-        arr = const_array(value)
-        if arr is not None:
-            flat = np.asarray(arr).ravel()
-            if flat.size > 16:
-                return None
-            return [int(x) if int(x) in (-1, 0) else (int(x), ()) for x in flat]
-        node = value.producer()
-        if node is None or not is_default_domain(node):
-            return None
-        op = node.op_type
-        if op == "Shape":
-            dims = self.dims(node.inputs[0]) if node.inputs[0] is not None else None
-            if dims is None:
-                return None
-            rank = len(dims)
-            start = node.attributes.get("start")
-            end = node.attributes.get("end")
-            lo = int(start.value) if start is not None else 0
-            hi = int(end.value) if end is not None else rank
-            lo, hi = (lo + rank if lo < 0 else lo), (hi + rank if hi < 0 else hi)
-            return list(dims[max(lo, 0) : min(hi, rank)])
-        if op in ("Identity", "Cast", "Squeeze", "Unsqueeze") or (op == "Reshape" and _flat_target(node)):
-            return self.elems(node.inputs[0], depth + 1)
-        if op == "Concat":
-            out: list[Size | int | None] = []
-            for part in node.inputs:
-                got = self.elems(part, depth + 1)
-                if got is None:
-                    length = static_dims(part)
-                    if length is None or len(length) != 1 or length[0] is None:
-                        return None
-                    got = [None] * int(length[0])
-                out += got
-            return out
-        if op in ("Slice", "Gather"):
-            inner = self.elems(node.inputs[0], depth + 1)
-            if inner is None:
-                return None
-            picked = _picked(node, len(inner))
-            return None if picked is None else [inner[i] for i in picked]
-        if op == "Mul" and len(node.inputs) == 2:
-            a, b = (self.elems(i, depth + 1) for i in node.inputs)
-            if a is None or b is None or len(a) != 1 or len(b) != 1:
-                return None
-            x, y = a[0], b[0]
-            if isinstance(x, tuple) and isinstance(y, tuple):
-                return [_mul(x, y)]
-            return [None]
-        length = static_dims(value)
-        if length is not None and len(length) <= 1 and (not length or length[0] is not None):
-            return [None] * (int(length[0]) if length else 1)
-        return None
+        return annotated(value)
 
     def step(self, node: ir.Node, layout: _Layout, what: str) -> _Layout:
         """The layout of ``node``'s output from that of its data input, or :class:`Skip`."""
@@ -563,13 +479,14 @@ class _Tracer:
 
     def _reshape(self, node: ir.Node, layout: _Layout, what: str) -> _Layout:
         why = f"Reshape '{node.name}' on the {what} path: its target shape was not traced to whole or split axes"
-        elems = self.elems(node.inputs[1] if len(node.inputs) > 1 else None)
+        # the target's elements, dims read off the traced values by their atoms
+        elems = shape_elements(node.inputs[1] if len(node.inputs) > 1 else None, self.dims)
         if elems is None:
             raise Skip(why, node)
         allowzero = node.attributes.get("allowzero")
-        annotated = _annotated(node.outputs[0])
-        if annotated is not None and len(annotated) != len(elems):
-            annotated = None
+        written = annotated(node.outputs[0])
+        if written is not None and len(written) != len(elems):
+            written = None
         targets: list[Size | None] = []
         for i, e in enumerate(elems):
             if e == 0 and not (allowzero is not None and int(allowzero.value)):
@@ -581,18 +498,13 @@ class _Tracer:
                     raise Skip(f"Reshape '{node.name}' on the {what} path makes an empty tensor", node)
                 targets.append(None)
                 continue
-            if e is None and annotated is not None and annotated[i] is not None:
-                e = annotated[i]  # computed at run time from something not traced: trust the annotation
+            if e is None and written is not None and written[i] is not None:
+                e = written[i]  # computed at run time from something not traced: trust the annotation
             targets.append(e)
         out = _regroup([a for axis in layout for a in axis], targets)
         if out is None:
             raise Skip(why, node)
         return out
-
-
-def _flat_target(node: ir.Node) -> bool:
-    target = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    return target is not None and [int(x) for x in np.asarray(target).ravel()] == [-1]
 
 
 def squeeze_axes(node: ir.Node) -> list[int] | None:
@@ -603,28 +515,6 @@ def squeeze_axes(node: ir.Node) -> list[int] | None:
         return None if arr is None else [int(x) for x in np.asarray(arr).ravel()]
     attr = node.attributes.get("axes")
     return [int(a) for a in attr.value] if attr is not None else None
-
-
-def _picked(node: ir.Node, length: int) -> list[int] | None:
-    """Indices a constant ``Slice`` (axis 0) or ``Gather`` (axis 0) takes from a 1-D vector."""
-    if node.op_type == "Gather":
-        axis = node.attributes.get("axis")
-        idx = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if idx is None or (axis is not None and int(axis.value) != 0):
-            return None
-        out = [int(i) + length if int(i) < 0 else int(i) for i in np.asarray(idx).ravel()]
-        return out if all(0 <= i < length for i in out) else None
-    parts = [const_array(i) if i is not None else None for i in node.inputs[1:5]]
-    if len(parts) < 2 or parts[0] is None or parts[1] is None:
-        return None
-    if any(p is not None and np.asarray(p).size != 1 for p in parts):
-        return None
-    start, stop = int(np.asarray(parts[0]).ravel()[0]), int(np.asarray(parts[1]).ravel()[0])
-    axis = int(np.asarray(parts[2]).ravel()[0]) if len(parts) > 2 and parts[2] is not None else 0
-    step = int(np.asarray(parts[3]).ravel()[0]) if len(parts) > 3 and parts[3] is not None else 1
-    if axis not in (0, -1) or step != 1:
-        return None
-    return list(range(length))[slice(start, stop)]
 
 
 def _regroup(atoms: list[_Atom], targets: list[Size | None]) -> _Layout | None:
@@ -652,16 +542,16 @@ def _take(atoms: list[_Atom], targets: list[Size | None], *, from_back: bool) ->
     for target in targets:
         assert target is not None
         group: list[_Atom] = []
-        have = _ONE
+        have = ONE
         while have != target:
-            need = _div(target, have)
+            need = div(target, have)
             if need is None or not atoms:
                 return None
             atom = atoms[-1] if from_back else atoms[0]
-            if _div(need, atom.size) is not None:
+            if div(need, atom.size) is not None:
                 group.append(atom)
                 atoms.pop(-1 if from_back else 0)
-                have = _mul(have, atom.size)
+                have = mul(have, atom.size)
             elif not atom.size[1] and not need[1] and atom.size[0] % need[0] == 0:
                 part = _Atom(atom.role + ("1" if from_back else "0"), need)
                 other = _Atom(atom.role + ("0" if from_back else "1"), (atom.size[0] // need[0], ()))
@@ -846,56 +736,17 @@ def _check_mask(mask: ir.Value, lq: _Layout, present: dict[str, Size], heads: in
     of the scores' shape [batch, heads, seq, total] (dims 1 or equal, fewer axes none)."""
     if len(lq) != 4:
         raise Skip("a mask on attention whose scores are not [batch, heads, seq, total]", at)
-    dims = _annotated(mask)
+    dims = annotated(mask)
     if dims is None or len(dims) != 4:
         raise Skip("the additive mask is not of rank 4 ([batch or 1, heads or 1, seq or 1, total])", mask.producer() or at)
-    batch = present.get("q.b", _ONE)
+    batch = present.get("q.b", ONE)
     if _axis_size(lq[0]) != batch or _axis_size(lq[1]) != (heads, ()):
         raise Skip("the scores' leading axes are not [batch, heads]", at)
-    want = [batch, (heads, ()), present.get("q.s", _ONE), present.get("k.s", _ONE)]
+    want = [batch, (heads, ()), present.get("q.s", ONE), present.get("k.s", ONE)]
     for i, (got, full) in enumerate(zip(dims, want, strict=True)):
-        if got is not None and got not in (_ONE, full):
+        if got is not None and got not in (ONE, full):
             raise Skip(f"the additive mask's dim {i} is neither 1 nor the scores'", mask.producer() or at)
     return dims[2] == want[2] and dims[3] == want[3]
-
-
-# ----------------------------------------------------------------------------- run-time shapes
-
-
-def shape_elements(value: ir.Value | None) -> list[Size | int | None] | None:
-    """The elements of a 1-D (or scalar) int64 shape value, read back through the shape arithmetic
-    (``Shape``, ``Gather``, ``Slice``, ``Concat``, ``(Un)Squeeze``, ``Cast``, ``Mul``): per element
-    an extent (from constants and from the annotated dims ``Shape`` reads), ``-1``/``0`` when they
-    are constants (Reshape's markers) or None; None when not even the length is known."""
-    return _Tracer().elems(value)
-
-
-def reshape_extents(node: ir.Node) -> list[Size | None] | None:
-    """The extents of a ``Reshape``'s output that its target proves (None where it does not): the
-    target's extents, a ``0`` the input's extent there (unless ``allowzero``), a ``-1`` what the
-    input's extents leave when the others divide them."""
-    target = shape_elements(node.inputs[1]) if len(node.inputs) > 1 else None
-    source = _annotated(node.inputs[0]) if node.inputs[0] is not None else None
-    if target is None:
-        return None
-    allowzero = node.attributes.get("allowzero")
-    copies = not (allowzero is not None and int(allowzero.value))
-    out: list[Size | None] = []
-    for i, e in enumerate(target):
-        if e == 0 and copies:
-            out.append(source[i] if source is not None and i < len(source) else None)
-        else:
-            out.append(e if isinstance(e, tuple) else None)  # -1 (solved below) or an empty axis
-    if target.count(-1) == 1 and source is not None and None not in source:
-        rest = [e for i, e in enumerate(out) if i != target.index(-1)]
-        if None not in rest:
-            total, known = _ONE, _ONE
-            for size in source:
-                total = _mul(total, size)  # type: ignore[arg-type]
-            for size in rest:
-                known = _mul(known, size)  # type: ignore[arg-type]
-            out[target.index(-1)] = _div(total, known)
-    return out
 
 
 def merge_heads(context: ir.Value, q: ir.Value, heads: int, head_dim: int, rows: Iterable[ir.Value] = ()) -> ir.Value:
@@ -914,7 +765,7 @@ def merge_heads(context: ir.Value, q: ir.Value, heads: int, head_dim: int, rows:
     if _axis_size(tuple(atoms[r] for r in ("q.w",) if r in atoms)) != (heads * head_dim, ()):
         raise Skip(f"the query projection is not {heads} x {head_dim} wide", q.producer() or context.producer())
     parts = {"q.w0": (heads, ()), "q.w1": (head_dim, ())}
-    atoms.update({role: _Atom(role, size) for role, size in parts.items() if size != _ONE})
+    atoms.update({role: _Atom(role, size) for role, size in parts.items() if size != ONE})
     axes = [tuple(atoms[r] for r in roles if r in atoms) for roles in (("q.b",), ("q.w0",), ("q.s",), ("q.w1",))]
     layout: _Layout = tuple(axes)
     for value in (context, *rows):

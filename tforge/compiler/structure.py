@@ -27,6 +27,14 @@ import numpy as np
 import onnx_ir as ir
 
 from tforge.compiler.ops import data_uses
+from tforge.compiler.shape_reading import (
+    Element,
+    const_array,
+    elements_at_ones,
+    reshape_extents,
+    shape_elements,
+    static_dims,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -409,18 +417,6 @@ def _block_linears(block: Block) -> Iterator[Linear]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant content (initializer or Constant op), or None."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].value.numpy()
-    return None
-
-
 def nan_guarded_softmax(node: ir.Node) -> ir.Node | None:
     """The Softmax guarded by ``node`` if it is ``Where(IsNaN(p), 0, p)`` on that Softmax's output ``p``.
 
@@ -456,112 +452,26 @@ def scalar(value: ir.Value | None) -> float | None:
     return float(arr.reshape(()))
 
 
-def static_dims(value: ir.Value | None) -> list[int | None] | None:
-    if value is None or value.shape is None:
-        return None
-    return [d if isinstance(d, int) else None for d in value.shape]
-
-
 def reshape_target(node: ir.Node) -> list[int | None] | None:
-    """Target dims of a Reshape, with None where they are computed at run time."""
-    parts = _target_parts(node)
-    return None if parts is None else [dim for dim, _ in parts]
+    """Target dims of a Reshape: its integer elements (``-1`` and ``0`` as written), None where
+    they are computed at run time from dims not known statically."""
+    target = shape_elements(node.inputs[1]) if len(node.inputs) > 1 else None
+    return None if target is None else [_integer(e) for e in target]
 
 
-def _target_parts(node: ir.Node) -> list[tuple[int | None, ir.Value | None]] | None:
-    """Each target dim of a Reshape (None when computed at run time) with the one-element
-    ``Concat`` operand that computes it (None for a constant dim)."""
-    target = node.inputs[1] if len(node.inputs) > 1 else None
-    arr = const_array(target)
-    if arr is not None:
-        return [(int(x), None) for x in arr.ravel()]
-    producer = target.producer() if target is not None else None
-    if producer is None or producer.op_type != "Concat":
-        return None
-    parts: list[tuple[int | None, ir.Value | None]] = []
-    for part in producer.inputs:
-        arr = const_array(part)
-        if arr is not None:
-            parts.extend((int(x), None) for x in arr.ravel())
-            continue
-        shape = static_dims(part)
-        if shape is None or len(shape) != 1 or shape[0] is None:
-            return None
-        parts.extend([(None, part if shape[0] == 1 else None)] * shape[0])
-    return parts
-
-
-def _resolved_reshape_target(node: ir.Node) -> list[int | None] | None:
-    """:func:`reshape_target` with its ``-1`` resolved where the graph proves its size.
-
-    TorchScript writes ``x.view(b, s, heads, -1)`` as ``Concat(size(x, 0), size(x, 1), [heads],
-    [-1])``, and shape inference may lose the output's dims (every block after the first, in some
-    exports), so the head_dim is only in the input's width. When every run-time target dim copies
-    an axis of the input (``Shape -> Gather -> Unsqueeze`` of the input itself, or a ``0``), the
-    input's rank is annotated and its other axes have known sizes, the ``-1`` is their product
-    over the constant target dims (``[b, s, 192] -> [b, s, 4, -1]``: 48). Otherwise the target is
-    returned as it is.
-    """
-    parts = _target_parts(node)
-    data = node.inputs[0]
-    dims = static_dims(data)
-    if parts is None:
-        return None
-    target = [dim for dim, _ in parts]
-    if dims is None or target.count(-1) != 1:
-        return target
-    allowzero = node.attributes.get("allowzero")
-    copied: list[int] = []
-    constant = 1
-    for i, (dim, part) in enumerate(parts):
-        if dim == -1:
-            continue
-        if dim == 0 and not (allowzero is not None and int(allowzero.value)):
-            copied.append(i)
-        elif dim is None:
-            axis = _copied_axis(part, data) if part is not None else None
-            if axis is None or not -len(dims) <= axis < len(dims):
-                return target
-            copied.append(axis % len(dims))
-        else:
-            constant *= dim
-    rest = [d for j, d in enumerate(dims) if j not in copied]
-    if len(set(copied)) != len(copied) or None in rest or constant <= 0:
-        return target
-    size = int(np.prod(rest))  # type: ignore[arg-type]
-    if size % constant:
-        return target
-    target[target.index(-1)] = size // constant
-    return target
-
-
-def _copied_axis(part: ir.Value, data: ir.Value) -> int | None:
-    """The axis of ``data`` whose size the one-element value ``part`` is, when it is computed as
-    ``Unsqueeze(Gather(Shape(data), i))`` (TorchScript's ``x.size(i)``) or as
-    ``Shape(data, start=i, end=i + 1)``; None otherwise."""
-    node = part.producer()
-    if node is not None and node.op_type == "Unsqueeze" and node.inputs[0] is not None:
-        gather = node.inputs[0].producer()
-        if gather is None or gather.op_type != "Gather" or len(gather.inputs) < 2 or gather.inputs[0] is None:
-            return None
-        index = const_array(gather.inputs[1])
-        shape = gather.inputs[0].producer()
-        if index is None or index.size != 1 or shape is None or shape.op_type != "Shape" or shape.inputs[0] is not data:
-            return None
-        if "start" in shape.attributes or "end" in shape.attributes:
-            return None
-        return int(index.reshape(()))
-    if node is not None and node.op_type == "Shape" and node.inputs[0] is data:
-        start, end = node.attributes.get("start"), node.attributes.get("end")
-        if start is not None and end is not None and int(end.value) - int(start.value) == 1:
-            return int(start.value)
-    return None
+def _integer(element: Element) -> int | None:
+    if isinstance(element, tuple):
+        return None if element[1] else element[0]
+    return element
 
 
 def _reshape_dims(node: ir.Node) -> list[list[int | None]]:
-    """What a Reshape's output dims are known to be: its annotated dims, its target, and the
-    target with ``-1`` resolved (:func:`_resolved_reshape_target`), those that are known."""
-    found = [static_dims(node.outputs[0]), reshape_target(node), _resolved_reshape_target(node)]
+    """What a Reshape's output dims are known to be: its annotated dims, its target, and the dims
+    its target proves (:func:`~tforge.compiler.shape_reading.reshape_extents`: TorchScript's
+    ``view(b, s, heads, -1)`` on ``[?, ?, 192]`` has a last dim of 48, which shape inference may
+    not have recorded), those that are known."""
+    proven = reshape_extents(node)
+    found = [static_dims(node.outputs[0]), reshape_target(node), proven and [_integer(e) for e in proven]]
     return [dims for dims in found if dims]
 
 
@@ -1105,26 +1015,19 @@ def _evaluate_index_op(node: ir.Node, data: np.ndarray, out: ir.Value) -> np.nda
 
 def _evaluated_shape(node: ir.Node, data: np.ndarray, out: ir.Value) -> list[int] | None:
     """The target shape of a Reshape or Expand with run-time dims taken as 1: from the output's
-    annotated dims, else the target's constant parts (a Reshape's ``0`` copies the input's dim and
-    one ``-1`` takes what is left), a run-time dim times a constant being that constant
-    (:func:`_runtime_multiple`)."""
+    annotated dims, else the target's (:func:`_target_at_ones`; a Reshape's ``0`` copies the
+    input's dim and one ``-1`` takes what is left)."""
     dims = static_dims(out)
-    parts = _target_parts(node)
-    if parts is None and len(node.inputs) > 1 and node.inputs[1] is not None:
-        computed = _runtime_shape(node.inputs[1])
-        parts = None if computed is None else [(int(x), None) for x in computed.ravel()]
-    rank = len(dims) if dims is not None else len(parts) if parts is not None else None
+    target = _target_at_ones(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    rank = len(dims) if dims is not None else len(target) if target is not None else None
     if rank is None:
         return None
     shape: list[int | None] = []
     for i in range(rank):
         known = dims[i] if dims is not None and i < len(dims) else None
-        wanted, part = parts[i] if parts is not None and i < len(parts) else (None, None)
-        multiple = _runtime_multiple(part) if known is None and wanted is None and part is not None else None
+        wanted = target[i] if target is not None and i < len(target) else None
         if known is not None:
             shape.append(known)
-        elif multiple is not None:
-            shape.append(multiple)
         elif node.op_type == "Reshape" and wanted == 0 and i < data.ndim:
             shape.append(data.shape[i])
         elif wanted is not None and wanted > 0:
@@ -1143,41 +1046,16 @@ def _evaluated_shape(node: ir.Node, data: np.ndarray, out: ir.Value) -> list[int
     return [int(x) for x in shape]  # type: ignore[arg-type]
 
 
-# Ops that pass a one-element shape value on unchanged (TorchScript and dynamo wrap every dim
-# computed at run time in them).
-_DIM_WRAPPERS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity"})
-
-
-def _unwrapped_dim(value: ir.Value | None) -> ir.Node | None:
-    """The producer of a one-element shape value, past the ops that only rewrap it."""
-    node = value.producer() if value is not None else None
-    while node is not None and node.op_type in _DIM_WRAPPERS and node.inputs and node.inputs[0] is not None:
-        node = node.inputs[0].producer()
-    return node
-
-
-def _is_runtime_dim(value: ir.Value | None) -> bool:
-    """Whether ``value`` is one dim of a tensor's shape: ``Shape`` (one element of it by its
-    ``start``/``end`` or a ``Gather``), rewrapped."""
-    node = _unwrapped_dim(value)
-    if node is not None and node.op_type == "Gather":
-        node = node.inputs[0].producer() if node.inputs[0] is not None else None
-    return node is not None and node.op_type == "Shape"
-
-
-def _runtime_multiple(part: ir.Value) -> int | None:
-    """``c`` when a target dim is ``Mul(<run-time dim>, c)`` for a constant ``c``: the dim read
-    with its run-time factor taken as 1, like every run-time dim here. Bloom's dynamo export
-    merges the heads into the batch this way, ``reshape(batch * heads, q_len, head_dim)``, and
-    the heads are in the constant."""
-    node = _unwrapped_dim(part)
-    if node is None or node.op_type != "Mul" or len(node.inputs) != 2:
-        return None
-    for dim, factor in (node.inputs, reversed(node.inputs)):
-        c = const_array(factor)
-        if c is not None and c.size == 1 and _is_runtime_dim(dim) and int(c.reshape(())) > 0:
-            return int(c.reshape(()))
-    return None
+def _target_at_ones(target: ir.Value) -> list[int | None] | None:
+    """A shape computed at run time, with every run-time dim taken as 1: evaluated in NumPy
+    (:func:`_runtime_shape`), else element by element where the shape arithmetic is read
+    (:func:`~tforge.compiler.shape_reading.elements_at_ones`: Bloom's dynamo export merges the
+    heads into the batch, ``reshape(batch * heads, q_len, head_dim)``, read as 4 heads), None
+    elsewhere."""
+    computed = _runtime_shape(target)
+    if computed is not None:
+        return [int(x) for x in computed.ravel()]
+    return elements_at_ones(target)
 
 
 def _runtime_shape(value: ir.Value) -> np.ndarray | None:

@@ -34,10 +34,10 @@ from onnxscript.optimizer import _constant_folding
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion import _layer_norm
 
-from tforge.compiler.attention_paths import reshape_extents, shape_elements
 from tforge.compiler.pass_infra import Pass, PassResult, Property, mark_provenance
 from tforge.compiler.registry import register_pass
 from tforge.compiler.rewrite import GraphEditor, replace_value
+from tforge.compiler.shape_reading import reshape_extents, shape_elements
 from tforge.compiler.structure import nan_guarded_softmax
 from tforge.errors import PassConfigError
 
@@ -215,8 +215,9 @@ class _ShapeReadingFolder(_constant_folding.FoldConstantsPass):
     additions, inside the same sweep so that what one node proves reaches every later node:
 
     - a ``Reshape``'s output gets the dims its target proves, where its annotation does not know
-      them (:func:`~tforge.compiler.attention_paths.reshape_extents`: constants, dims read with
-      ``Shape`` from annotated shapes, ``0`` copies, ``-1`` solved); a known dim is never changed;
+      them (:func:`~tforge.compiler.shape_reading.reshape_extents`: constants, dims read with
+      ``Shape`` from annotated shapes, ``0`` copies, ``-1`` solved, the dims the target copies
+      from the input cancelling out, named or not); a known dim is never changed;
     - a ``Gather`` from a shape vector whose picked elements are all integers is folded to them.
 
     The subclass hooks two methods of the pinned onnxscript (0.7.2), as ``_optimize`` does.
