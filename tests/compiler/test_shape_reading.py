@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 from tforge import testing
-from tforge.compiler.shape_reading import reshape_extents, shape_elements
+from tforge.compiler.shape_reading import reshape_extents, reshape_output_is, shape_elements
 from tforge.passes.canonicalize import Canonicalize
 
 # TorchScript's x.view(b, s, 4, -1), and a view of x whose batch is read off another tensor.
@@ -79,3 +80,28 @@ def test_canonicalize_reads_back_the_solved_dim() -> None:
     Canonicalize()(model)
 
     assert list(reshape(model, "y").outputs[0].shape)[2:] == [4, 48]
+
+
+MERGE = """
+<ir_version: 10, opset_import: ["" : 18]>
+merge (float[B, S, 4, 8] x) => (float[M, 4, 8] y)
+<int64[1] minus_one>
+{
+    tail = Shape <start = 2> (x)
+    target = Concat <axis = 0> (minus_one, tail)
+    y = Reshape (x, target)
+}
+"""
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_reshape_output_is_a_grouping_of_the_source_dims(named: bool) -> None:
+    """[b, s, 4, 8] -> [-1, 4, 8] merges the first two axes, whatever b and s are."""
+    model = testing.model_from_onnx_text(MERGE, minus_one=np.array([-1], np.int64))
+    if not named:
+        model.graph.inputs[0].shape = ir.Shape([None, None, 4, 8])
+    (node,) = [n for n in model.graph if n.op_type == "Reshape"]
+    x = model.graph.inputs[0]
+    assert reshape_output_is(node, x, [[0, 1], [2], [3]])
+    assert not reshape_output_is(node, x, [[0], [1, 2], [3]])
+    assert not reshape_output_is(node, x, [[0, 1], [3], [2]]) and not reshape_output_is(node, x, [[0, 1, 2], [3]])

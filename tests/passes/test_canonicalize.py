@@ -242,3 +242,46 @@ def test_shapes_computed_at_run_time_are_read_back(rng: np.random.Generator) -> 
     assert "Div" not in [n.op_type for n in model.graph]
     feeds = {"x": rng.normal(size=(3, 5, 8)).astype(np.float32)}
     np.testing.assert_array_equal(run(model, feeds), run(original, feeds))
+
+
+# torch's export of scaled_dot_product_attention: K^T as a batched transpose of its last two axes
+BATCHED_KEY_TRANSPOSE = """
+<ir_version: 10, opset_import: ["" : 18]>
+keyt (float[B, 4, S, 8] k) => (float[B, 4, Y2, Y3] y)
+<int64[1] minus_one, int64[1] start_last, int64[1] start_lead, int64[1] big, int64[1] zero>
+{
+    shape = Shape (k)
+    last = Slice (shape, start_last, big)
+    second = Slice (shape, start_lead, start_last)
+    lead = Slice (shape, zero, start_lead)
+    flat_target = Concat <axis = 0> (minus_one, second, last)
+    flat = Reshape (k, flat_target)
+    flat_t = Transpose <perm = [0, 2, 1]> (flat)
+    back_target = Concat <axis = 0> (lead, BACK)
+    y = Reshape (flat_t, back_target)
+}
+"""
+
+
+@pytest.mark.parametrize(("back", "folded"), [("last, second", True), ("second, last", False)])
+def test_batched_transpose_of_the_last_two_axes_is_one_transpose(back: str, folded: bool, rng: np.random.Generator) -> None:
+    """Reshape [b*h, s, d] -> Transpose [0, 2, 1] -> Reshape [b, h, d, s] is Transpose(k, [0, 1, 3, 2])
+    (ONNX Runtime folds that into the scores MatMul); split back with [.., s, d] it is another
+    reshuffle of the data, and stays."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    model = testing.model_from_onnx_text(
+        BATCHED_KEY_TRANSPOSE.replace("BACK", back),
+        minus_one=i64(-1), start_last=i64(-1), start_lead=i64(-2), big=i64(1 << 62), zero=i64(0),
+    )  # fmt: skip
+    original = model.clone()
+
+    result = Canonicalize()(model)
+
+    assert result.stats.get("last-two-axes transpose unbatched", 0) == int(folded)
+    ops = [n.op_type for n in model.graph]
+    if folded:
+        assert ops == ["Transpose"] and list(model.graph[0].attributes["perm"].value) == [0, 1, 3, 2]
+    else:
+        assert "Reshape" in ops
+    feeds = {"k": rng.normal(size=(3, 4, 5, 8)).astype(np.float32)}
+    testing.assert_ort_allclose(original, model, feeds, atol=0.0, rtol=0.0)

@@ -37,6 +37,7 @@ __all__ = [
     "elements_at_ones",
     "mul",
     "reshape_extents",
+    "reshape_output_is",
     "shape_elements",
     "static_dims",
 ]
@@ -126,6 +127,25 @@ def reshape_extents(node: ir.Node) -> list[Size | None] | None:
     input's extents over the others when they divide them. Proven for any run-time dims: a dim
     the target copies from the input is the same symbol on both sides and cancels out, named or
     not (TorchScript's ``view(b, s, heads, -1)`` on ``[?, ?, 192]``: 48)."""
+    extents = _reshape_extents(node)
+    return None if extents is None else [_named(e) for e in extents]
+
+
+def reshape_output_is(node: ir.Node, source: ir.Value, axes: list[list[int]]) -> bool:
+    """Whether the target of ``Reshape`` ``node`` proves its output dim ``k`` to be the product of
+    ``source``'s dims ``axes[k]``, whatever they are at run time (``[[0, 1], [2], [3]]``: the
+    first two axes merged). ``source`` is any value whose ``Shape`` the target may read."""
+    extents = _reshape_extents(node)
+    dims = _with_unnamed(source, annotated(source))
+    if extents is None or dims is None or len(extents) != len(axes):
+        return False
+    if any(not 0 <= a < len(dims) for group in axes for a in group):
+        return False
+    return all(e is not None and e == _product([dims[a] for a in group]) for e, group in zip(extents, axes, strict=True))
+
+
+def _reshape_extents(node: ir.Node) -> list[Size | None] | None:
+    """:func:`reshape_extents`, the unnamed dims kept as their symbols."""
     target = _elements(node.inputs[1], annotated, 0) if len(node.inputs) > 1 else None
     data = node.inputs[0]
     source = _with_unnamed(data, annotated(data)) if data is not None else None
@@ -144,7 +164,7 @@ def reshape_extents(node: ir.Node) -> list[Size | None] | None:
         rest = [e for i, e in enumerate(out) if i != at]
         if None not in rest:
             out[at] = div(_product(source), _product(rest))  # type: ignore[arg-type]
-    return [_named(e) for e in out]
+    return out
 
 
 def _product(sizes: list[Size]) -> Size:
