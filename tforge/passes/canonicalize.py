@@ -10,6 +10,9 @@
   reading back the shapes a graph computes from ``Shape`` at run time but fixes statically (see
   ``_ShapeReadingFolder``): the TorchScript export's head splits get their static dims and its
   ``rotate_half`` bounds become constants (SmolLM2's cache export: 3,750 -> 3,060 nodes);
+- torch's SDPA export's batched transpose of K's last two axes (``Reshape`` to ``[b*h, s, d]``,
+  ``Transpose``, ``Reshape`` back) becomes one ``Transpose``, which ONNX Runtime folds into the
+  scores ``MatMul`` (see ``_unbatch_last_two_axes_transposes``);
 - the NaN guard ``Where(IsNaN(p), 0, p)`` after an attention ``Softmax`` is dropped when the
   Softmax input is built only from matmul products and finite constants (see
   ``_drop_softmax_nan_guards``): torch's SDPA export adds it to every layer although its
