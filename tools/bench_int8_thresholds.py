@@ -14,7 +14,7 @@ from pathlib import Path
 
 import bench_int8
 
-from tforge.presets import preset_pipeline
+from tforge.presets import PRESETS, preset_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def variants(model=None) -> dict[str, str]:
     base = "canonicalize,calibrate,smoothquant,"
     return {
         "tforge w8a8 preset": preset_pipeline("w8a8", model),
-        "tforge preset without ort-layernorm": base + "quantize{activations=auto}",
+        "tforge auto (per token below 33 dB: the decoder pipeline)": PRESETS["w8a8"],
         "tforge auto min-sqnr-dynamic=28, ort-layernorm": base + "quantize{activations=auto min-sqnr-dynamic=28},ort-layernorm",
         "tforge auto fallback=dynamic, ort-layernorm": base + "quantize{activations=auto fallback=dynamic},ort-layernorm",
     }
