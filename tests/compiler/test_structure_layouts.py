@@ -51,8 +51,8 @@ def torchscript_model(tmp_path_factory: pytest.TempPathFactory, zoo_module) -> C
     return get
 
 
-def _run(model: ir.Model, spec: str, entry: zoo.ZooEntry):  # type: ignore[no-untyped-def]
-    model.meta[FEEDS_KEY] = [entry.inputs(2, 9, np.random.default_rng(i)) for i in range(4)]
+def _run(model: ir.Model, spec: str, entry: zoo.ZooEntry, shape: tuple[int, int] = (2, 9)):  # type: ignore[no-untyped-def]
+    model.meta[FEEDS_KEY] = [entry.inputs(*shape, np.random.default_rng(i)) for i in range(4)]
     return PassManager.parse(spec, verify_each=True, progress=lambda _: None).run(model)
 
 
@@ -303,6 +303,34 @@ def test_sweep_exports_map_every_block_and_keep_outputs(name: str, exporter: str
     report = _run(model, "ln-migrate", entry)
     assert report.passes[-1].stats, report
     _assert_same_function(original, model, entry.inputs(2, 9, np.random.default_rng(1)))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_bloom_at_a_fixed_shape_heads_merged_with_the_batch_are_read(exporter: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Bloom merges the batch with the heads, ``[batch * heads, s, d]``; at a fixed batch of 2 the
+    query and key slots come twice, once per batch entry. The copies are cut and the map is the
+    dynamic export's; ln-migrate stays exact, and prune-heads removes a head whose rows of the
+    output projection are zero exactly (its constant ``batch * heads`` rewritten)."""
+    entry = SWEEP_FAMILIES["bloom"]
+    path = entry.export(tmp_path, static=zoo.STATIC_SHAPE, exporter=exporter)  # type: ignore[arg-type]
+    model = tforge.load(path)
+    _run(model, "canonicalize", entry)
+    found = find_blocks(model)
+    assert found.unrecognized == [] and len(found.blocks) == zoo.LAYERS
+    for block in found.blocks:
+        attn = block.attention
+        assert attn is not None and (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (4, 4, 16)
+        assert attn.qkv_slots == ((0, 3, 6, 9), (1, 4, 7, 10), (2, 5, 8, 11))
+        rows = attn.o.weight.const_value.numpy().copy()  # type: ignore[union-attr]
+        rows[16:32] = 0.0  # head 1
+        attn.o.weight.const_value = ir.tensor(rows, name=attn.o.weight.name)
+    zeroed = model.clone()
+    feeds = entry.inputs(*zoo.STATIC_SHAPE, np.random.default_rng(1))
+    _run(model, "ln-migrate", entry)
+    _assert_same_function(zeroed, model, feeds)
+    pruned = _run(model, "calibrate,prune-heads{keep=3 compensate=false}", entry, zoo.STATIC_SHAPE).passes[-1]
+    assert [row["kept"] for row in pruned.details["layers"]] == [[0, 2, 3]] * zoo.LAYERS, pruned.stats
+    testing.assert_ort_allclose(zeroed, model, feeds, atol=1e-5, rtol=0.0)
 
 
 def test_a_split_that_does_not_cover_the_fused_linear_is_refused(sweep_model) -> None:  # type: ignore[no-untyped-def]

@@ -1115,7 +1115,7 @@ def _head_slot_qkv(
             return None
         per_role.append([int(r) // d for r in rows[:, 0]])
     assert head_dim is not None
-    query, key, value = per_role
+    query, key, value = _without_batch_copies(*per_role)
     heads = len(query)
     if len(set(query)) != heads:
         return f"fused QKV linear '{lin.name}': a query slot is read by two query heads"
@@ -1141,6 +1141,28 @@ def _head_slot_qkv(
     if sorted(everything) != list(range(lin.out_features // head_dim)):
         return f"fused QKV linear '{lin.name}': the query, key and value slots do not cover its output once each"
     return tuple(query), k_slots, v_slots, head_dim
+
+
+def _without_batch_copies(query: list[int], key: list[int], value: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """The slots each head reads, with the copies of a fixed batch cut off where the export merged
+    the batch with the heads into one axis (Bloom at a fixed shape: ``[batch * heads, s, d]``,
+    the query slots ``q0 q1 q2 q3 q0 q1 q2 q3`` for batch 2). Distinct query heads never share a
+    slot, so a query list that is ``f`` copies of its distinct slots in one order is the batch;
+    a key or value list as long (merged with the batch the same way) must be ``f`` copies too
+    and is cut the same way; a shorter one had its batch on an axis of its own, already cut.
+    Unchanged otherwise."""
+    distinct = len(dict.fromkeys(query))
+    copies = len(query) // distinct if distinct else 0
+    if copies < 2 or len(query) != copies * distinct or query != query[:distinct] * copies:
+        return query, key, value
+    cut = []
+    for slots in (key, value):
+        if len(slots) == len(query):
+            if slots != slots[:distinct] * copies:
+                return query, key, value
+            slots = slots[:distinct]
+        cut.append(slots)
+    return query[:distinct], cut[0], cut[1]
 
 
 def _qkv_cuts(paths: tuple[list[ir.Node], ...], ends: tuple[ir.Value, ...]) -> list[ir.Node | None]:
