@@ -258,6 +258,10 @@ ZOO_SHAPES = [(1, 5), (3, 12)]
         # per KV group [q q k v] slots: a query head from each group (different places), a whole group
         ("falcon_gqa", "dynamo", [1, 2], 2, 2),
         ("falcon_gqa", "dynamo", [2, 3], 2, 1),
+        # K and V repeated to the query's shape, computed at run time for both by one chain of
+        # shape arithmetic (Where(Equal(s, -1), 1, s)) whose Concat holds the counts: rewritten once
+        ("falcon_gqa", "torchscript", [1, 2], 2, 2),
+        ("falcon_gqa", "torchscript", [2, 3], 2, 1),
         # one repeat-KV shape computed from constants for K, V and every layer: each gets its own
         ("qwen3", "torchscript-static", [1, 3], 2, 2),
         # multi-query: the one KV head [b, 1, 1, s, d] repeated by a constant count (Expand to
@@ -315,11 +319,7 @@ def assert_zeroed_heads_go_exactly(
 
 
 #: exports where prune-heads skips every attention, with the reason (not built yet)
-KNOWN_SKIPS = {
-    # the K/V repeat Expand's target is computed from shape arithmetic the query path reads too;
-    # rewriting it would change the query's shape as well (cloning that arithmetic is not built)
-    ("falcon_gqa", "torchscript"): "skipped: the shape arithmetic before",
-}
+KNOWN_SKIPS: dict[tuple[str, str], str] = {}
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -424,6 +424,36 @@ def test_layers_with_different_counts_get_their_own_shape_constants(zoo_model, z
     for batch, seq in ZOO_SHAPES:
         [cmp] = verify.compare_outputs(original, model, entry.inputs(batch, seq, np.random.default_rng(3)))
         assert np.isfinite(cmp.max_abs), cmp
+
+
+def test_shape_arithmetic_another_layer_reads_is_copied_for_the_rewrite(exported) -> None:
+    """Falcon GQA (TorchScript) with the second layer's repeat of K and V made to read the first
+    layer's run-time shape arithmetic (the same shape), the layers thinned differently: the
+    first layer's Expands get a copy of the chain and of its Concat, the second the original."""
+    entry = _entry("falcon_gqa")
+    model = _canonical(exported("falcon_gqa", "torchscript"))
+    nodes = {n.name: n for n in model.graph}
+    shared = nodes["/model/h.0/self_attention/Where"].outputs[0]
+    for name in ("/model/h.1/self_attention/Expand", "/model/h.1/self_attention/Expand_1"):
+        nodes[name].replace_input_with(1, shared)
+    model.graph.remove(
+        [nodes[f"/model/h.1/self_attention/{n}"] for n in ("Where", "Equal", "Reshape_1", "Concat_1")], safe=True
+    )
+    _zero_output_rows(model, [1, 2], layers=[0])  # a query head from each KV group
+    _zero_output_rows(model, [2, 3], layers=[1])  # the second KV group
+    original = model.clone()
+
+    record = _prune_export(model, entry, "calibrate{gram=true},prune-heads{keep=2}", "torchscript")
+
+    assert [r["kept"] for r in record["details"]["layers"]] == [[0, 3], [0, 1]], record
+    assert [(b.attention.num_heads, b.attention.num_kv_heads) for b in find_blocks(model).blocks] == [(2, 2), (2, 1)]
+    nodes = {n.name: n for n in model.graph}
+    shapes = [nodes[f"/model/h.{i}/self_attention/Expand{j}"].inputs[1] for i in (0, 1) for j in ("", "_1")]
+    assert shapes[0] is shapes[1] and shapes[2] is shapes[3] is shared and shapes[0] is not shared
+    _assert_consistent(model)
+    for batch, seq in ZOO_SHAPES:
+        feeds = entry.inputs(batch, seq, np.random.default_rng(3))
+        testing.assert_ort_allclose(original, model, feeds, atol=1e-5, rtol=0.0)
 
 
 def test_zoo_models_run_after_heads_and_ffn_pruning(zoo_name: str, zoo_model, zoo_entries) -> None:

@@ -28,7 +28,9 @@ is rewritten only where its role says what it counts; a shape computed at run ti
 :class:`~tforge.compiler.pass_infra.Skip` naming the node.
 :func:`plan_head_removal` collects the edits for one choice of kept heads before anything
 changes; :func:`apply_edits` makes them through the graph editor, cloning constants and
-``Concat`` shapes that the exporter shared between layers.
+``Concat`` shapes that the exporter shared between layers, and copying the run-time shape
+arithmetic before an ``Expand`` (TorchScript's ``Where(Equal(s, -1), 1, s)``) for the readers
+that get one rewrite when others read it too.
 """
 
 from __future__ import annotations
@@ -237,6 +239,11 @@ class _Target:
     #: The reader gets a constant of its own instead of a rewritten start: the chain is shared
     #: with other readers, and it computes only constants (a fixed-shape TorchScript export)
     materialize: bool = False
+    #: The chain's nodes, the reader's side first, when a value in it is read by anything but the
+    #: chain and the reader and some elements are computed at run time (Falcon's repeat of K and
+    #: V to the query's run-time shape, one chain for both): :func:`apply_edits` gives the readers
+    #: that get one rewrite a copy of the chain of their own unless they are all it has
+    shared: list[ir.Node] | None = None
 
 
 @dataclasses.dataclass
@@ -618,14 +625,15 @@ def _elementwise_rule(ctx: LayoutContext, node: ir.Node, roles: dict[int, Roles]
 
 def _target(node: ir.Node, index: int, *, reading: bool = False) -> _Target:
     """The shape-like input ``index`` of ``node``; ``reading``: only its values are wanted
-    (nothing will be rewritten), so shape arithmetic shared with other readers is fine."""
+    (nothing will be rewritten). Shape arithmetic shared with other readers is materialized as a
+    constant when it computes only constants, else marked ``shared`` (copied when rewritten)."""
     value = node.inputs[index] if index < len(node.inputs) else None
     if value is None:
         raise Skip(f"{node.op_type} '{node.name}' has no shape input", node)
     chain = _shape_chain(value, node)
     if chain is None:
         return _plain_target(node, index, value)
-    source, readers, selects, shared = chain
+    source, readers, selects, inside, shared = chain
     target = _plain_target(node, index, source)
     avoid: list[int | None] = [None] * len(target.elems)
     fixed = [False] * len(target.elems)
@@ -642,13 +650,11 @@ def _target(node: ir.Node, index: int, *, reading: bool = False) -> _Target:
                 avoid[i] = int(equal_to[i])
             else:  # two conditions on one element: keep the stricter reading, no rewrite
                 fixed[i] = True
-    if shared and not reading:
-        if any(e is None for e in elems):
-            raise Skip(f"the shape arithmetic before '{node.name}' is shared with other readers", node)
+    if shared and not reading and all(e is not None for e in elems):
         return _Target(node, index, elems, None, [(-1, i) for i in range(len(elems))], materialize=True)
     return dataclasses.replace(
         target, node=node, index=index, elems=elems, source=source, source_readers=readers,
-        avoid=avoid, fixed=fixed,
+        avoid=avoid, fixed=fixed, shared=inside if shared and not reading else None,
     )  # fmt: skip
 
 
@@ -708,15 +714,17 @@ _SMALL = 64  # elements of a constant the shape arithmetic evaluator handles
 
 def _shape_chain(
     value: ir.Value, reader: ir.Node
-) -> tuple[ir.Value, list[tuple[ir.Node, int]], list[tuple[np.ndarray, np.ndarray]], bool] | None:
+) -> tuple[ir.Value, list[tuple[ir.Node, int]], list[tuple[np.ndarray, np.ndarray]], list[ir.Node], bool] | None:
     """See through the arithmetic TorchScript writes between a shape and the ``Expand`` reading it.
 
     ``expand(x, sizes)`` with ``-1`` meaning "keep" is exported as
     ``Where(Equal(s, -1), 1, s)`` on ``s = Reshape(Concat(...), [-1])``. Returns the value the
     chain starts from (a Concat's output or a constant), its readers in the chain, and per
-    ``Where`` (innermost first) the constants it compares with and substitutes, and whether a
-    value inside the chain is read by anything but the chain and ``reader`` (then rewriting the
-    start would change other readers too); None when ``value`` is not such a chain.
+    ``Where`` (innermost first) the constants it compares with and substitutes, the chain's nodes
+    (``reader``'s side first), and whether a value inside the chain is read by anything but the
+    chain and ``reader`` (then rewriting the start would change other readers too); None when
+    ``value`` is not such a chain. What the chain reads besides its start is computed from
+    constants alone (:func:`_small_constant`), so a copy of its nodes computes the same.
     """
     selects: list[tuple[np.ndarray, np.ndarray]] = []
     inside: list[ir.Node] = []
@@ -767,7 +775,7 @@ def _shape_chain(
     )
     readers = [(u.node, u.idx) for u in current.uses() if id(u.node) in members]
     selects.reverse()
-    return current, readers, selects, shared
+    return current, readers, selects, inside, shared
 
 
 def _small_constant(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
@@ -912,11 +920,41 @@ def _reshape(ctx: LayoutContext, node: ir.Node, inp: Roles) -> Roles:
             return regrouped
     # anything else must be computed at run time, which adapts by itself
     if any(e is not None and e not in (-1, 0) for e in elems):
+        _refuse_run_time_product(node, inp, target)
         what = "" if inp is None else f": ({_kinds(inp)}) to [{', '.join('?' if e is None else str(e) for e in elems)}]"
         raise Skip(
             f"Reshape '{node.name}' on the attention path has a constant target whose axes were not traced{what}", node
         )
     return None
+
+
+def _refuse_run_time_product(node: ir.Node, inp: Roles, target: _Target) -> None:
+    """Skip naming the arithmetic when an element computed at run time is a size times the head
+    count (Bloom's ``[batch * heads, s, d]``: ``Mul(batch, 4)``, the 4 often shared by every layer
+    and by the ALiBi tensor laid out the same way): that product is not rewritten."""
+    counts = {a.old for a in inp or [] if a.kind == "heads" and a.outer == 1}
+    if target.concat is None or not counts:
+        return
+    for (part, _), elem in zip(target.parts, target.elems, strict=True):
+        if elem is not None or part < 0:
+            continue
+        value = target.concat.inputs[part]
+        for _ in range(3):  # through Unsqueeze and Reshape to [-1] to the scalar
+            producer = value.producer() if value is not None else None
+            if producer is None or producer.op_type not in ("Unsqueeze", "Reshape", "Squeeze"):
+                break
+            value = producer.inputs[0]
+        mul = value.producer() if value is not None else None
+        if mul is None or mul.op_type != "Mul" or not is_default_domain(mul):
+            continue
+        factors = [_small_constant(v) for v in mul.inputs]
+        sizes = [int(f.ravel()[0]) for f in factors if f is not None and f.size == 1]
+        count = next((c for c in sizes if c in counts), None)
+        if count is not None:
+            raise Skip(
+                f"Reshape '{node.name}' merges the heads with the batch into a size computed at run "
+                f"time (Mul '{mul.name}': a size times {count}): rewriting that product is not built", node,
+            )  # fmt: skip
 
 
 def _heads_element(width: Axis, elems: list[int | None], size: Callable[[int], int | None], d: int) -> bool:
@@ -1841,7 +1879,7 @@ TRANSFER: dict[str, Rule] = {
 def apply_edits(editor: GraphEditor, edits: HeadEdits) -> None:
     """Make the changes :func:`plan_head_removal` collected (constants cloned where shared)."""
     groups: dict[tuple[Any, ...], tuple[_Target, list[int], list[tuple[ir.Node, int]]]] = {}
-    for target, new in edits.targets:
+    for target, new in _own_chains(editor, edits.targets):
         start = target.source if target.source is not None else target.node.inputs[target.index]
         holder = target.concat if target.concat is not None else start
         key = (id(holder), tuple(new))
@@ -1888,6 +1926,64 @@ def apply_edits(editor: GraphEditor, edits: HeadEdits) -> None:
         editor.mark(node)
     for value, shape in edits.shapes:
         value.shape = shape
+
+
+def _own_chains(editor: GraphEditor, targets: list[tuple[_Target, list[int]]]) -> list[tuple[_Target, list[int]]]:
+    """``targets`` with each shared shape chain (see :attr:`_Target.shared`) made the readers' own:
+    the readers that get one rewrite keep the chain when they are all that reads it past its start,
+    else they read a copy of it (its start is then cloned like any shared constant or Concat)."""
+    readers: dict[tuple[int, tuple[int, ...]], list[tuple[ir.Node, int]]] = {}
+    for target, new in targets:
+        if target.shared is not None:
+            readers.setdefault((id(target.shared[0]), tuple(new)), []).append((target.node, target.index))
+    copies: dict[tuple[int, tuple[int, ...]], dict[int, ir.Node]] = {}
+    result = []
+    for target, new in targets:
+        chain = target.shared
+        if chain is None:
+            result.append((target, new))
+            continue
+        key = (id(chain[0]), tuple(new))
+        if key not in copies:
+            copies[key] = _copy_chain(editor, chain, readers[key])
+        copy = copies[key]
+        source_readers = [(copy.get(id(node), node), index) for node, index in target.source_readers or []]
+        result.append((dataclasses.replace(target, source_readers=source_readers, shared=None), new))
+    return result
+
+
+def _copy_chain(editor: GraphEditor, chain: list[ir.Node], readers: list[tuple[ir.Node, int]]) -> dict[int, ir.Node]:
+    """Make ``readers`` (of the last value of ``chain``) the only readers of ``chain``'s values,
+    through a copy when others read them; returns each node's copy by id (empty: none made)."""
+    members = {id(n) for n in chain} | {id(node) for node, _ in readers}
+    wanted = {(id(node), index) for node, index in readers}
+    end = chain[0].outputs[0]
+    if not any(
+        out.is_graph_output()
+        or any(id(u.node) not in members or (out is end and (id(u.node), u.idx) not in wanted) for u in out.uses())
+        for node in chain
+        for out in node.outputs
+    ):
+        return {}
+    copies: dict[int, ir.Node] = {}
+    values: dict[int, ir.Value] = {}
+    for node in reversed(chain):  # the start's side first: each copy reads the copies before it
+        copy = editor.node(
+            node.op_type,
+            [values.get(id(v), v) if v is not None else None for v in node.inputs],
+            attributes={a.name: a.value for a in node.attributes.values()},
+            domain=node.domain,
+            name=f"{node.name or 'shape'}.{editor.pass_name}",
+            outputs=[f"{out.name or 'shape'}.{editor.pass_name}" for out in node.outputs],
+            after=node,
+        )
+        for out, new in zip(node.outputs, copy.outputs, strict=True):
+            new.shape, new.type = out.shape, out.type
+            values[id(out)] = new
+        copies[id(node)] = copy
+    for node, index in readers:
+        node.replace_input_with(index, values[id(end)])
+    return copies
 
 
 def _gather_kept(editor: GraphEditor, node: ir.Node, index: int, takes: list[tuple[int, np.ndarray]]) -> None:
