@@ -42,6 +42,7 @@ def test_the_pipeline_follows_the_model(llama_cache, zoo_model: Callable[[str], 
     assert has_kv_cache(cache_model) and has_kv_cache(llama_cache.torchscript)
     assert not has_kv_cache(encoder) and not has_kv_cache(decoder)
     assert is_encoder(encoder) and not is_encoder(decoder) and not is_encoder(cache_model)
+    assert is_encoder(zoo_model("bert")) and not is_encoder(llama_cache.dynamo)  # paths are read too
     assert preset_pipeline("w8a8", cache_model) == DECODER_PRESETS["w8a8"]
     assert preset_pipeline("w8a8", encoder) == ENCODER_PRESETS["w8a8"] != PRESETS["w8a8"]
     assert preset_pipeline("w8a8", decoder) == preset_pipeline("w8a8") == PRESETS["w8a8"]

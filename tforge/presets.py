@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from typing import Any
 
 from tforge.errors import PassConfigError, UnsupportedModelError
@@ -102,12 +103,16 @@ def has_kv_cache(model: Any) -> bool:
 
 
 def is_encoder(model: Any) -> bool:
-    """Whether ``model`` (an onnx_ir model) has attention blocks and none of them is causal, as
-    the block map reads them (BERT-like encoders, ViT); False for anything else or unreadable."""
+    """Whether ``model`` (an onnx_ir model or the path of an ONNX file) has attention blocks and
+    none of them is causal, as the block map reads them (BERT-like encoders, ViT); False for
+    anything else (an ORT session, whose graph the block map cannot read)."""
     import onnx_ir as ir
 
     from tforge.compiler.structure import find_blocks
+    from tforge.frontends.onnx import load_onnx
 
+    if isinstance(model, (str, os.PathLike)):
+        model = load_onnx(model)
     if not isinstance(model, ir.Model):
         return False
     attentions = [b.attention for b in find_blocks(model).blocks if b.attention is not None]
