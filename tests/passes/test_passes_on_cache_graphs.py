@@ -11,7 +11,7 @@ each step feeding back the present outputs the model itself returned (after ``pr
 cache has fewer heads than the reference's). ONNX Runtime's graph optimizations are off, so the
 numbers are tforge's rewrites, not ORT's.
 
-- exact passes (ln-migrate, smoothquant, ort-fuse, ort-layernorm), on both exports: the logits of
+- exact passes (ln-migrate, smoothquant, ort-fuse, rotate-residual, ort-layernorm), on both exports: the logits of
   the prefill and of every step equal the reference's within ``EXACT_RTOL`` of their max abs;
 - lossy passes, on the dynamo export (prune-heads on both): the pass's counters say what it
   rewrote, the logits are finite, and the error, the least cosine over the steps and the max abs
@@ -116,6 +116,15 @@ EXACT = [
             "with a past cache is not built (compile the model exported without a cache)"
             for layer in range(LAYERS)
         ),
+    ),
+    # LLaMA's head is untied here: the final gamma and the rotation go into the head's weight
+    *(
+        Case(
+            exporter,
+            "rotate-residual",
+            {"residual stream rotated": 1, "linears writing the stream": 2 * LAYERS, "norms folded": 2 * LAYERS + 1},
+        )
+        for exporter in EXPORTERS
     ),
     # no site: ort-layernorm rewrites the Add before a LayerNormalization, and LLaMA has none
     *(Case(exporter, "ort-layernorm", {}) for exporter in EXPORTERS),

@@ -698,7 +698,7 @@ def projection_norm_source(norm: Norm, linear_by_output: dict[int, Linear]) -> L
     if norm.linears or norm.output.is_graph_output():
         return None
     channels = norm.channels
-    if channels is None or not _normalises_last_axis(norm):
+    if channels is None or not normalises_last_axis(norm):
         return None
     dims = static_dims(norm.input)
     if dims is not None and dims and dims[-1] is not None and dims[-1] != channels:
@@ -717,7 +717,7 @@ def projection_norm_source(norm: Norm, linear_by_output: dict[int, Linear]) -> L
     return None
 
 
-def _normalises_last_axis(norm: Norm) -> bool:
+def normalises_last_axis(norm: Norm) -> bool:
     rank = norm.input.shape.rank() if norm.input.shape is not None else None
     if norm.kind == "layer" or len(norm.nodes) == 1:
         axis = norm.node.attributes.get("axis")

@@ -326,9 +326,11 @@ def random_llama(
     vocab: int = 96,
     max_positions: int = 256,
     seed: int = 0,
+    tie_embeddings: bool = False,
 ) -> Any:
     """A random-initialised ``LlamaForCausalLM`` (grouped-query attention when ``kv_heads <
-    heads``), float32 and in eval mode: a small stand-in for SmolLM2 in tests."""
+    heads``), float32 and in eval mode: a small stand-in for SmolLM2 in tests (which ties its LM
+    head to the token table, as ``tie_embeddings=True`` does)."""
     _offline()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -349,6 +351,7 @@ def random_llama(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        tie_word_embeddings=tie_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
