@@ -47,7 +47,10 @@ def test_the_pipeline_follows_the_model(llama_cache, zoo_model: Callable[[str], 
     assert preset_pipeline("w8a8", encoder) == ENCODER_PRESETS["w8a8"] != PRESETS["w8a8"]
     assert preset_pipeline("w8a8", decoder) == preset_pipeline("w8a8") == PRESETS["w8a8"]
     assert preset_pipeline("w4a8", encoder) == PRESETS["w4a8"]
-    assert preset_pipeline("w4a8", cache_model) == DECODER_PRESETS["w4a8"] != PRESETS["w4a8"]
+    # the cache model's table is 32 wide: the decoder w4a8's table blocks of 64 fit to 32
+    assert preset_pipeline("w4a8", cache_model) == DECODER_PRESETS["w4a8"].replace(
+        "embedding-block=64", "embedding-block=32"
+    ) != PRESETS["w4a8"]
     with pytest.raises(PassConfigError, match="unknown preset 'w4a4'; did you mean"):
         preset_pipeline("w4a4", cache_model)
 
@@ -80,8 +83,11 @@ def test_api_w4a8_quantizes_to_4_bits_from_text(llama_cache, llama_text: Path, t
         model, preset="w4a8", calibration=CalibrationData(text=str(llama_text), tokenizer=str(tokenizer_dir), samples=8)
     )
     names = [record.name for record in result.report.passes]
-    assert names == ["canonicalize", "calibrate", "quantize-weights", "ort-fuse", "merge-projections"]
-    record = result.report.passes[2]
+    assert names == ["canonicalize", "rotate-residual", "calibrate", "quantize-weights", "ort-fuse", "merge-projections"]
+    assert result.report.passes[1].stats["residual stream rotated"] == 1
+    # the table is 32 wide: the preset's blocks of 64 for it become 32
+    assert "embedding-block=32" in result.report.passes[3].spec
+    record = result.report.passes[3]
     # 7 linears a layer and the LM head, which is not tied to the table in this model
     assert record.stats["quantized: 4-bit gptq"] == 15 and record.stats["embedding quantized"] == 1
     assert not record.skipped

@@ -44,16 +44,21 @@ new measurement.
   calibration data's second moments, symmetric blocks of 32 rows. Needs --calib-text/--tokenizer
   (or --calib-npz).
 
-  - With a KV cache (decoding, what 4 bits are for): every linear, and the token table with the
-    LM head tied to it, at 4 bits, the table's codes chosen by GPTQ on the head's input
-    statistics (the head is the most sensitive tensor: on SmolLM2 the 4-bit head alone costs
-    +14.8% perplexity by RTN, +2.5% by GPTQ); then ``ort-fuse`` and ``merge-projections``. The
-    file is the size of onnxruntime-genai's int4 graph of the same model (which has the same
-    tensors), decodes 1.09x faster than it, at +10.4% perplexity against its +33.8%
-    (BENCHMARKS.md). Measured on SmolLM2 and not chosen: the table and head at 8 bits (+7.4%,
-    but 16% larger and 16% slower to decode);
-    ``sequential=true`` (no gain: 29.79 against 29.77 perplexity, 54 min); asymmetric blocks of
-    64 or 128 (+9.8%, +10.5% with an 8-bit table).
+  - With a KV cache (decoding, what 4 bits are for): ``rotate-residual`` first turns the
+    residual stream by a random-sign Hadamard matrix folded into the weights (exact in float),
+    which spreads the channels a 4-bit block holds badly; then every linear at 4 bits (GPTQ,
+    blocks of 32), and the token table with the LM head tied to it at 4 bits in blocks of 64
+    along the hidden axis, the table's codes chosen by GPTQ on the head's input statistics (the
+    head is the most sensitive tensor: on SmolLM2 the 4-bit head alone costs +14.8% perplexity
+    by RTN, +2.5% by GPTQ, before rotation); then ``ort-fuse`` and ``merge-projections``. On
+    SmolLM2 the rotation takes the perplexity loss from +10.4% to +8.8% with a table in blocks
+    of 32; the table's blocks of 64 (+9.1%) pay for the linear the rotation adds before the tied
+    head and keep the file under onnxruntime-genai's int4 graph of the same model (BENCHMARKS.md).
+    Measured on SmolLM2 and not chosen: the table and head at 8 bits (+7.4% before rotation, but
+    16% larger and 16% slower to decode); ``sequential=true`` (no gain: 29.79 against 29.77
+    perplexity, 54 min); asymmetric blocks of 64 or 128 (+9.8%, +10.5% with an 8-bit table);
+    with the rotation, 8-bit V projections with Q and O in blocks of 128 (no gain) and an
+    asymmetric table (30.37 against 30.38).
   - Without a cache: the token table stays at 8 bits, then ``ort-fuse``. On an encoder batch
     (MiniLM 8 x 128) it makes the file 4x smaller but runs at 0.91x fp32, where ``w8a8`` runs
     2.5x faster: ``MatMulNBits`` pays where a call has few rows.
@@ -86,7 +91,10 @@ ENCODER_PRESETS: dict[str, str] = {
 #: a preset's pipeline for graphs with a KV cache, where it differs
 DECODER_PRESETS: dict[str, str] = {
     "w8a8": "canonicalize,quantize-weights{bits=8 block=32 embedding-bits=8},ort-fuse,merge-projections",
-    "w4a8": "canonicalize,calibrate,quantize-weights{method=gptq block=32 embedding-bits=4},ort-fuse,merge-projections",
+    "w4a8": (
+        "canonicalize,rotate-residual,calibrate,"
+        "quantize-weights{method=gptq block=32 embedding-bits=4 embedding-block=64},ort-fuse,merge-projections"
+    ),
 }
 
 
@@ -119,6 +127,32 @@ def is_encoder(model: Any) -> bool:
     return bool(attentions) and not any(a.causal for a in attentions)
 
 
+def _fit_table_block(spec: str, model: Any) -> str:
+    """``spec`` with its ``embedding-block=N`` halved until it divides the token table's width
+    (at least 16): a preset's table blocks of 64 would leave a 32-wide table in float."""
+    import re
+
+    import onnx_ir as ir
+
+    from tforge.compiler.embeddings import find_embeddings
+    from tforge.frontends.onnx import load_onnx
+
+    match = re.search(r"embedding-block=(\d+)", spec)
+    if match is None:
+        return spec
+    if isinstance(model, (str, os.PathLike)):
+        model = load_onnx(model)
+    if not isinstance(model, ir.Model):
+        return spec
+    widths = {emb.shape[1] for emb in find_embeddings(model.graph)}
+    block = int(match.group(1))
+    while block > 16 and any(width % block for width in widths):
+        block //= 2
+    if block != int(match.group(1)):
+        logger.info("preset: the token table is %s wide, so its blocks are %d", sorted(widths), block)
+    return spec[: match.start(1)] + str(block) + spec[match.end(1) :]
+
+
 def preset_pipeline(name: str, model: Any = None) -> str:
     """The pipeline spec of preset ``name`` for ``model``: its KV-cache pipeline when the model
     has a cache, its encoder pipeline when every attention is bidirectional, where the preset
@@ -129,7 +163,7 @@ def preset_pipeline(name: str, model: Any = None) -> str:
         raise PassConfigError(f"preset: unknown preset {name!r}; {hint}known presets: {', '.join(sorted(PRESETS))}")
     if model is not None and name in DECODER_PRESETS and has_kv_cache(model):
         logger.info("preset %s: the model has a KV cache, so the decoding pipeline", name)
-        return DECODER_PRESETS[name]
+        return _fit_table_block(DECODER_PRESETS[name], model)
     if model is not None and name in ENCODER_PRESETS and is_encoder(model):
         logger.info("preset %s: the model is an encoder, so the encoder pipeline", name)
         return ENCODER_PRESETS[name]
