@@ -2,8 +2,8 @@
 
 The untied LLaMA cache graphs of both exporters are covered in test_passes_on_cache_graphs.py
 (an exact case). Here: the tied LM head (SmolLM2's layout: the final gamma gets a linear of its
-own and the table stays one copy through quantize-weights), the Hadamard constructions, and the
-skips that name what stops the rotation.
+own and the table stays one copy through quantize-weights), Qwen2, Gemma and Mistral exports,
+the Hadamard constructions, and the skips that name what stops the rotation.
 """
 
 from __future__ import annotations
@@ -82,6 +82,44 @@ def test_a_second_rotation_skips_and_says_why(tied_llama: Path) -> None:
     assert [s["reason"] for s in record.skipped] == [
         "no one linear to the vocabulary (96) alone reads a norm of the residual stream (the LM head)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("family", "options", "tied"),
+    [
+        ("qwen2", {"tie_word_embeddings": True}, True),  # biases on Q/K/V
+        ("gemma", {"tie_word_embeddings": True, "head_dim": 16}, True),  # embedding * sqrt(hidden), 1 + gamma
+        # the FFN as wide as the vocabulary: its norm's linears are not the head
+        ("mistral", {"tie_word_embeddings": False, "intermediate_size": 96}, False),
+    ],
+)
+def test_families_rotate_exactly(tmp_path: Path, family: str, options: dict, tied: bool) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tforge.frontends import hf_models
+
+    settings = {"intermediate_size": 80, **options}
+    config = AutoConfig.for_model(
+        family, vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, **settings,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    module = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # gammas away from their initial ones, so that folding them matters
+        for name, param in module.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    path = hf_models.export_causal_lm_with_cache(module, tmp_path / f"{family}.onnx", exporter="dynamo").path
+    reference, model = _canonical(path), _canonical(path)
+    record = tforge.compile(model, "rotate-residual", progress=lambda _: None).report.passes[-1]
+    assert record.stats["residual stream rotated"] == 1, record.skipped
+    assert record.details["tied_head"] is tied
+    expected, _ = teacher_forced(reference, IDS, PREFILL, optimize=False)
+    got, _ = teacher_forced(model, IDS, PREFILL, optimize=False)
+    scale = max(float(np.abs(e).max()) for e in expected)
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_allclose(g, e, rtol=0, atol=EXACT_RTOL * scale)
 
 
 @pytest.mark.parametrize("order", [2, 4, 12, 28, 36, 64, 576, 768, 896, 960])

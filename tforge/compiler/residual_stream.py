@@ -110,13 +110,30 @@ def find_residual_stream(model: ir.Model, blocks: BlockMap) -> ResidualStream:
             raise Skip(f"{node.op_type} node {node.name!r} reads the residual stream", node)
 
     vocab = embedding.shape[0]
-    heads = [norm for norm in norms if any(lin.out_features == vocab for lin in norm.linears)]
-    if len(heads) != 1 or len(heads[0].linears) != 1:
+    # the head: the one linear to the vocabulary reading a norm alone, its output the logits (an
+    # FFN as wide as the vocabulary reads its norm too, but feeds the next linear)
+    heads = [
+        norm for norm in norms
+        if len(norm.linears) == 1 and norm.linears[0].out_features == vocab and _reaches_output(norm.linears[0].output)
+    ]  # fmt: skip
+    if len(heads) != 1:
         raise Skip(f"no one linear to the vocabulary ({vocab}) alone reads a norm of the residual stream (the LM head)", embedding.gather)
     final_norm = heads[0]
     norms.remove(final_norm)
     norms.append(final_norm)
     return ResidualStream(width, embedding, values, norms, writers, final_norm, final_norm.linears[0])
+
+
+def _reaches_output(value: ir.Value, limit: int = 4) -> bool:
+    """Whether ``value`` is a graph output or becomes one through a few single-reader ops."""
+    for _ in range(limit):
+        if value.is_graph_output():
+            return True
+        uses = list(value.uses())
+        if len(uses) != 1 or not uses[0].node.outputs:
+            return False
+        value = uses[0].node.outputs[0]
+    return value.is_graph_output()
 
 
 def _check_norm(norm: Norm, width: int) -> None:
