@@ -152,7 +152,9 @@ def test_zoo_builds_and_matches_ort(zoo_name: str, zoo_model: Callable[[str], Pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zoo_name", ["gpt2", "llama", "qwen2", "vit"])
+# qwen2 left out to keep the suite under 15 minutes: it is llama with biased Q/K/V projections,
+# and gpt2's linears carry biases
+@pytest.mark.parametrize("zoo_name", ["gpt2", "llama", "vit"])
 def test_zoo_builds_and_matches_ort_slow(zoo_name: str, zoo_model: Callable[[str], Path]) -> None:
     model = tforge.load(zoo_model(zoo_name))
     if zoo_name == "vit":
