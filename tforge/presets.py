@@ -69,6 +69,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from typing import Any
 
 from tforge.errors import PassConfigError, UnsupportedModelError
@@ -114,35 +115,37 @@ def is_encoder(model: Any) -> bool:
     """Whether ``model`` (an onnx_ir model or the path of an ONNX file) has attention blocks and
     none of them is causal, as the block map reads them (BERT-like encoders, ViT); False for
     anything else (an ORT session, whose graph the block map cannot read)."""
-    import onnx_ir as ir
-
     from tforge.compiler.structure import find_blocks
-    from tforge.frontends.onnx import load_onnx
 
-    if isinstance(model, (str, os.PathLike)):
-        model = load_onnx(model)
-    if not isinstance(model, ir.Model):
+    model = _graph_model(model)
+    if model is None:
         return False
     attentions = [b.attention for b in find_blocks(model).blocks if b.attention is not None]
     return bool(attentions) and not any(a.causal for a in attentions)
 
 
+def _graph_model(model: Any) -> Any:
+    """``model`` as an onnx_ir model (an ONNX path is loaded), or None when it has no graph to
+    read (an ORT session)."""
+    import onnx_ir as ir
+
+    from tforge.frontends.onnx import load_onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_onnx(model)
+    return model if isinstance(model, ir.Model) else None
+
+
 def _fit_table_block(spec: str, model: Any) -> str:
     """``spec`` with its ``embedding-block=N`` halved until it divides the token table's width
     (at least 16): a preset's table blocks of 64 would leave a 32-wide table in float."""
-    import re
-
-    import onnx_ir as ir
-
     from tforge.compiler.embeddings import find_embeddings
-    from tforge.frontends.onnx import load_onnx
 
     match = re.search(r"embedding-block=(\d+)", spec)
     if match is None:
         return spec
-    if isinstance(model, (str, os.PathLike)):
-        model = load_onnx(model)
-    if not isinstance(model, ir.Model):
+    model = _graph_model(model)
+    if model is None:
         return spec
     widths = {emb.shape[1] for emb in find_embeddings(model.graph)}
     block = int(match.group(1))
@@ -161,6 +164,8 @@ def preset_pipeline(name: str, model: Any = None) -> str:
         near = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.5)
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise PassConfigError(f"preset: unknown preset {name!r}; {hint}known presets: {', '.join(sorted(PRESETS))}")
+    if isinstance(model, (str, os.PathLike)):
+        model = _graph_model(model)  # loaded once for the questions below
     if model is not None and name in DECODER_PRESETS and has_kv_cache(model):
         logger.info("preset %s: the model has a KV cache, so the decoding pipeline", name)
         return _fit_table_block(DECODER_PRESETS[name], model)

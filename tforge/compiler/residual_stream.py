@@ -25,8 +25,9 @@ import numpy as np
 import onnx_ir as ir
 
 from tforge.compiler.embeddings import Embedding, find_embeddings
-from tforge.compiler.ops import data_uses
+from tforge.compiler.ops import data_uses, is_default_domain
 from tforge.compiler.pass_infra import Skip
+from tforge.compiler.rescale import check_norm_scalable
 from tforge.compiler.structure import BlockMap, Linear, Norm, const_array, normalises_last_axis
 
 __all__ = ["ResidualStream", "find_residual_stream"]
@@ -41,15 +42,14 @@ class ResidualStream:
     width: int
     embedding: Embedding
     values: list[ir.Value]  # the embedding's rows and every residual sum (graph order of discovery)
-    norms: list[Norm]  # the RMSNorms reading the stream, the final one last
+    norms: list[Norm]  # the RMSNorms reading the stream before the blocks' linears
     writers: list[Linear]  # the linears whose outputs the residual Adds add in
-    final_norm: Norm  # the norm whose output the LM head reads
-    head: Linear  # the LM head
+    final_norm: Norm  # the norm whose output the LM head alone reads
 
     @property
-    def readers(self) -> list[Linear]:
-        """The linears reading the stream through a norm (the head among them)."""
-        return [lin for norm in self.norms for lin in norm.linears]
+    def head(self) -> Linear:
+        """The LM head."""
+        return self.final_norm.linears[0]
 
 
 def find_residual_stream(model: ir.Model, blocks: BlockMap) -> ResidualStream:
@@ -88,7 +88,7 @@ def find_residual_stream(model: ir.Model, blocks: BlockMap) -> ResidualStream:
                     _check_norm(norm, width)
                     norms.append(norm)
                 continue
-            if node.op_type == "Add" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+            if node.op_type == "Add" and is_default_domain(node) and len(node.inputs) == 2:
                 other = node.inputs[1 - use.idx]
                 if other is not None and id(other) in seen:  # the stream added to itself
                     raise Skip("an Add of two values of the residual stream", node)
@@ -118,10 +118,8 @@ def find_residual_stream(model: ir.Model, blocks: BlockMap) -> ResidualStream:
     ]  # fmt: skip
     if len(heads) != 1:
         raise Skip(f"no one linear to the vocabulary ({vocab}) alone reads a norm of the residual stream (the LM head)", embedding.gather)
-    final_norm = heads[0]
-    norms.remove(final_norm)
-    norms.append(final_norm)
-    return ResidualStream(width, embedding, values, norms, writers, final_norm, final_norm.linears[0])
+    norms.remove(heads[0])
+    return ResidualStream(width, embedding, values, norms, writers, heads[0])
 
 
 def _reaches_output(value: ir.Value, limit: int = 4) -> bool:
@@ -140,11 +138,11 @@ def _check_norm(norm: Norm, width: int) -> None:
     """Skip unless a rotation of the stream commutes with ``norm`` once its gamma is folded away."""
     if norm.kind != "rms":
         raise Skip("a LayerNorm reads the residual stream: its mean subtraction does not commute with a rotation", norm.node)
-    gamma = const_array(norm.gamma)
-    if gamma is None or gamma.shape != (width,) or not normalises_last_axis(norm):
-        raise Skip(f"a norm reading the residual stream does not normalise its {width} channels with a 1-D gamma", norm.node)
+    gamma = check_norm_scalable(norm)  # its gamma can move into the linears reading it
+    if gamma.shape != (width,) or not normalises_last_axis(norm):
+        raise Skip(f"a norm reading the residual stream does not normalise its {width} channels", norm.node)
     readers = {id(use.node) for use in data_uses(norm.output)}
-    if readers != {id(lin.matmul) for lin in norm.linears} or norm.output.is_graph_output():
+    if readers != {id(lin.matmul) for lin in norm.linears}:
         raise Skip("a norm of the residual stream is read by something other than linears", norm.node)
     if not np.all(np.isfinite(gamma)):
         raise Skip("a norm of the residual stream has a non-finite gamma", norm.node)

@@ -468,6 +468,7 @@ def _unbatch_last_two_axes_transposes(model: ir.Model) -> int:
     read from the shapes they are computed from, prove both Reshapes for any run-time dims.
     """
     count = 0
+    editor = GraphEditor(model, "canonicalize")
     for transpose in list(model.graph):
         perm = transpose.attributes.get("perm")
         if transpose.op_type != "Transpose" or perm is None or list(perm.value) != [0, 2, 1]:
@@ -486,7 +487,6 @@ def _unbatch_last_two_axes_transposes(model: ir.Model) -> int:
             and reshape_output_is(split, source, [*lead, [rank - 1], [rank - 2]])
         ):
             continue
-        editor = GraphEditor(model, "canonicalize")
         out = split.outputs[0]
         swapped = editor.op(
             "Transpose", [source], name=f"{split.name}.transposed",

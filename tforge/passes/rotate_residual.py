@@ -80,8 +80,7 @@ class RotateResidual(Pass):
         details["rotation"] = what
         stats["residual stream rotated"] += 1
         stats["linears writing the stream"] += len(stream.writers)
-        stats["norms folded"] += len(stream.norms)
-        editor.drop_retired()
+        stats["norms folded"] += len(stream.norms) + 1
         return PassResult(model, changed=True, stats=stats, details=details)
 
 
@@ -92,41 +91,36 @@ def _rotate(editor: GraphEditor, stream: ResidualStream, q: np.ndarray) -> dict[
     table = (constant_array(embedding.table).astype(np.float64) @ q).astype(np.float32)
     editor.set_constant(embedding.table, [(embedding.gather, 0)], table)
     for lin in stream.writers:
-        _set_weight(editor, lin, constant_array(current_weight(lin)).astype(np.float64) @ q)
+        editor.set_weight(lin, constant_array(current_weight(lin)).astype(np.float64) @ q)
         where = bias_input(lin)
         if where is not None and where[0].inputs[where[1]] is not None:
             node, idx = where
             bias = node.inputs[idx]
             editor.set_constant(bias, [(node, idx)], constant_array(bias).astype(np.float64) @ q)  # type: ignore[arg-type]
-    for norm in stream.norms[:-1]:
+    for norm in stream.norms:
         gamma = _gamma_to_ones(editor, norm)
         for lin in norm.linears:
             w = constant_array(current_weight(lin)).astype(np.float64)
-            _set_weight(editor, lin, q.T @ (gamma[:, None] * w))
+            editor.set_weight(lin, q.T @ (gamma[:, None] * w))
     gamma = _gamma_to_ones(editor, final)
     inserted = False
     if tied:
         # the head keeps reading the table's bytes, so the final gamma gets a linear of its own
-        _set_weight(editor, head, table.T)
+        editor.set_weight(head, table.T)
         if not np.all(gamma == 1.0):
             _insert_before(editor, head, (q.T * gamma[None, :]) @ q)
             inserted = True
     else:
         w = constant_array(current_weight(head)).astype(np.float64)
-        _set_weight(editor, head, q.T @ (gamma[:, None] * w))
+        editor.set_weight(head, q.T @ (gamma[:, None] * w))
     return {
         "width": stream.width,
         "stream_values": len(stream.values),
         "writers": [lin.name for lin in stream.writers],
-        "norms": [norm.name for norm in stream.norms],
+        "norms": [norm.name for norm in [*stream.norms, final]],
         "tied_head": tied,
         "final_gamma_linear": inserted,
     }
-
-
-def _set_weight(editor: GraphEditor, lin: Linear, weight: np.ndarray) -> None:
-    editor.set_constant(current_weight(lin), [(lin.matmul, 1)], np.asarray(weight, np.float64))
-    editor.mark(lin.matmul)
 
 
 def _gamma_to_ones(editor: GraphEditor, norm: Norm) -> np.ndarray:
