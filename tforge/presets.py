@@ -50,10 +50,13 @@ new measurement.
     blocks of 32), and the token table with the LM head tied to it at 4 bits in blocks of 64
     along the hidden axis, the table's codes chosen by GPTQ on the head's input statistics (the
     head is the most sensitive tensor: on SmolLM2 the 4-bit head alone costs +14.8% perplexity
-    by RTN, +2.5% by GPTQ, before rotation); then ``ort-fuse`` and ``merge-projections``. On
-    SmolLM2 the rotation takes the perplexity loss from +10.4% to +8.8% with a table in blocks
-    of 32; the table's blocks of 64 (+9.1%) pay for the linear the rotation adds before the tied
-    head and keep the file under onnxruntime-genai's int4 graph of the same model (BENCHMARKS.md).
+    by RTN, +2.5% by GPTQ, before rotation); then every block scale (the table's too) tuned
+    end to end for 100 steps against the float model's next-token distribution on the
+    calibration text, the codes kept (``tune-steps``, needs PyTorch); then ``ort-fuse`` and
+    ``merge-projections``. On SmolLM2 the rotation takes the perplexity loss from +10.4% to +8.8%
+    with a table in blocks of 32; the table's blocks of 64 (+9.1%) pay for the linear the
+    rotation adds before the tied head and keep the file under onnxruntime-genai's int4 graph of
+    the same model; the tuned scales take it to about +6% at the same size (BENCHMARKS.md).
     Measured on SmolLM2 and not chosen: the table and head at 8 bits (+7.4% before rotation, but
     16% larger and 16% slower to decode); ``sequential=true`` (no gain: 29.79 against 29.77
     perplexity, 54 min); asymmetric blocks of 64 or 128 (+9.8%, +10.5% with an 8-bit table);
@@ -94,7 +97,8 @@ DECODER_PRESETS: dict[str, str] = {
     "w8a8": "canonicalize,quantize-weights{bits=8 block=32 embedding-bits=8},ort-fuse,merge-projections",
     "w4a8": (
         "canonicalize,rotate-residual,calibrate,"
-        "quantize-weights{method=gptq block=32 embedding-bits=4 embedding-block=64},ort-fuse,merge-projections"
+        "quantize-weights{method=gptq block=32 embedding-bits=4 embedding-block=64 tune-steps=100},"
+        "ort-fuse,merge-projections"
     ),
 }
 

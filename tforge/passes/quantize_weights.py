@@ -53,6 +53,17 @@ per block, which is why it is off by default; with the pipeline's ``--workers``/
 exactly as ``calibrate{workers=N}`` does, and needs the pipeline's calibration data
 (``--calib-text``/``--calib-npz``/``calibration=``): without it the pass refuses to run.
 
+``tune-steps=N`` then tunes every block scale (``MatMulNBits``' and ``GatherBlockQuantized``'s;
+a tied head shares its table's) end to end, the codes kept: ``N`` Adam steps on ``log(scale)``
+(``tune-lr``, cosine-annealed), each on 4 windows of the pipeline's calibration text (128 tokens,
+prefilled from an empty cache), minimising the KL divergence of the quantized model's
+next-token distribution from the float model's (:mod:`tforge.compiler.scale_tuning`; both run in
+PyTorch through :mod:`tforge.runtime.torch_exec`, the float model snapshotted before the first
+edit). GPTQ's objective is each linear's own output error; the tuning sees how the errors of all
+of them add up at the logits. Sixteen windows are held out and measure the KL before and after
+(``details["tuning"]``); if it got worse the quantizer's scales stay. The file's size and its
+kernels do not change. It needs PyTorch and the pipeline's data, like ``sequential``.
+
 Mixed precision: ``budget-mb`` (10^6 bytes of the quantized linears' packed weights, scales and
 zero points; a linear kept in float counts its float32 weight) or ``avg-bits`` (the mean code
 width per weight, float counted as 32 bits, scales and zero points not counted) chooses each
@@ -69,6 +80,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -77,7 +89,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler import distributed
+from tforge.compiler import distributed, scale_tuning
 from tforge.compiler.attention_paths import value_columns
 from tforge.compiler.calibration import (
     DATA_KEY,
@@ -97,9 +109,10 @@ from tforge.compiler.registry import register_pass
 from tforge.compiler.rescale import check_norm_scalable, scale_norm_output, scale_stats
 from tforge.compiler.rewrite import GraphEditor, current_weight
 from tforge.compiler.structure import FFN, Attention, BlockMap, Linear, block_map, const_array
-from tforge.errors import PassConfigError, PreconditionError
+from tforge.errors import PassConfigError, PreconditionError, UnsupportedModelError
 from tforge.passes.math import awq, bit_allocation, gptq, smoothing
 from tforge.passes.math import block_quant as bq
+from tforge.runtime.torch_exec import TorchGraph
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +125,9 @@ _BUDGET_BITS = (4, 8, 32)
 _MB = 1e6
 # sequential rounds read the pipeline's data as ``calibrate`` does when its samples are unset: at
 # least 64 samples, more until the round's widest Gram rests on 16 tokens a channel (<= 1024)
-_ROUND_SEQ_LEN = 128  # tokens a sequential round's text windows hold, unless the pipeline says
+_ROUND_SEQ_LEN = 128  # tokens a sequential round's (and tuning's) text windows hold, unless the pipeline says
+_TUNE_BATCH = 4  # windows per tuning step
+_TUNE_HELD_OUT = 16  # windows measured before and after tuning, never trained on
 
 
 @register_pass("quantize-weights")
@@ -143,6 +158,10 @@ class QuantizeWeights(Pass):
     # gptq: each block's Gram matrices gathered on the model with the blocks before it quantized
     # (one calibration run per block on the pipeline's data)
     sequential: bool = False
+    # Adam steps tuning every block scale end to end against the float model on the pipeline's
+    # calibration text, the codes kept (compiler/scale_tuning.py; needs PyTorch); 0: no tuning
+    tune_steps: int = 0
+    tune_lr: float = 5e-4  # Adam's step on log(scale), cosine-annealed to 0 over tune-steps
     # mixed precision (exclusive): 4, 8 or float per linear, least total relative output error
     budget_mb: float | None = None  # 10^6 bytes of the quantized linears' weights, scales, zero points
     avg_bits: float | None = None  # mean code width per weight (float: 32; scales not counted)
@@ -182,6 +201,12 @@ class QuantizeWeights(Pass):
                 f"quantize-weights: sequential=true applies to method=gptq (got method={self.method}); "
                 "it gathers each block's Gram matrices on the partially quantized model"
             )
+        if self.tune_steps < 0:
+            raise PassConfigError(f"quantize-weights: tune-steps must be >= 0, got {self.tune_steps}")
+        if not (self.tune_lr > 0 and math.isfinite(self.tune_lr)):
+            raise PassConfigError(f"quantize-weights: tune-lr must be a positive number, got {self.tune_lr}")
+        if self.tune_steps and self.format != "nbits":
+            raise PassConfigError("quantize-weights: tune-steps tunes MatMulNBits scales; it needs format=nbits")
         if self.budget_mb is not None and self.avg_bits is not None:
             raise PassConfigError("quantize-weights: give budget-mb or avg-bits, not both")
         if self.budget_mb is not None and not (self.budget_mb > 0 and math.isfinite(self.budget_mb)):
@@ -207,8 +232,8 @@ class QuantizeWeights(Pass):
 
     @property
     def reads_calibration_data(self) -> bool:  # type: ignore[override]
-        """``sequential=true`` runs the pipeline's calibration data itself."""
-        return self.sequential
+        """``sequential=true`` and ``tune-steps`` run the pipeline's calibration data themselves."""
+        return self.sequential or self.tune_steps > 0
 
     def check(self, model: ir.Model) -> None:
         if self.format == "qdq":
@@ -226,6 +251,21 @@ class QuantizeWeights(Pass):
                 "tforge.compile (a calibrate{npz=...} pass's own data cannot be read again); or set "
                 "sequential=false"
             )
+        if self.tune_steps and not has_pipeline_data(model):
+            raise PreconditionError(
+                "quantize-weights: tune-steps tunes the scales on the pipeline's calibration text and "
+                "needs it: add --calib-text FILE --tokenizer PATH or --calib-npz FILE to 'tforge compile', "
+                "or pass calibration= to tforge.compile; or set tune-steps=0"
+            )
+        if self.tune_steps:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                raise PreconditionError(
+                    "quantize-weights: tune-steps runs the model in PyTorch, which is not installed: "
+                    "pip install 'tforge[torch]', or set tune-steps=0 (for --preset w4a8: the pipeline it "
+                    "prints, given to --passes with tune-steps=0)"
+                ) from None
 
     def gram_wanted(self, model: ir.Model) -> set[str]:
         """The inputs of the linears GPTQ or AWQ will quantize: both read E[x x^T].
@@ -262,6 +302,7 @@ class QuantizeWeights(Pass):
         head_of = {id(emb): head for emb, head in pairs}  # (only its input is read: AWQ leaves a tied head alone)
         if self._budgeted:  # before any edit: a budget no choice meets leaves the model as it was
             self._check_budget(blocks.linears, set(heads))
+        teacher = self._teacher(model, details) if self.tune_steps else None  # the float model, before any edit
         if self.method == "awq":
             details["awq_sites"] = self._awq_fold(editor, blocks, set(heads), stats)
             blocks = block_map(model)  # the same linears; their weights were rescaled
@@ -289,7 +330,50 @@ class QuantizeWeights(Pass):
                 self._lower_and_record(editor, lin, q, error, tied, stats, details)
         editor.drop_retired()
         changed = stats["quantized"] > 0 or stats["embedding quantized"] > 0
+        if teacher is not None and changed:
+            self._tune(model, teacher, stats, details)
         return PassResult(model, changed=changed, stats=stats, details=details)
+
+    # ------------------------------------------------------------------ scale tuning
+
+    def _teacher(self, model: ir.Model, details: dict[str, Any]) -> tuple[TorchGraph, str] | None:
+        """The float model in PyTorch (its first output) and the loss to tune against, or None
+        (said in ``details["tuning"]``) when a node has no PyTorch translation."""
+        output = model.graph.outputs[0]
+        try:
+            teacher = TorchGraph(model.graph, [output.name or ""])
+        except UnsupportedModelError as error:
+            details["tuning"] = {"skipped": str(error)}
+            logger.warning("quantize-weights: scales not tuned: %s", error)
+            return None
+        vocab = {int(emb.table.shape[0]) for emb in find_embeddings(model.graph) if emb.table.shape is not None}
+        last = output.shape[-1] if output.shape is not None and output.shape.rank() else None
+        # next-token logits (the last axis is a vocabulary): match distributions; else the values
+        return teacher, "kl" if isinstance(last, int) and last in vocab else "mse"
+
+    def _tune(self, model: ir.Model, teacher: tuple[TorchGraph, str], stats: SiteStats, details: dict[str, Any]) -> None:
+        graph, loss = teacher
+        count = min(scale_tuning.default_windows(self.tune_steps, _TUNE_BATCH, _TUNE_HELD_OUT), MAX_AUTO_SAMPLES)
+        found = pipeline_feeds(model, samples=count, seq_len=_ROUND_SEQ_LEN, decode_steps=0)
+        if found is None:  # check() ran first
+            raise PreconditionError("quantize-weights: tune-steps needs the pipeline's calibration data")
+        source, feeds = found
+        windows = list(itertools.islice(feeds, count))
+        if len(windows) <= _TUNE_HELD_OUT:
+            details["tuning"] = {
+                "skipped": f"{source} gives {len(windows)} windows; tuning holds {_TUNE_HELD_OUT} out and needs more"
+            }
+            logger.warning("quantize-weights: scales not tuned: %s", details["tuning"]["skipped"])
+            return
+        result = scale_tuning.tune_scales(
+            graph, model, windows, steps=self.tune_steps, lr=self.tune_lr, batch=_TUNE_BATCH,
+            held_out=_TUNE_HELD_OUT, loss=loss,
+        )  # fmt: skip
+        details["tuning"] = {"data": source, **dataclasses.asdict(result)}
+        if result.kept:
+            stats["scales tuned"] = result.scales
+        else:
+            stats["scales kept: tuning raised the held-out loss"] = result.scales
 
     # ------------------------------------------------------------------ decisions
 
