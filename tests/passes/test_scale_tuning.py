@@ -14,6 +14,7 @@ import pytest
 
 import tforge
 from tests.conftest import WORDS
+from tforge import testing
 from tforge.compiler.calibration import CalibrationData
 from tforge.compiler.scale_tuning import quantized_scales
 from tforge.errors import PreconditionError
@@ -90,3 +91,29 @@ def test_tune_steps_without_calibration_text_says_what_to_add(llama_canonical) -
     model = llama_canonical["dynamo"].clone()
     with pytest.raises(PreconditionError, match="tune-steps tunes the scales on the pipeline's calibration text"):
         tforge.compile(model, "quantize-weights{tune-steps=5}", progress=lambda _: None)
+
+
+MLP = """
+<ir_version: 10, opset_import: ["" : 21]>
+mlp (float[B, 64] x) => (float[B, 64] y)
+<float[64, 128] w1, float[128, 64] w2>
+{
+    h = MatMul(x, w1)
+    a = Relu(h)
+    y = MatMul(a, w2)
+}
+"""
+
+
+def test_a_model_without_logits_is_tuned_on_its_output_error() -> None:
+    """No vocabulary-wide output: the loss is the output's relative squared error, on the feeds
+    given to tforge.compile; windows of different batch sizes run one by one."""
+    rng = np.random.default_rng(2)
+    model = testing.model_from_onnx_text(MLP, w1=rng.standard_normal((64, 128)), w2=rng.standard_normal((128, 64)))
+    mix = rng.standard_normal((64, 64))  # correlated inputs, as activations are
+    feeds = [{"x": (rng.standard_normal((1 + i % 3, 64)) @ mix).astype(np.float32)} for i in range(200)]
+    result = tforge.compile(model, "canonicalize,quantize-weights{bits=2 tune-steps=60 tune-lr=0.005}", calibration=feeds,
+                            progress=lambda _: None)  # fmt: skip
+    tuning = result.report.passes[-1].details["tuning"]
+    assert tuning["loss"] == "mse" and tuning["kept"], tuning
+    assert tuning["held_out_after"] < 0.9 * tuning["held_out_before"], tuning

@@ -136,10 +136,12 @@ def tune_scales(
         del order[:batch]
         optimizer.zero_grad()
         value = 0.0
-        for feed in _batches(group):
+        parts = _batches(group)
+        rows = sum(_rows(feed) for feed in parts)
+        for feed in parts:
             with torch.no_grad():
                 target = teacher.run(feed)[0]
-            part = distance(student.run(feed, replaced())[0], target) * (_rows(feed) / batch)
+            part = distance(student.run(feed, replaced())[0], target) * (_rows(feed) / rows)
             part.backward()
             value += float(part.detach())
         optimizer.step()
