@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -33,7 +32,7 @@ from tforge.runtime.torch_exec import TorchGraph
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TuneResult", "default_windows", "quantized_scales", "tune_scales"]
+__all__ = ["TuneResult", "quantized_scales", "tune_scales"]
 
 _MS = "com.microsoft"
 #: the input of each quantized op that holds its float scales
@@ -182,8 +181,3 @@ def _batches(group: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.nda
     if not same:
         return [dict(feed) for feed in group]
     return [{key: np.concatenate([np.asarray(feed[key]) for feed in group], axis=0) for key in keys}]
-
-
-def default_windows(steps: int, batch: int, held_out: int) -> int:
-    """Windows to read for ``steps`` steps of ``batch`` and ``held_out`` more (repeated if fewer)."""
-    return held_out + max(1, math.ceil(steps * batch))

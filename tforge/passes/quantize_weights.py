@@ -251,13 +251,13 @@ class QuantizeWeights(Pass):
                 "tforge.compile (a calibrate{npz=...} pass's own data cannot be read again); or set "
                 "sequential=false"
             )
-        if self.tune_steps and not has_pipeline_data(model):
-            raise PreconditionError(
-                "quantize-weights: tune-steps tunes the scales on the pipeline's calibration text and "
-                "needs it: add --calib-text FILE --tokenizer PATH or --calib-npz FILE to 'tforge compile', "
-                "or pass calibration= to tforge.compile; or set tune-steps=0"
-            )
         if self.tune_steps:
+            if not has_pipeline_data(model):
+                raise PreconditionError(
+                    "quantize-weights: tune-steps tunes the scales on the pipeline's calibration text and "
+                    "needs it: add --calib-text FILE --tokenizer PATH or --calib-npz FILE to 'tforge compile', "
+                    "or pass calibration= to tforge.compile; or set tune-steps=0"
+                )
             try:
                 import torch  # noqa: F401
             except ImportError:
@@ -353,7 +353,7 @@ class QuantizeWeights(Pass):
 
     def _tune(self, model: ir.Model, teacher: tuple[TorchGraph, str], stats: SiteStats, details: dict[str, Any]) -> None:
         graph, loss = teacher
-        count = min(scale_tuning.default_windows(self.tune_steps, _TUNE_BATCH, _TUNE_HELD_OUT), MAX_AUTO_SAMPLES)
+        count = min(_TUNE_HELD_OUT + self.tune_steps * _TUNE_BATCH, MAX_AUTO_SAMPLES)  # fewer: read again
         found = pipeline_feeds(model, samples=count, seq_len=_ROUND_SEQ_LEN, decode_steps=0)
         if found is None:  # check() ran first
             raise PreconditionError("quantize-weights: tune-steps needs the pipeline's calibration data")

@@ -128,25 +128,12 @@ class TorchGraph:
         packed, zp = step.inputs[0 if step.op == "GatherBlockQuantized" else 1], _at(step.inputs, 3)
         if packed not in constant or (zp is not None and zp not in constant):
             return step
-        at = step.attributes
-        bits = at.get("bits", 4)
         data = self._constants[packed]
         zero = self._constants[zp] if zp is not None else None
-        if step.op == "MatMulNBits":
-            if _at(step.inputs, 4) is not None:
-                return step  # g_idx: the general kernel says it is not translated
-            n, block = at["N"], at["block_size"]
-            blocks = -(-at["K"] // block)
-            codes = _unpack_codes(self._torch, data.reshape(n, -1), bits)[:, : blocks * block].float()
-            zeros = _zero_points(self._torch, zero, n, blocks, bits, self._torch.float32)
+        if step.op == "MatMulNBits":  # a g_idx input (its name) is refused here, at construction
+            centered = _nbits_centered(self._torch, data, zero, _at(step.inputs, 4), step.attributes)
         else:
-            if at.get("gather_axis", 0) != 0 or at.get("quantize_axis", 1) not in (1, -1) or data.dim() != 2:
-                return step
-            block = at["block_size"]
-            codes = (_unpack_codes(self._torch, data, bits) if bits < 8 else data.to(self._torch.int32)).float()
-            blocks = codes.shape[1] // block
-            zeros = _zero_points(self._torch, zero, data.shape[0], blocks, bits, self._torch.float32)
-        centered = (codes.reshape(codes.shape[0], blocks, block) - zeros[..., None]).reshape(codes.shape[0], -1)
+            centered = _table_centered(self._torch, data, zero, step.attributes)
         name = f"{packed}::centered::{step.name or id(step)}"
         self._constants[name] = centered
         op = "CenteredMatMul" if step.op == "MatMulNBits" else "CenteredGather"
@@ -386,37 +373,35 @@ def _zero_points(torch: Any, zp: torch.Tensor | None, rows: int, blocks: int, bi
     return zp.reshape(rows, blocks).to(dtype)
 
 
-def _matmul_nbits(torch: Any, a: list, at: Mapping) -> torch.Tensor:
-    x, packed, scales = a[0], a[1], a[2]
-    zp = a[3] if len(a) > 3 else None
-    if len(a) > 4 and a[4] is not None:
+def _nbits_centered(torch: Any, packed: torch.Tensor, zp: torch.Tensor | None, g_idx: Any, at: Mapping) -> torch.Tensor:
+    """``MatMulNBits``' weight codes less their zero points, as floats: ``[N, blocks * block]``."""
+    if g_idx is not None:
         raise UnsupportedModelError("TorchGraph: MatMulNBits with g_idx is not translated")
-    bias = a[5] if len(a) > 5 else None
-    k, n, bits, block = at["K"], at["N"], at["bits"], at["block_size"]
-    blocks = -(-k // block)
-    codes = _unpack_codes(torch, packed.reshape(n, -1), bits)[:, : blocks * block].to(scales.dtype)
-    zero = _zero_points(torch, zp, n, blocks, bits, scales.dtype)
-    s = scales.reshape(n, blocks)
-    w = ((codes.reshape(n, blocks, block) - zero[..., None]) * s[..., None]).reshape(n, blocks * block)[:, :k]
-    y = x @ w.T
-    return y + bias if bias is not None else y
+    n, bits, block = at["N"], at["bits"], at["block_size"]
+    blocks = -(-at["K"] // block)
+    codes = _unpack_codes(torch, packed.reshape(n, -1), bits)[:, : blocks * block].float()
+    zeros = _zero_points(torch, zp, n, blocks, bits, torch.float32)
+    return (codes.reshape(n, blocks, block) - zeros[..., None]).reshape(n, blocks * block)
+
+
+def _table_centered(torch: Any, packed: torch.Tensor, zp: torch.Tensor | None, at: Mapping) -> torch.Tensor:
+    """``GatherBlockQuantized``'s table codes less their zero points, as floats: ``[rows, width]``."""
+    if at.get("gather_axis", 0) != 0 or at.get("quantize_axis", 1) not in (1, -1) or packed.dim() != 2:
+        raise UnsupportedModelError("TorchGraph: GatherBlockQuantized other than rows of a 2-D table is not translated")
+    bits, block = at.get("bits", 4), at["block_size"]
+    codes = _unpack_codes(torch, packed, bits).float()
+    rows, blocks = codes.shape[0], codes.shape[1] // block
+    zeros = _zero_points(torch, zp, rows, blocks, bits, torch.float32)
+    return (codes.reshape(rows, blocks, block) - zeros[..., None]).reshape(rows, -1)
+
+
+def _matmul_nbits(torch: Any, a: list, at: Mapping) -> torch.Tensor:
+    centered = _nbits_centered(torch, a[1], _at(a, 3), _at(a, 4), at)
+    return _centered_matmul(torch, [a[0], centered, a[2], _at(a, 5)], at)
 
 
 def _gather_block_quantized(torch: Any, a: list, at: Mapping) -> torch.Tensor:
-    packed, idx, scales = a[0], a[1], a[2]
-    zp = a[3] if len(a) > 3 else None
-    bits, block = at.get("bits", 4), at["block_size"]
-    if at.get("gather_axis", 0) != 0 or at.get("quantize_axis", 1) not in (1, -1) or packed.dim() != 2:
-        raise UnsupportedModelError("TorchGraph: GatherBlockQuantized other than rows of a 2-D table is not translated")
-    rows = idx.reshape(-1).long()
-    rows = torch.where(rows < 0, rows + packed.shape[0], rows)
-    codes = _unpack_codes(torch, packed.index_select(0, rows), bits) if bits < 8 else packed.index_select(0, rows).to(torch.int32)
-    width = codes.shape[-1]
-    blocks = width // block
-    zero = _zero_points(torch, zp.index_select(0, rows) if zp is not None else None, rows.numel(), blocks, bits, scales.dtype)
-    s = scales.index_select(0, rows).reshape(rows.numel(), blocks)
-    out = (codes.to(scales.dtype).reshape(-1, blocks, block) - zero[..., None]) * s[..., None]
-    return out.reshape(*idx.shape, width)
+    return _centered_gather(torch, [_table_centered(torch, a[0], _at(a, 3), at), a[1], a[2]], at)
 
 
 def _centered_matmul(torch: Any, a: list, at: Mapping) -> torch.Tensor:
