@@ -109,6 +109,45 @@ def test_tied_embedding_and_head_share_one_copy(rng: np.random.Generator, embedd
     np.testing.assert_allclose(outputs["logits"], outputs["h"] @ table.T, rtol=1e-5, atol=1e-4)
 
 
+def test_the_tables_first_rows_at_8_bits_feed_the_gather_and_the_tied_head(rng: np.random.Generator) -> None:
+    """embedding-8bit-rows: the first rows (a BPE vocabulary's most frequent tokens) at 8 bits, the
+    rest at 4, each stored once; every id, negative ones too, gathers its row from the part it
+    lies in, and the head's logits come out in the table's row order."""
+    from tforge.runtime.torch_exec import TorchGraph
+
+    model = testing.model_from_onnx_text(
+        TIED_LM, emb=rng.normal(size=(96, 64)).astype(np.float32), w=rng.normal(size=(64, 64)).astype(np.float32) / 8,
+        b=rng.normal(size=64).astype(np.float32),
+    )  # fmt: skip
+    PassManager.parse("canonicalize", progress=lambda _: None).run(model)
+    emb = np.asarray(const_array(model.graph.initializers["emb"]))
+
+    result = QuantizeWeights(block=32, accuracy_level=0, embedding_bits=4, embedding_8bit_rows=40)(model)
+
+    assert result.stats["embedding quantized"] == 1 and result.stats["quantized"] == 2
+    assert result.stats["embedding rows at 8 bits: the first 40 of 96"] == 1
+    packed = sorted(v.const_value.size for v in model.graph.initializers.values() if v.dtype == ir.DataType.UINT8)
+    assert packed == [56 * 64 // 2, 64 * 64 // 2, 40 * 64]  # each table row once; the other linear
+    head = next(r for r in result.details["layers"] if "tied" in r["method"])
+    assert head["rows_8bit"] == 40
+    table = np.concatenate([
+        bq.dequantize(bq.quantize_rtn(emb[:40].T, 8, 32, True)).T,
+        bq.dequantize(bq.quantize_rtn(emb[40:].T, 4, 32, True)).T,
+    ])  # fmt: skip
+    ids = np.array([[0, 39, 40, 95, -1], [-96, -57, -56, 7, 63]], np.int64)
+    probed = model.clone()
+    linear = next(n for n in probed.graph if n.op_type == "MatMulNBits" and len(n.inputs) == 6)  # w, with its bias
+    linear.inputs[0].name, linear.outputs[0].name = "embedded", "h"
+    probed.graph.outputs.extend([linear.inputs[0], linear.outputs[0]])
+    outputs = ort_runtime.run(ort_runtime.create_session(probed, optimize=False), {"input_ids": ids})
+    np.testing.assert_array_equal(outputs["embedded"], table[ids])
+    np.testing.assert_allclose(outputs["logits"], outputs["h"] @ table.T, rtol=1e-5, atol=1e-4)
+    torch_logits = TorchGraph(model.graph, ["logits"]).run({"input_ids": ids})[0].numpy()
+    np.testing.assert_allclose(torch_logits, outputs["logits"], rtol=1e-5, atol=1e-4)
+    with pytest.raises(PassConfigError, match="embedding-8bit-rows keeps some rows at 8 bits"):
+        QuantizeWeights(embedding_bits=8, embedding_8bit_rows=40)
+
+
 def test_embedding_block_that_does_not_divide_the_width_is_a_skip_with_the_fix(rng: np.random.Generator) -> None:
     def lm() -> ir.Model:
         model = testing.model_from_onnx_text(
