@@ -69,8 +69,8 @@ def test_quantized_cache_graph_matches_ort(llama_canonical, spec: str) -> None: 
 
 SHAPES = """
 <ir_version: 10, opset_import: ["" : 18]>
-g (float[2, 5, 6] x, int64[3] idx) => (float[2, 5, 2] a, float[2, 3, 6] b, float[5, 6] c, float[2, 5, 3] d, float[3] r, float[2, 5, 6] e, float[5, 5] t)
-<int64[1] zero = {0}, int64[1] one = {1}, int64[1] neg = {-2}, int64[1] big = {9223372036854775807}, int64[1] two = {2}, int64[2] halves = {3, 3}>
+g (float[2, 5, 6] x, int64[3] idx) => (float[2, 5, 2] a, float[2, 3, 6] b, float[5, 6] c, float[2, 5, 3] d, float[3] r, float[2, 5, 6] e, float[5, 5] t, float[2, 5, 2] ge)
+<int64[1, 1, 2] gi = {-1, 2}, int64[3] gshape = {2, 5, 2}, int64[1] zero = {0}, int64[1] one = {1}, int64[1] neg = {-2}, int64[1] big = {9223372036854775807}, int64[1] two = {2}, int64[2] halves = {3, 3}>
 {
     a = Slice(x, neg, big, two, one)
     b = Gather<axis = 1>(x, idx)
@@ -91,6 +91,8 @@ g (float[2, 5, 6] x, int64[3] idx) => (float[2, 5, 2] a, float[2, 3, 6] b, float
     sqT = Transpose<perm = [1, 0]>(sq)
     t0 = MatMul(sq, sqT)
     t = Trilu<upper = 0>(t0)
+    gidx = Expand(gi, gshape)
+    ge = GatherElements<axis = 2>(x, gidx)
 }
 """
 

@@ -241,6 +241,12 @@ def _gather(torch: Any, a: list, at: Mapping) -> torch.Tensor:
     return flat.reshape([*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]])
 
 
+def _gather_elements(torch: Any, a: list, at: Mapping) -> torch.Tensor:
+    x, idx = a
+    axis = _axis(at.get("axis", 0), x.dim())
+    return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx).long())
+
+
 def _gather_nd(torch: Any, a: list, at: Mapping) -> torch.Tensor:
     x, idx = a
     if at.get("batch_dims", 0):
@@ -479,6 +485,7 @@ _OPS: dict[tuple[str, str], Callable[[Any, list, Mapping], Any]] = {
     ("", "Slice"): _slice,
     ("", "Gather"): _gather,
     ("", "GatherND"): _gather_nd,
+    ("", "GatherElements"): _gather_elements,
     ("", "Unsqueeze"): _unsqueeze,
     ("", "Squeeze"): _squeeze,
     ("", "Expand"): _expand,
