@@ -809,9 +809,10 @@ class QuantizeWeights(Pass):
         wide = min(self.embedding_8bit_rows, vocab)
         # rows [start, stop) of the table at these bits; 8-bit rows first
         spans = [(0, wide, 8), (wide, vocab, self.embedding_bits)] if wide else [(0, vocab, self.embedding_bits)]
+        spans = [span for span in spans if span[1] > span[0]]
         name = emb.table.name or "embedding"
         parts: list[_TablePart] = []
-        for start, stop, bits in (span for span in spans if span[1] > span[0]):
+        for start, stop, bits in spans:
             rows = table[start:stop].T  # [hidden, rows]: the tied head's [K, N]
             if gram is not None:  # the tied head's output error is what the table's codes cost most
                 q = gptq.gptq_quantize(
