@@ -873,9 +873,10 @@ class QuantizeWeights(Pass):
         zero = const("zero", 0)
         negative = op("Less", [ids, zero], "negative", ir.DataType.BOOL)
         index = op("Where", [negative, op("Add", [ids, const("vocab", vocab)], "from_end"), ids], "row")
-        in_first = op("Less", [index, const("split", rest.start)], "in_8bit_rows", ir.DataType.BOOL)
+        split = const("split", rest.start)
+        in_first = op("Less", [index, split], "in_8bit_rows", ir.DataType.BOOL)
         first_ids = op("Where", [in_first, index, zero], "8bit_row")
-        rest_ids = op("Where", [in_first, zero, op("Sub", [index, const("split_at", rest.start)], "past_split")], "4bit_row")
+        rest_ids = op("Where", [in_first, zero, op("Sub", [index, split], "past_split")], "low_bits_row")
         gathered = [
             self._gather_part(editor, part, part_ids, f"{base}.quantized_{tag}", before, old)
             for part, part_ids, tag in ((first, first_ids, "8bit"), (rest, rest_ids, "low_bits"))
