@@ -750,7 +750,7 @@ class QuantizeWeights(Pass):
         """A ``MatMulNBits`` of the linear's input by ``weights`` (codes, scales, zero points)."""
         inputs: list[ir.Value | None] = [lin.input, *weights]
         if bias is not None:
-            inputs += [None] * (4 - len(inputs)) + [None, bias]  # g_idx absent, then the bias
+            inputs += [None, bias]  # g_idx absent, then the bias
         while inputs[-1] is None:
             inputs.pop()
         return editor.op(
@@ -808,8 +808,7 @@ class QuantizeWeights(Pass):
         method = "gptq" if gram is not None else "rtn"
         wide = min(self.embedding_8bit_rows, vocab)
         # rows [start, stop) of the table at these bits; 8-bit rows first
-        spans = [(0, wide, 8), (wide, vocab, self.embedding_bits)] if wide else [(0, vocab, self.embedding_bits)]
-        spans = [span for span in spans if span[1] > span[0]]
+        spans = [span for span in ((0, wide, 8), (wide, vocab, self.embedding_bits)) if span[1] > span[0]]
         name = emb.table.name or "embedding"
         parts: list[_TablePart] = []
         for start, stop, bits in spans:
@@ -921,11 +920,6 @@ class _Packed:
     def dequantized(self) -> np.ndarray:
         """The head's weight ``[K, N]`` as the packed codes give it."""
         return np.concatenate([bq.dequantize(part.q) for part in self.parts], axis=1)
-
-    @property
-    def bits(self) -> int:
-        """The width of the most rows (the last part's)."""
-        return self.parts[-1].q.bits
 
 
 # ----------------------------------------------------------------------------- sequential rounds

@@ -236,15 +236,21 @@ def _slice(torch: Any, a: list, at: Mapping) -> torch.Tensor:
 def _gather(torch: Any, a: list, at: Mapping) -> torch.Tensor:
     x, idx = a
     axis = _axis(at.get("axis", 0), x.dim())
-    idx = torch.where(idx < 0, idx + x.shape[axis], idx).long()
+    idx = _from_end(torch, idx, x.shape[axis])
     flat = x.index_select(axis, idx.reshape(-1))
     return flat.reshape([*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]])
+
+
+def _from_end(torch: Any, idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Gather indices as ONNX reads them: a negative one counts from the end of the axis."""
+    idx = idx.long()
+    return torch.where(idx < 0, idx + size, idx)
 
 
 def _gather_elements(torch: Any, a: list, at: Mapping) -> torch.Tensor:
     x, idx = a
     axis = _axis(at.get("axis", 0), x.dim())
-    return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx).long())
+    return torch.gather(x, axis, _from_end(torch, idx, x.shape[axis]))
 
 
 def _gather_nd(torch: Any, a: list, at: Mapping) -> torch.Tensor:
@@ -252,7 +258,7 @@ def _gather_nd(torch: Any, a: list, at: Mapping) -> torch.Tensor:
     if at.get("batch_dims", 0):
         raise UnsupportedModelError("TorchGraph: GatherND with batch_dims is not translated")
     m = idx.shape[-1]
-    parts = [torch.where(idx[..., i] < 0, idx[..., i] + x.shape[i], idx[..., i]).long() for i in range(m)]
+    parts = [_from_end(torch, idx[..., i], x.shape[i]) for i in range(m)]
     return x[tuple(parts)]
 
 
@@ -421,8 +427,7 @@ def _centered_matmul(torch: Any, a: list, at: Mapping) -> torch.Tensor:
 def _centered_gather(torch: Any, a: list, at: Mapping) -> torch.Tensor:
     centered, idx, scales = a
     block = at["block_size"]
-    rows = idx.reshape(-1).long()
-    rows = torch.where(rows < 0, rows + centered.shape[0], rows)
+    rows = _from_end(torch, idx.reshape(-1), centered.shape[0])
     picked = centered.index_select(0, rows)
     s = scales.index_select(0, rows)
     out = (picked.reshape(rows.numel(), -1, block) * s.reshape(rows.numel(), -1, 1)).reshape(rows.numel(), -1)
