@@ -194,7 +194,36 @@ def test_cli_compile_backend_tvm(rng: np.random.Generator, tmp_path: Path) -> No
     np.testing.assert_allclose(art.run(feeds)["y"], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture
+def fast_tensor_intrin_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tuning imports ``tvm.s_tir.tensor_intrin``, whose 496 TVMScript ``prim_func``s each call
+    ``inspect.stack()``. For a frame of a file that is no module's (the frozen importlib frames of
+    the import itself, ``<frozen runpy>`` under ``python -m pytest``, ``<string>``),
+    ``inspect.getmodule`` finds nothing and caches nothing, so it rescans all of ``sys.modules``
+    every time: 28 s alone, 90-140 s late in the suite, with torch and transformers loaded. Mapping
+    those names to no module gives it the same answer (None) without the scan; what the import
+    builds is unchanged."""
+    import inspect
+    import sys
+
+    names = {
+        "<frozen importlib._bootstrap>",
+        "<frozen importlib._bootstrap_external>",
+        "<string>",
+        "<ast>",
+    }
+    frame = sys._getframe()
+    while frame is not None:  # whatever started pytest: <frozen runpy>, <string>
+        if frame.f_code.co_filename.startswith("<"):
+            names.add(frame.f_code.co_filename)
+        frame = frame.f_back
+    for name in names:
+        if name not in inspect.modulesbyfile:
+            monkeypatch.setitem(inspect.modulesbyfile, name, "<no module>")
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("fast_tensor_intrin_import")
 def test_tuning_database_round_trip(rng: np.random.Generator, tmp_path: Path) -> None:
     """Tune with a tiny budget, then rebuild from the database alone (no trials), same numerics."""
     from tforge.backends.tvm import tuning
