@@ -142,3 +142,21 @@ def test_gradients_reach_a_replaced_scale(llama_canonical) -> None:  # type: ign
     np.testing.assert_array_equal(out.detach().numpy(), base.numpy())
     out.square().sum().backward()
     assert theta.grad is not None and float(theta.grad.abs().sum()) > 0
+
+
+def test_a_block_runs_from_its_given_input(llama_canonical) -> None:  # type: ignore[no-untyped-def]
+    """``given``: the second decoder block computed from its input fed in, as the whole graph
+    computes it; a different input fed gives a different output (the feed is read, not recomputed)."""
+    from tforge.compiler.structure import block_map
+
+    model = llama_canonical["dynamo"]
+    block = block_map(model).blocks[1]
+    start, end = block.residual_adds[0].inputs[0].name, block.residual_adds[1].outputs[0].name
+    session = generate.open_session(model, optimize=False)
+    feeds = generate.cache_layout(session).prefill_feeds(IDS)
+    entering, leaving = TorchGraph(model.graph, [start, end]).run(feeds)
+    alone = TorchGraph(model.graph, [end], given=[start])
+    np.testing.assert_allclose(alone.run({**feeds, start: entering})[0].numpy(), leaving.numpy(), rtol=0, atol=1e-6)
+    assert not np.allclose(alone.run({**feeds, start: entering * 2})[0].numpy(), leaving.numpy())
+    with pytest.raises(UnsupportedModelError, match="no node computes the given value 'input_ids'"):
+        TorchGraph(model.graph, [end], given=["input_ids"])

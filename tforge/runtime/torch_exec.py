@@ -50,10 +50,14 @@ class TorchGraph:
 
     ``run(feeds, replace)`` takes the graph inputs by name (arrays or tensors) and, in
     ``replace``, tensors to use instead of values of the graph (typically initializers computed
-    from trainable parameters); it returns the requested outputs in order.
+    from trainable parameters); it returns the requested outputs in order. ``given`` names values
+    inside the graph that the feeds supply instead (one decoder block run from its input, say): the
+    nodes that would compute them, and those only they need, are left out.
     """
 
-    def __init__(self, graph: ir.Graph, outputs: Sequence[str], *, variable: Sequence[str] = ()) -> None:
+    def __init__(
+        self, graph: ir.Graph, outputs: Sequence[str], *, variable: Sequence[str] = (), given: Sequence[str] = ()
+    ) -> None:
         import torch
 
         self._torch = torch
@@ -63,7 +67,12 @@ class TorchGraph:
                 if out.name:
                     producers[out.name] = node
         initializers = {name: value for name, value in graph.initializers.items() if value.const_value is not None}
-        graph_inputs = {value.name for value in graph.inputs}
+        graph_inputs = {value.name for value in graph.inputs} | set(given)
+        unknown = [name for name in given if name not in producers]
+        if unknown:
+            raise UnsupportedModelError(f"TorchGraph: no node computes the given value {unknown[0]!r}")
+        for name in given:  # fed, not computed: the walk below stops there
+            del producers[name]
         missing = [name for name in outputs if name not in producers and name not in initializers and name not in graph_inputs]
         if missing:
             raise UnsupportedModelError(f"TorchGraph: no value named {missing[0]!r} in the graph")
