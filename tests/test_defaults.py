@@ -21,6 +21,7 @@ import pytest
 import tforge
 from tforge import data as tforge_data
 from tforge import evaluate
+from tforge.backends import ort as ort_backend
 from tforge.compiler.calibration import DATA_KEY, GRAM_REQUEST_KEY, STATS_KEY, CalibrationData
 from tforge.compiler.pipeline import PassManager, parse_pipeline
 from tforge.frontends import hf_models
@@ -61,7 +62,10 @@ def _calibrated(minilm_onnx: Path, wanted_by: list[str]):
 
 
 def _cosine(model, reference: dict) -> float:
-    session = ort_runtime.create_session(model)
+    return _session_cosine(ort_runtime.create_session(model), reference)
+
+
+def _session_cosine(session, reference: dict) -> float:
     got = evaluate.sentence_embeddings(lambda f: session.run(None, f)[0], reference["tokenizer"], reference["sentences"])
     return evaluate.agreement(reference["embeddings"], got).mean
 
@@ -77,7 +81,7 @@ def _run(calibrated, spec: str):
 @pytest.mark.parametrize(
     ("spec", "floor"),
     [
-        ("prune-ffn{ratio=0.25}", 0.97),  # 0.982 measured
+        # prune-ffn{ratio=0.25}: test_prune_ffn_defaults_cut_a_quarter_of_each_ffn_and_run_faster
         ("svd{ratio=0.25}", 0.89),  # 0.903 measured (plain SVD, the old default: 0.77)
         ("kronecker{ratio=0.1}", 0.85),
     ],
@@ -96,6 +100,23 @@ def gram_calibrated(minilm_onnx: Path):
     downs = [name for name, st in stats.stats.items() if st.gram is not None and st.channels == 1536]
     assert len(downs) == 6  # the FFN down projections' inputs, for the refit and the factors
     return model
+
+
+def test_prune_ffn_defaults_cut_a_quarter_of_each_ffn_and_run_faster(minilm_onnx: Path, reference: dict, gram_calibrated) -> None:
+    """prune-ffn at 25% with its defaults (activation importance, bias + refit): every FFN keeps
+    1152 of 1536 channels, the embeddings agree to 0.97 (0.982 measured) and the model runs faster.
+    (test_prune_ffn.py checked this too, on a calibration of its own of 768 windows: 37 s more.)"""
+    model, record = _run(gram_calibrated, "prune-ffn{ratio=0.25}")
+    assert record.stats == {"pruned": 6, "compensation: refit": 6}, record.stats
+    assert [row["after"] for row in record.details["layers"]] == [1152] * 6
+    pruned = ort_runtime.create_session(model)
+    cosine = _session_cosine(pruned, reference)
+    assert cosine >= 0.97, (cosine, record.stats)
+    base = ort_runtime.create_session(tforge.load(minilm_onnx))
+    timing_feeds = evaluate.encode_sentences(reference["tokenizer"], reference["sentences"][:8])
+    before, after = ort_backend.time_side_by_side([base, pruned], timing_feeds, warmup=2, runs=10)
+    # tools/bench.py --section prune measures this ratio properly; a shared machine only allows a loose bound
+    assert after.median_ms < before.median_ms, (before, after)
 
 
 def test_prune_heads_defaults(minilm_onnx: Path, reference: dict) -> None:
