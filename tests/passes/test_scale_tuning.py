@@ -117,3 +117,43 @@ def test_a_model_without_logits_is_tuned_on_its_output_error() -> None:
     tuning = result.report.passes[-1].details["tuning"]
     assert tuning["loss"] == "mse" and tuning["kept"], tuning
     assert tuning["held_out_after"] < 0.9 * tuning["held_out_before"], tuning
+
+
+def test_reconstructed_blocks_bring_the_model_closer_to_float(llama_canonical, long_text: Path, tokenizer_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """reconstruct-steps: each block's codes and scales trained to its float output; the graph and
+    the packing stay, the codes of the blocks that kept the training move, and ONNX Runtime's
+    logits on windows nobody trained on come closer to float's."""
+    data = CalibrationData(text=str(long_text), tokenizer=str(tokenizer_dir), seq_len=16)
+    plain = llama_canonical["dynamo"].clone()
+    tforge.compile(plain, f"calibrate,{QUANTIZE}", calibration=data, progress=lambda _: None)
+    rebuilt = llama_canonical["dynamo"].clone()
+    result = tforge.compile(
+        rebuilt, f"calibrate,{QUANTIZE[:-1]} reconstruct-steps=60 reconstruct-lr=0.05}}", calibration=data,
+        progress=lambda _: None,
+    )  # fmt: skip
+    record = result.report.passes[-1]
+    blocks = record.details["reconstruction"]["blocks"]
+    assert [b["label"] for b in blocks] == ["block 0", "block 1"]
+    assert record.stats["blocks reconstructed"] == sum(b["kept"] for b in blocks) >= 1
+    for b in blocks:
+        assert b["weights"] == 7 and (b["held_out_after"] < b["held_out_before"]) == b["kept"], b
+    assert any(b["codes_moved"] > 0 for b in blocks if b["kept"])
+
+    # the same graph; only MatMulNBits codes and scales of the blocks' linears changed
+    assert [(n.op_type, n.name) for n in rebuilt.graph] == [(n.op_type, n.name) for n in plain.graph]
+    trained = {v.name for n in rebuilt.graph if n.op_type == "MatMulNBits" and "lm_head" not in n.name for v in n.inputs[1:3]}
+    changed = {
+        name for name, value in rebuilt.graph.initializers.items()
+        if not np.array_equal(value.const_value.numpy(), plain.graph.initializers[name].const_value.numpy())
+    }  # fmt: skip
+    assert changed and changed <= trained
+
+    ids = np.random.default_rng(11).integers(3, 96, (4, 16))
+    reference = _logits(llama_canonical["dynamo"], ids)
+    assert _kl(reference, _logits(rebuilt, ids)) < 0.95 * _kl(reference, _logits(plain, ids))
+
+
+def test_reconstruct_steps_without_calibration_text_says_what_to_add(llama_canonical) -> None:  # type: ignore[no-untyped-def]
+    model = llama_canonical["dynamo"].clone()
+    with pytest.raises(PreconditionError, match="reconstruct-steps trains each block's codes and scales on the pipeline"):
+        tforge.compile(model, "quantize-weights{reconstruct-steps=5}", progress=lambda _: None)

@@ -32,7 +32,7 @@ from tforge.runtime.torch_exec import TorchGraph
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TuneResult", "quantized_scales", "tune_scales"]
+__all__ = ["TuneResult", "batched_feeds", "feed_rows", "quantized_scales", "tune_scales"]
 
 _MS = "com.microsoft"
 #: the input of each quantized op that holds its float scales
@@ -135,12 +135,12 @@ def tune_scales(
         del order[:batch]
         optimizer.zero_grad()
         value = 0.0
-        parts = _batches(group)
-        rows = sum(_rows(feed) for feed in parts)
+        parts = batched_feeds(group)
+        rows = sum(feed_rows(feed) for feed in parts)
         for feed in parts:
             with torch.no_grad():
                 target = teacher.run(feed)[0]
-            part = distance(student.run(feed, replaced())[0], target) * (_rows(feed) / rows)
+            part = distance(student.run(feed, replaced())[0], target) * (feed_rows(feed) / rows)
             part.backward()
             value += float(part.detach())
         optimizer.step()
@@ -167,12 +167,12 @@ def tune_scales(
     )  # fmt: skip
 
 
-def _rows(feed: Mapping[str, Any]) -> int:
+def feed_rows(feed: Mapping[str, Any]) -> int:
     first = next(iter(feed.values()))
     return int(np.shape(first)[0]) if np.ndim(first) else 1
 
 
-def _batches(group: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+def batched_feeds(group: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """The windows of one step as one feed when their shapes agree past the batch axis, else one by one."""
     keys = list(group[0])
     same = all(list(feed) == keys for feed in group) and all(

@@ -69,6 +69,16 @@ of them add up at the logits. Sixteen windows are held out and measure the KL be
 (``details["tuning"]``); if it got worse the quantizer's scales stay. The file's size and its
 kernels do not change. It needs PyTorch and the pipeline's data, like ``sequential``.
 
+``reconstruct-steps=N`` runs before the tuning, block by block, on pre-norm decoders whose blocks
+chain (each block's input is the previous block's output; otherwise ``details["reconstruction"]``
+says why it did not run): every ``MatMulNBits`` weight of the block becomes a latent weight,
+starting at GPTQ's values, rounded to its grid straight through, and trained with its scales for
+``N`` Adam steps (``reconstruct-lr`` in grid steps, cosine-annealed; 2 windows of 128 tokens a
+step out of 128) so that the block's output on the quantized model's own input matches the float
+block's output on the float input (:mod:`tforge.compiler.block_reconstruction`). A block whose
+held-out error rose keeps GPTQ's codes. Codes may move by more than one step; the packing and the
+file size stay.
+
 Mixed precision: ``budget-mb`` (10^6 bytes of the quantized linears' packed weights, scales and
 zero points; a linear kept in float counts its float32 weight) or ``avg-bits`` (the mean code
 width per weight, float counted as 32 bits, scales and zero points not counted) chooses each
@@ -94,7 +104,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler import distributed, scale_tuning
+from tforge.compiler import block_reconstruction, distributed, scale_tuning
 from tforge.compiler.attention_paths import value_columns
 from tforge.compiler.calibration import (
     DATA_KEY,
@@ -133,6 +143,9 @@ _MB = 1e6
 _ROUND_SEQ_LEN = 128  # tokens a sequential round's (and tuning's) text windows hold, unless the pipeline says
 _TUNE_BATCH = 4  # windows per tuning step
 _TUNE_HELD_OUT = 16  # windows measured before and after tuning, never trained on
+_RECONSTRUCT_WINDOWS = 128  # training windows of the block reconstruction (beside the held-out ones)
+_RECONSTRUCT_BATCH = 2  # windows per reconstruction step
+_RECONSTRUCT_SCALE_LR = 2e-3  # Adam's step on log(scale) in the reconstruction, cosine-annealed
 
 
 @register_pass("quantize-weights")
@@ -170,6 +183,11 @@ class QuantizeWeights(Pass):
     # calibration text, the codes kept (compiler/scale_tuning.py; needs PyTorch); 0: no tuning
     tune_steps: int = 0
     tune_lr: float = 5e-4  # Adam's step on log(scale), cosine-annealed to 0 over tune-steps
+    # Adam steps training each decoder block's codes and scales (a latent weight rounded straight
+    # through), block by block, to reproduce the float block's output from the quantized model's
+    # input to it; before tune-steps (compiler/block_reconstruction.py; needs PyTorch); 0: none
+    reconstruct_steps: int = 0
+    reconstruct_lr: float = 0.02  # Adam's step on the latent weights, in grid steps, cosine-annealed
     # mixed precision (exclusive): 4, 8 or float per linear, least total relative output error
     budget_mb: float | None = None  # 10^6 bytes of the quantized linears' weights, scales, zero points
     avg_bits: float | None = None  # mean code width per weight (float: 32; scales not counted)
@@ -227,6 +245,14 @@ class QuantizeWeights(Pass):
             raise PassConfigError(f"quantize-weights: tune-lr must be a positive number, got {self.tune_lr}")
         if self.tune_steps and self.format != "nbits":
             raise PassConfigError("quantize-weights: tune-steps tunes MatMulNBits scales; it needs format=nbits")
+        if self.reconstruct_steps < 0:
+            raise PassConfigError(f"quantize-weights: reconstruct-steps must be >= 0, got {self.reconstruct_steps}")
+        if not (self.reconstruct_lr > 0 and math.isfinite(self.reconstruct_lr)):
+            raise PassConfigError(f"quantize-weights: reconstruct-lr must be a positive number, got {self.reconstruct_lr}")
+        if self.reconstruct_steps and self.format != "nbits":
+            raise PassConfigError(
+                "quantize-weights: reconstruct-steps trains MatMulNBits codes and scales; it needs format=nbits"
+            )
         if self.budget_mb is not None and self.avg_bits is not None:
             raise PassConfigError("quantize-weights: give budget-mb or avg-bits, not both")
         if self.budget_mb is not None and not (self.budget_mb > 0 and math.isfinite(self.budget_mb)):
@@ -252,8 +278,9 @@ class QuantizeWeights(Pass):
 
     @property
     def reads_calibration_data(self) -> bool:  # type: ignore[override]
-        """``sequential=true`` and ``tune-steps`` run the pipeline's calibration data themselves."""
-        return self.sequential or self.tune_steps > 0
+        """``sequential=true``, ``tune-steps`` and ``reconstruct-steps`` run the pipeline's calibration
+        data themselves."""
+        return self.sequential or self.tune_steps > 0 or self.reconstruct_steps > 0
 
     def check(self, model: ir.Model) -> None:
         if self.format == "qdq":
@@ -271,20 +298,24 @@ class QuantizeWeights(Pass):
                 "tforge.compile (a calibrate{npz=...} pass's own data cannot be read again); or set "
                 "sequential=false"
             )
-        if self.tune_steps:
+        trained = [(option, what) for option, steps, what in (
+            ("tune-steps", self.tune_steps, "tunes the scales"),
+            ("reconstruct-steps", self.reconstruct_steps, "trains each block's codes and scales"),
+        ) if steps]  # fmt: skip
+        for option, what in trained:
             if not has_pipeline_data(model):
                 raise PreconditionError(
-                    "quantize-weights: tune-steps tunes the scales on the pipeline's calibration text and "
+                    f"quantize-weights: {option} {what} on the pipeline's calibration text and "
                     "needs it: add --calib-text FILE --tokenizer PATH or --calib-npz FILE to 'tforge compile', "
-                    "or pass calibration= to tforge.compile; or set tune-steps=0"
+                    f"or pass calibration= to tforge.compile; or set {option}=0"
                 )
             try:
                 import torch  # noqa: F401
             except ImportError:
                 raise PreconditionError(
-                    "quantize-weights: tune-steps runs the model in PyTorch, which is not installed: "
-                    "pip install 'tforge[torch]', or set tune-steps=0 (for --preset w4a8: the pipeline it "
-                    "prints, given to --passes with tune-steps=0)"
+                    f"quantize-weights: {option} runs the model in PyTorch, which is not installed: "
+                    f"pip install 'tforge[torch]', or set {option}=0 (for --preset w4a8: the pipeline it "
+                    f"prints, given to --passes with {option}=0)"
                 ) from None
 
     def gram_wanted(self, model: ir.Model) -> set[str]:
@@ -323,6 +354,7 @@ class QuantizeWeights(Pass):
         if self._budgeted:  # before any edit: a budget no choice meets leaves the model as it was
             self._check_budget(blocks.linears, set(heads))
         teacher = self._teacher(model, details) if self.tune_steps else None  # the float model, before any edit
+        spans = self._float_blocks(model, blocks, details) if self.reconstruct_steps else None  # before any edit too
         if self.method == "awq":
             details["awq_sites"] = self._awq_fold(editor, blocks, set(heads), stats)
             blocks = block_map(model)  # the same linears; their weights were rescaled
@@ -350,6 +382,8 @@ class QuantizeWeights(Pass):
                 self._lower_and_record(editor, lin, q, error, tied, stats, details)
         editor.drop_retired()
         changed = stats["quantized"] > 0 or stats["embedding quantized"] > 0
+        if spans is not None and stats["quantized"] > 0:
+            self._reconstruct(model, spans, stats, details)
         if teacher is not None and changed:
             self._tune(model, teacher, stats, details)
         return PassResult(model, changed=changed, stats=stats, details=details)
@@ -371,20 +405,99 @@ class QuantizeWeights(Pass):
         # next-token logits (the last axis is a vocabulary): match distributions; else the values
         return teacher, "kl" if isinstance(last, int) and last in vocab else "mse"
 
-    def _tune(self, model: ir.Model, teacher: tuple[TorchGraph, str], stats: SiteStats, details: dict[str, Any]) -> None:
-        graph, loss = teacher
-        count = min(_TUNE_HELD_OUT + self.tune_steps * _TUNE_BATCH, MAX_AUTO_SAMPLES)  # fewer: read again
+    def _float_blocks(self, model: ir.Model, blocks: BlockMap, details: dict[str, Any]) -> _FloatBlocks | None:
+        """The float model's decoder blocks in PyTorch, each run from its input, or None (said in
+        ``details["reconstruction"]``) when the blocks do not form one pre-norm residual chain."""
+
+        def skipped(reason: str) -> None:
+            details["reconstruction"] = {"skipped": reason}
+            logger.warning("quantize-weights: blocks not reconstructed: %s", reason)
+
+        spans: list[_FloatSpan] = []
+        for block in blocks.blocks:
+            if block.norm_placement != "pre" or block.attention_norm is None or len(block.residual_adds) != 2:
+                skipped(f"block {block.index} is not a pre-norm block with two residual adds ({block.norm_placement})")
+                return None
+            start, first_add = block.attention_norm.input.name or "", block.residual_adds[0]
+            inputs = [v.name if v is not None else None for v in first_add.inputs]
+            if start not in inputs or not first_add.name:
+                skipped(f"block {block.index}: its first residual add does not read the block's input {start!r}")
+                return None
+            if spans and spans[-1].output != start:
+                skipped(f"block {block.index} reads {start!r}, not block {block.index - 1}'s output {spans[-1].output!r}")
+                return None
+            end = block.residual_adds[1].outputs[0].name or ""
+            spans.append(_FloatSpan(block.index, start, end, first_add.name, inputs.index(start)))
+        if not spans:
+            skipped("the block map found no decoder blocks")
+            return None
+        try:
+            entry = TorchGraph(model.graph, [spans[0].input])
+            teachers = [TorchGraph(model.graph, [span.output], given=[span.input]) for span in spans]
+        except UnsupportedModelError as error:
+            skipped(str(error))
+            return None
+        return _FloatBlocks(entry, spans, teachers)
+
+    def _reconstruct(self, model: ir.Model, found: _FloatBlocks, stats: SiteStats, details: dict[str, Any]) -> None:
+        nodes = {node.name: node for node in model.graph if node.name}
+        spans = []
+        for span, teacher in zip(found.spans, found.teachers, strict=True):
+            add = nodes.get(span.first_add)
+            start = add.inputs[span.input_index] if add is not None and len(add.inputs) > span.input_index else None
+            if start is None or not start.name:
+                details["reconstruction"] = {"skipped": f"block {span.index}'s residual add {span.first_add!r} was rewritten"}
+                logger.warning("quantize-weights: blocks not reconstructed: %s", details["reconstruction"]["skipped"])
+                return
+            spans.append(block_reconstruction.BlockSpan(f"block {span.index}", teacher, start.name, span.output, span.input))
+        found_windows = self._training_windows(model, _TUNE_HELD_OUT + _RECONSTRUCT_WINDOWS, "reconstruct-steps",
+                                               "the reconstruction", "reconstruction", details)  # fmt: skip
+        if found_windows is None:
+            return
+        source, windows = found_windows
+        results, written = block_reconstruction.reconstruct_blocks(
+            found.entry, spans, model.graph, windows, steps=self.reconstruct_steps, lr=self.reconstruct_lr,
+            scale_lr=_RECONSTRUCT_SCALE_LR, batch=_RECONSTRUCT_BATCH, held_out=_TUNE_HELD_OUT,
+        )  # fmt: skip
+        initializers = model.graph.initializers
+        for weight in written:
+            node = nodes[weight.node]
+            bits, block = node.attributes["bits"].as_int(), node.attributes["block_size"].as_int()
+            packed = bq.pack_bits(weight.codes.reshape(weight.codes.shape[0], -1, block), bits)
+            initializers[weight.packed].const_value = ir.Tensor(packed, name=weight.packed)
+            shape = initializers[weight.scales].const_value.shape.numpy()
+            initializers[weight.scales].const_value = ir.Tensor(weight.scale_values.reshape(shape), name=weight.scales)
+        details["reconstruction"] = {"data": source, "windows": len(windows), "blocks": [dataclasses.asdict(r) for r in results]}
+        kept = sum(r.kept for r in results)
+        if kept:
+            stats["blocks reconstructed"] = kept
+        if len(results) > kept:
+            stats["blocks kept GPTQ's codes: reconstruction raised the held-out error"] = len(results) - kept
+
+    @staticmethod
+    def _training_windows(
+        model: ir.Model, count: int, option: str, who: str, key: str, details: dict[str, Any]
+    ) -> tuple[str, list[dict[str, np.ndarray]]] | None:
+        """Up to ``count`` windows of the pipeline's calibration data (128-token prefills), or None
+        (said in ``details[key]``) when there are not more than the held-out ones."""
         found = pipeline_feeds(model, samples=count, seq_len=_ROUND_SEQ_LEN, decode_steps=0)
         if found is None:  # check() ran first
-            raise PreconditionError("quantize-weights: tune-steps needs the pipeline's calibration data")
+            raise PreconditionError(f"quantize-weights: {option} needs the pipeline's calibration data")
         source, feeds = found
         windows = list(itertools.islice(feeds, count))
         if len(windows) <= _TUNE_HELD_OUT:
-            details["tuning"] = {
-                "skipped": f"{source} gives {len(windows)} windows; tuning holds {_TUNE_HELD_OUT} out and needs more"
-            }
-            logger.warning("quantize-weights: scales not tuned: %s", details["tuning"]["skipped"])
+            details[key] = {"skipped": f"{source} gives {len(windows)} windows; {who} holds {_TUNE_HELD_OUT} out and needs more"}
+            logger.warning("quantize-weights: %s skipped: %s", who, details[key]["skipped"])
+            return None
+        return source, windows
+
+    def _tune(self, model: ir.Model, teacher: tuple[TorchGraph, str], stats: SiteStats, details: dict[str, Any]) -> None:
+        graph, loss = teacher
+        count = min(_TUNE_HELD_OUT + self.tune_steps * _TUNE_BATCH, MAX_AUTO_SAMPLES)  # fewer: read again
+        found = self._training_windows(model, count, "tune-steps", "tuning", "tuning", details)
+        if found is None:
             return
+        source, windows = found
         result = scale_tuning.tune_scales(
             graph, model, windows, steps=self.tune_steps, lr=self.tune_lr, batch=_TUNE_BATCH,
             held_out=_TUNE_HELD_OUT, loss=loss,
@@ -971,3 +1084,22 @@ def _last_dim(model: ir.Model, name: str) -> int:
 
 
 # ----------------------------------------------------------------------------- structure checks
+
+
+@dataclasses.dataclass(frozen=True)
+class _FloatSpan:
+    """One decoder block of the float graph: its input and output values, and where its first
+    residual add reads the input (found again by name once the linears are rewritten)."""
+
+    index: int
+    input: str
+    output: str
+    first_add: str
+    input_index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _FloatBlocks:
+    entry: TorchGraph  # the first block's input, from the graph inputs
+    spans: list[_FloatSpan]
+    teachers: list[TorchGraph]  # each block's output from its input, snapshotted before any edit

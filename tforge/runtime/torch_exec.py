@@ -29,7 +29,7 @@ from tforge.errors import UnsupportedModelError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TorchGraph", "supported_ops"]
+__all__ = ["CodedWeight", "TorchGraph", "supported_ops"]
 
 _MS = "com.microsoft"
 _INTERNAL = "tforge.torch_exec"  # ops this module rewrites quantized ops into (see _centered)
@@ -43,6 +43,26 @@ class _Step:
     inputs: tuple[str | None, ...]
     outputs: tuple[str, ...]
     attributes: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class CodedWeight:
+    """A ``MatMulNBits`` weight whose codes a :class:`TorchGraph` unpacked once (constant codes).
+
+    ``run(..., replace={w.centered: codes, w.scales: scales})`` computes the node with other
+    codes (floats, ``code - zero point``, shaped ``[N, blocks * block]``) and scales, so a caller
+    can train both. A code stays on the grid when it lies in ``[low, high]`` (per block,
+    ``[N, blocks, 1]``: ``-zero point`` and ``2^bits - 1 - zero point``).
+    """
+
+    node: str  # the MatMulNBits node's name
+    packed: str  # the initializer of its packed codes (input B)
+    centered: str  # the name the unpacked codes go by inside the TorchGraph
+    scales: str  # the initializer of its scales
+    bits: int
+    block_size: int
+    low: torch.Tensor
+    high: torch.Tensor
 
 
 class TorchGraph:
@@ -109,6 +129,7 @@ class TorchGraph:
         }
         self._variable = set(variable)
         self.outputs = tuple(outputs)
+        self.coded_weights: list[CodedWeight] = []  # filled by _fold, in graph order
         self._fold()
 
     def constant(self, name: str) -> torch.Tensor:
@@ -145,6 +166,14 @@ class TorchGraph:
             centered = _table_centered(self._torch, data, zero, step.attributes)
         name = f"{packed}::centered::{step.name or id(step)}"
         self._constants[name] = centered
+        if step.op == "MatMulNBits":
+            bits, block = step.attributes["bits"], step.attributes["block_size"]
+            rows, blocks = int(step.attributes["N"]), centered.shape[1] // block
+            zeros = _zero_points(self._torch, zero, rows, blocks, bits, self._torch.float32)[..., None]
+            self.coded_weights.append(CodedWeight(
+                node=step.name, packed=packed, centered=name, scales=step.inputs[2] or "", bits=bits,
+                block_size=block, low=-zeros, high=float((1 << bits) - 1) - zeros,
+            ))  # fmt: skip
         op = "CenteredMatMul" if step.op == "MatMulNBits" else "CenteredGather"
         inputs = (step.inputs[0], name, step.inputs[2], _at(step.inputs, 5)) if op == "CenteredMatMul" else (
             name, step.inputs[1], step.inputs[2])  # fmt: skip
