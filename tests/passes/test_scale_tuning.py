@@ -17,7 +17,7 @@ from tests.conftest import WORDS
 from tforge import testing
 from tforge.compiler.calibration import CalibrationData
 from tforge.compiler.scale_tuning import quantized_scales
-from tforge.errors import PreconditionError
+from tforge.errors import PassConfigError, PreconditionError
 from tforge.runtime import generate
 
 pytest.importorskip("torch")
@@ -66,6 +66,7 @@ def test_tuned_scales_bring_the_model_closer_to_float(llama_canonical, long_text
     scales = quantized_scales(tuned.graph)
     assert record.stats["scales tuned"] == len(scales) == 2 * 7 + 2  # 7 linears a layer, the (untied) LM head, the table
     assert tuning["kept"] and tuning["loss"] == "kl" and tuning["held_out"] == 16
+    assert tuning["window_tokens"] == 16 and tuning["batch"] == 4  # the data's windows, 4 a step (512 // 128)
     assert tuning["held_out_after"] < 0.95 * tuning["held_out_before"], tuning
 
     # only the scales moved: the same nodes, the same codes
@@ -85,6 +86,17 @@ def test_tuned_scales_bring_the_model_closer_to_float(llama_canonical, long_text
     ids = np.random.default_rng(11).integers(3, 96, (4, 16))
     reference = _logits(llama_canonical["dynamo"], ids)
     assert _kl(reference, _logits(tuned, ids)) < 0.95 * _kl(reference, _logits(untuned, ids))
+
+
+def test_tune_seq_len_sets_the_windows_and_keeps_512_tokens_a_step(llama_canonical, long_text: Path, tokenizer_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    data = CalibrationData(text=str(long_text), tokenizer=str(tokenizer_dir))  # no window length of its own
+    model = llama_canonical["dynamo"].clone()
+    result = tforge.compile(model, f"calibrate{{seq-len=32}},{QUANTIZE[:-1]} tune-steps=2 tune-seq-len=32}}",
+                            calibration=data, progress=lambda _: None)  # fmt: skip
+    tuning = result.report.passes[-1].details["tuning"]
+    assert (tuning["window_tokens"], tuning["batch"], tuning["windows"]) == (32, 16, 32), tuning
+    with pytest.raises(PassConfigError, match="tune-seq-len must be in"):
+        tforge.compile(model, "quantize-weights{tune-seq-len=1024}", progress=lambda _: None)
 
 
 def test_tune_steps_without_calibration_text_says_what_to_add(llama_canonical) -> None:  # type: ignore[no-untyped-def]

@@ -60,8 +60,8 @@ exactly as ``calibrate{workers=N}`` does, and needs the pipeline's calibration d
 
 ``tune-steps=N`` then tunes every block scale (``MatMulNBits``' and ``GatherBlockQuantized``'s;
 a tied head shares its table's) end to end, the codes kept: ``N`` Adam steps on ``log(scale)``
-(``tune-lr``, cosine-annealed), each on 4 windows of the pipeline's calibration text (128 tokens,
-prefilled from an empty cache), minimising the KL divergence of the quantized model's
+(``tune-lr``, cosine-annealed), each on 512 tokens of the pipeline's calibration text (4 windows
+of 128 tokens, or ``tune-seq-len`` tokens a window, each prefilled from an empty cache), minimising the KL divergence of the quantized model's
 next-token distribution from the float model's (:mod:`tforge.compiler.scale_tuning`; both run in
 PyTorch through :mod:`tforge.runtime.torch_exec`, the float model snapshotted before the first
 edit). GPTQ's objective is each linear's own output error; the tuning sees how the errors of all
@@ -113,6 +113,7 @@ from tforge.compiler.calibration import (
     MAX_AUTO_SAMPLES,
     CalibrationStats,
     attached_stats,
+    feed_tokens,
     has_pipeline_data,
     pipeline_feeds,
     until_enough,
@@ -140,8 +141,8 @@ _BUDGET_BITS = (4, 8, 32)
 _MB = 1e6
 # sequential rounds read the pipeline's data as ``calibrate`` does when its samples are unset: at
 # least 64 samples, more until the round's widest Gram rests on 16 tokens a channel (<= 1024)
-_ROUND_SEQ_LEN = 128  # tokens a sequential round's (and tuning's) text windows hold, unless the pipeline says
-_TUNE_BATCH = 4  # windows per tuning step
+_ROUND_SEQ_LEN = 128  # tokens a sequential round's (and reconstruction's) text windows hold, unless the pipeline says
+_TUNE_TOKENS = 512  # tokens a tuning step reads: 4 windows of 128, 1 of 512 (tune-seq-len)
 _TUNE_HELD_OUT = 16  # windows measured before and after tuning, never trained on
 _RECONSTRUCT_WINDOWS = 128  # training windows of the block reconstruction (beside the held-out ones)
 _RECONSTRUCT_BATCH = 2  # windows per reconstruction step
@@ -183,6 +184,9 @@ class QuantizeWeights(Pass):
     # calibration text, the codes kept (compiler/scale_tuning.py; needs PyTorch); 0: no tuning
     tune_steps: int = 0
     tune_lr: float = 5e-4  # Adam's step on log(scale), cosine-annealed to 0 over tune-steps
+    # tokens a tuning window holds (prefilled from an empty cache), unless the pipeline's data sets
+    # its own length; a step reads 512 // tune-seq-len windows
+    tune_seq_len: int = 128
     # Adam steps training each decoder block's codes and scales (a latent weight rounded straight
     # through), block by block, to reproduce the float block's output from the quantized model's
     # input to it; before tune-steps (compiler/block_reconstruction.py; needs PyTorch); 0: none
@@ -243,6 +247,8 @@ class QuantizeWeights(Pass):
             raise PassConfigError(f"quantize-weights: tune-steps must be >= 0, got {self.tune_steps}")
         if not (self.tune_lr > 0 and math.isfinite(self.tune_lr)):
             raise PassConfigError(f"quantize-weights: tune-lr must be a positive number, got {self.tune_lr}")
+        if not 2 <= self.tune_seq_len <= _TUNE_TOKENS:
+            raise PassConfigError(f"quantize-weights: tune-seq-len must be in [2, {_TUNE_TOKENS}], got {self.tune_seq_len}")
         if self.tune_steps and self.format != "nbits":
             raise PassConfigError("quantize-weights: tune-steps tunes MatMulNBits scales; it needs format=nbits")
         if self.reconstruct_steps < 0:
@@ -450,8 +456,8 @@ class QuantizeWeights(Pass):
                 logger.warning("quantize-weights: blocks not reconstructed: %s", details["reconstruction"]["skipped"])
                 return
             spans.append(block_reconstruction.BlockSpan(f"block {span.index}", teacher, start.name, span.output, span.input))
-        found_windows = self._training_windows(model, _TUNE_HELD_OUT + _RECONSTRUCT_WINDOWS, "reconstruct-steps",
-                                               "the reconstruction", "reconstruction", details)  # fmt: skip
+        found_windows = self._training_windows(model, _TUNE_HELD_OUT + _RECONSTRUCT_WINDOWS, _ROUND_SEQ_LEN,
+                                               "reconstruct-steps", "the reconstruction", "reconstruction", details)  # fmt: skip
         if found_windows is None:
             return
         source, windows = found_windows
@@ -476,11 +482,11 @@ class QuantizeWeights(Pass):
 
     @staticmethod
     def _training_windows(
-        model: ir.Model, count: int, option: str, who: str, key: str, details: dict[str, Any]
+        model: ir.Model, count: int, seq_len: int, option: str, who: str, key: str, details: dict[str, Any]
     ) -> tuple[str, list[dict[str, np.ndarray]]] | None:
-        """Up to ``count`` windows of the pipeline's calibration data (128-token prefills), or None
-        (said in ``details[key]``) when there are not more than the held-out ones."""
-        found = pipeline_feeds(model, samples=count, seq_len=_ROUND_SEQ_LEN, decode_steps=0)
+        """Up to ``count`` windows of the pipeline's calibration data (``seq_len``-token prefills),
+        or None (said in ``details[key]``) when there are not more than the held-out ones."""
+        found = pipeline_feeds(model, samples=count, seq_len=seq_len, decode_steps=0)
         if found is None:  # check() ran first
             raise PreconditionError(f"quantize-weights: {option} needs the pipeline's calibration data")
         source, feeds = found
@@ -493,16 +499,17 @@ class QuantizeWeights(Pass):
 
     def _tune(self, model: ir.Model, teacher: tuple[TorchGraph, str], stats: SiteStats, details: dict[str, Any]) -> None:
         graph, loss = teacher
-        count = min(_TUNE_HELD_OUT + self.tune_steps * _TUNE_BATCH, MAX_AUTO_SAMPLES)  # fewer: read again
-        found = self._training_windows(model, count, "tune-steps", "tuning", "tuning", details)
+        batch = max(1, _TUNE_TOKENS // self.tune_seq_len)
+        count = min(_TUNE_HELD_OUT + self.tune_steps * batch, MAX_AUTO_SAMPLES)  # fewer: read again
+        found = self._training_windows(model, count, self.tune_seq_len, "tune-steps", "tuning", "tuning", details)
         if found is None:
             return
         source, windows = found
         result = scale_tuning.tune_scales(
-            graph, model, windows, steps=self.tune_steps, lr=self.tune_lr, batch=_TUNE_BATCH,
+            graph, model, windows, steps=self.tune_steps, lr=self.tune_lr, batch=batch,
             held_out=_TUNE_HELD_OUT, loss=loss,
         )  # fmt: skip
-        details["tuning"] = {"data": source, **dataclasses.asdict(result)}
+        details["tuning"] = {"data": source, "window_tokens": feed_tokens(windows[-1]), "batch": batch, **dataclasses.asdict(result)}
         if result.kept:
             stats["scales tuned"] = result.scales
         else:
