@@ -94,7 +94,9 @@ def test_api_w4a8_quantizes_to_4_bits_from_text(llama_cache, llama_text: Path, t
     # the preset's 4096 8-bit rows hold this model's whole vocabulary
     assert record.stats["embedding rows at 8 bits: the first 96 of 96"] == 1
     assert not record.skipped
-    # the preset tunes the scales on the calibration text; this one is too short to hold 16 windows out
+    # the preset reconstructs the blocks and tunes the scales on the calibration text; this one is
+    # too short to hold 16 windows out
+    assert re.search(r"gives \d windows; the reconstruction holds 16 out and needs more", record.details["reconstruction"]["skipped"])
     assert re.search(r"gives \d windows; tuning holds 16 out and needs more", record.details["tuning"]["skipped"])
     ops = _ops(result.model)
     assert {n.attributes["bits"].value for n in ops["MatMulNBits"]} == {4}

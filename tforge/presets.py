@@ -50,21 +50,27 @@ new measurement.
     blocks of 32), and the token table with the LM head tied to it at 4 bits in blocks of 64
     along the hidden axis, the table's codes chosen by GPTQ on the head's input statistics (the
     head is the most sensitive tensor: on SmolLM2 the 4-bit head alone costs +14.8% perplexity
-    by RTN, +2.5% by GPTQ, before rotation); then every block scale (the table's too) tuned
-    end to end for 100 steps against the float model's next-token distribution on the
-    calibration text, the codes kept (``tune-steps``, needs PyTorch); then ``ort-fuse`` and
-    ``merge-projections``. On SmolLM2 the rotation takes the perplexity loss from +10.4% to +8.8%
+    by RTN, +2.5% by GPTQ, before rotation); then each decoder block's codes and scales trained
+    for 100 steps to reproduce the float block's output from the quantized model's input to it
+    (``reconstruct-steps``); then every block scale (the table's too) tuned end to end for 100
+    steps of one 512-token window against the float model's next-token distribution on the
+    calibration text, the codes kept (``tune-steps``, ``tune-seq-len``; both need PyTorch); then
+    ``ort-fuse`` and ``merge-projections``. On SmolLM2 the rotation takes the perplexity loss from +10.4% to +8.8%
     with a table in blocks of 32; the table's blocks of 64 (+9.1%) pay for the linear the
     rotation adds before the tied head and keep the file under onnxruntime-genai's int4 graph of
     the same model; the tuned scales take it to about +6% at the same size, and the table's first
     4096 rows at 8 bits (``embedding-8bit-rows``: a BPE vocabulary's most frequent tokens, 73% of
-    WikiText-2's on SmolLM2) to +5.4% for 1.2 MB, still under the builder's file (BENCHMARKS.md).
+    WikiText-2's on SmolLM2) to +5.4% for 1.2 MB, still under the builder's file; the block
+    reconstruction and the 512-token tuning windows to +4.4% (29.06 against 29.34 in one run;
+    the build takes 19 minutes on 2 cores) at the same size and speed (BENCHMARKS.md, run 10).
     A vocabulary of at most 4096 tokens is then all 8-bit.
     Measured on SmolLM2 and not chosen: the table and head at 8 bits (+7.4% before rotation, but
     16% larger and 16% slower to decode); ``sequential=true`` (no gain: 29.79 against 29.77
     perplexity, 54 min); asymmetric blocks of 64 or 128 (+9.8%, +10.5% with an 8-bit table);
     with the rotation, 8-bit V projections with Q and O in blocks of 128 (no gain) and an
-    asymmetric table (30.37 against 30.38).
+    asymmetric table (30.37 against 30.38); a 200-step reconstruction (it fits its windows:
+    29.96 untuned, against 29.73 for 100 steps); GPTQ on Gram matrices of 512-token windows
+    (30.18 against 29.95 untuned).
   - Without a cache: the token table stays at 8 bits, then ``ort-fuse``. On an encoder batch
     (MiniLM 8 x 128) it makes the file 4x smaller but runs at 0.91x fp32, where ``w8a8`` runs
     2.5x faster: ``MatMulNBits`` pays where a call has few rows.
@@ -100,7 +106,8 @@ DECODER_PRESETS: dict[str, str] = {
     "w8a8": "canonicalize,quantize-weights{bits=8 block=32 embedding-bits=8},ort-fuse,merge-projections",
     "w4a8": (
         "canonicalize,rotate-residual,calibrate,"
-        "quantize-weights{method=gptq block=32 embedding-bits=4 embedding-block=64 embedding-8bit-rows=4096 tune-steps=100},"
+        "quantize-weights{method=gptq block=32 embedding-bits=4 embedding-block=64 embedding-8bit-rows=4096 "
+        "reconstruct-steps=100 tune-steps=100 tune-seq-len=512},"
         "ort-fuse,merge-projections"
     ),
 }
