@@ -67,6 +67,31 @@ def test_rtn_lowering_computes_with_the_dequantized_weights(rng: np.random.Gener
     assert sum(n for (op, _), n in ran.items() if op == "MatMulNBits") == 6
 
 
+def test_grid_entries_give_matching_linears_their_own_block_and_zero_points(rng: np.random.Generator) -> None:
+    model = _block(rng)
+    names = [lin.name for lin in block_map(model).linears]
+    picked = names[1]  # one linear by its full name, the others on the pass's grid
+    reference = model.clone()
+    for lin in block_map(reference).linears:
+        block, symmetric = (16, False) if lin.name == picked else (32, True)
+        w = np.asarray(const_array(current_weight(lin)), np.float32)
+        current_weight(lin).const_value = ir.tensor(bq.dequantize(bq.quantize_rtn(w, 4, block, symmetric)))
+
+    result = QuantizeWeights(block=32, grid=(f"{picked}:16:asym",), accuracy_level=0)(model)
+
+    assert result.stats["quantized"] == 6
+    grids = {
+        (n.attributes["block_size"].value, len(n.inputs) > 3 and n.inputs[3] is not None)
+        for n in model.graph if n.op_type == "MatMulNBits"
+    }  # fmt: skip
+    assert grids == {(16, True), (32, False)}
+    feeds = {"x": rng.normal(size=(3, 4, 8)).astype(np.float32)}
+    testing.assert_ort_allclose(reference, model, feeds, atol=1e-5)
+    for bad in ("v_proj:16", "v_proj:48:asym", "v_proj:16:zero", ":16:asym"):
+        with pytest.raises(PassConfigError, match="grid entry"):
+            QuantizeWeights(grid=(bad,))
+
+
 def test_accuracy_level_4_runs_int8_activations_close_to_float(rng: np.random.Generator) -> None:
     model = _block(rng)
     reference = _dequantized_reference(model, 4, 16, True)

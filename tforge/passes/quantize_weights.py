@@ -7,6 +7,9 @@ linear is lowered to ``com.microsoft.MatMulNBits`` (the bias folded into its bia
 ``format=qdq``, to a standard ``DequantizeLinear`` with ``block_size`` (opset 21) feeding the
 float ``MatMul``, for runtimes without the contrib op. ``accuracy-level=4`` makes ORT quantize
 the activations to int8 inside the kernel (int8 x int4 dot products): the fast CPU path.
+``grid=NAME:BLOCK:sym|asym,...`` gives the linears whose weight name matches (as ``exclude``
+does) another block and symmetry than ``block`` and ``symmetric``: zero points where a role's
+weights are skewed, larger blocks where a role is robust, within one file's size.
 
 How the codes are chosen (``method``):
 
@@ -161,6 +164,9 @@ class QuantizeWeights(Pass):
     accuracy_level: int = 4  # MatMulNBits: 0 float activations ... 4 int8 activations
     format: Literal["nbits", "qdq"] = "nbits"
     exclude: tuple[str, ...] = ()  # weight names, or substrings of them, to keep in float
+    # per-linear grids: NAME:BLOCK:sym|asym entries; the first whose NAME is (a substring of) a
+    # linear's weight name sets its block and symmetry, the others keep block= and symmetric=
+    grid: tuple[str, ...] = ()
     embedding_bits: int = 4  # the token embedding (and a tied LM head's storage); 0: float
     # the embedding's block along the hidden axis (0: block); the hidden size must be a multiple
     # (SmolLM2's 576 is not one of 128, so block=128 wants embedding-block=64 or 32)
@@ -232,6 +238,8 @@ class QuantizeWeights(Pass):
                 "quantize-weights: embedding-8bit-rows keeps some rows at 8 bits beside the others' "
                 f"embedding-bits, which is {self.embedding_bits}; set embedding-bits=4 (or 2), or drop it"
             )
+        for entry in self.grid:
+            self._grid_rule(entry)
         if any(not pattern for pattern in self.exclude):
             raise PassConfigError("quantize-weights: exclude holds an empty name, which would match every linear")
         if not self.damp > 0:
@@ -277,6 +285,27 @@ class QuantizeWeights(Pass):
                     "quantize-weights: sequential=true and a bit budget cannot be combined yet (the budget "
                     "needs every linear's sensitivity before the first block is quantized)"
                 )
+
+    def _grid_rule(self, entry: str) -> tuple[str, int, bool]:
+        """One ``grid`` entry as (name pattern, block, symmetric), or a PassConfigError saying what is wrong."""
+        parts = entry.split(":")
+        if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or parts[2] not in ("sym", "asym"):
+            raise PassConfigError(
+                f"quantize-weights: grid entry {entry!r} is not NAME:BLOCK:sym|asym (for example v_proj:32:asym)"
+            )
+        try:
+            bq.check_config(f"quantize-weights: grid entry {entry!r}", self.bits, int(parts[1]))
+        except ValueError as error:
+            raise PassConfigError(str(error)) from None
+        return parts[0], int(parts[1]), parts[2] == "sym"
+
+    def _grid(self, lin: Linear) -> tuple[int, bool]:
+        """The block and symmetry of ``lin``'s grid: its first matching ``grid`` entry's, else the pass's."""
+        for entry in self.grid:
+            pattern, block, symmetric = self._grid_rule(entry)
+            if pattern == lin.name or pattern in lin.name:
+                return block, symmetric
+        return self.block, self.symmetric
 
     @property
     def _budgeted(self) -> bool:
@@ -557,20 +586,21 @@ class QuantizeWeights(Pass):
     ) -> tuple[bq.BlockQuantized, float]:
         w = np.asarray(const_array(current_weight(lin)), np.float32)
         gram = _gram(lin, calibration, w.shape[0])
+        block, symmetric = self._grid(lin)
         if tied is not None:
             q = tied.parts[-1].q  # (the record reads its bits; the error is the whole head's)
         elif self.method == "rtn":
-            q = bq.quantize_rtn(w, bits, self.block, self.symmetric)
+            q = bq.quantize_rtn(w, bits, block, symmetric)
         elif self.method == "gptq":
             if gram is None:
                 raise Skip("method=gptq needs E[x x^T] of the input (run calibrate before it)", lin.matmul)
             q = gptq.gptq_quantize(
-                w, gram, bits, self.block, self.symmetric, damp=self.damp,
+                w, gram, bits, block, symmetric, damp=self.damp,
                 act_order=self.act_order, clips=gptq.DEFAULT_CLIPS if self.clip_search else None,
             ).q  # fmt: skip
         else:  # awq: the scales were folded before; RTN on the rescaled weight, clipped
             q = awq.quantize_clipped(
-                w, gram, bits, self.block, self.symmetric, gptq.DEFAULT_CLIPS if self.clip_search else None
+                w, gram, bits, block, symmetric, gptq.DEFAULT_CLIPS if self.clip_search else None
             )
         w_hat = tied.dequantized() if tied is not None else bq.dequantize(q)
         if gram is not None:
@@ -684,7 +714,7 @@ class QuantizeWeights(Pass):
                 candidates.append(lin)
         params = [lin.in_features * lin.out_features for lin in candidates]
         size = bq.dequantize_linear_bytes if self.format == "qdq" else bq.matmul_nbits_bytes
-        least = [size(lin.in_features, lin.out_features, 4, self.block, self.symmetric) for lin in candidates]
+        least = [size(lin.in_features, lin.out_features, 4, *self._grid(lin)) for lin in candidates]
         budget, what = self._budget(params)
         need = sum(least) if self.budget_mb is not None else 4 * sum(params)
         if need > budget:
@@ -802,7 +832,7 @@ class QuantizeWeights(Pass):
                 raise Skip("awq: calibration stats are stale (channel count differs)", node)
             weights = [np.asarray(const_array(current_weight(lin)), np.float64) for lin in readers]
             found = awq.search_scale(
-                weights, st.second_moment, np.sqrt(st.mean_sq), self.bits, self.block, self.symmetric,
+                weights, st.second_moment, np.sqrt(st.mean_sq), self.bits, *self._grid(readers[0]),
                 alphas=self.alpha_grid, groups=groups,
             )  # fmt: skip
             if found.alpha == 0:
