@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from tforge.compiler.scale_tuning import batched_feeds
+from tforge.compiler.scale_tuning import batched_feeds, shuffled_batches
 from tforge.runtime.torch_exec import CodedWeight, TorchGraph
 
 logger = logging.getLogger(__name__)
@@ -180,13 +180,9 @@ class _Block:
             [{"params": list(self.latent.values()), "lr": lr}, {"params": list(self.theta.values()), "lr": scale_lr}]
         )
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
-        train = list(range(held_out, len(feeds)))
-        order: list[int] = []
-        shuffle = np.random.default_rng(0)
+        batches = shuffled_batches(len(feeds) - held_out, batch)
         for step in range(steps):
-            while len(order) < batch:
-                order += [train[i] for i in shuffle.permutation(len(train))]
-            picked, order = order[:batch], order[batch:]
+            picked = [held_out + i for i in next(batches)]
             optimizer.zero_grad()
             parts = batched_feeds([{**feeds[i], self.given: inputs[i].numpy()} for i in picked])
             if len(parts) == 1:  # one stacked feed

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -32,7 +32,7 @@ from tforge.runtime.torch_exec import TorchGraph
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TuneResult", "batched_feeds", "feed_rows", "quantized_scales", "tune_scales"]
+__all__ = ["TuneResult", "batched_feeds", "feed_rows", "quantized_scales", "shuffled_batches", "tune_scales"]
 
 _MS = "com.microsoft"
 #: the input of each quantized op that holds its float scales
@@ -124,15 +124,9 @@ def tune_scales(
     say(f"tune scales: {len(initial)} scale tensors, held-out {loss} {before:.5f} before tuning")
     optimizer = torch.optim.Adam(list(theta.values()), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
-    # consecutive windows come from one article: a batch of them pulls the scales towards it, so
-    # the steps read them in a fixed random order (each epoch a new one)
-    order: list[int] = []
-    epochs = np.random.default_rng(0)
+    batches = shuffled_batches(len(train), batch)
     for step in range(steps):
-        while len(order) < batch:
-            order += [int(i) for i in epochs.permutation(len(train))]
-        group = [train[i] for i in order[:batch]]
-        del order[:batch]
+        group = [train[i] for i in next(batches)]
         optimizer.zero_grad()
         value = 0.0
         parts = batched_feeds(group)
@@ -165,6 +159,20 @@ def tune_scales(
         windows=steps * batch, held_out=len(held), loss=loss, held_out_before=before, held_out_after=after,
         kept=kept, seconds=time.perf_counter() - started,
     )  # fmt: skip
+
+
+def shuffled_batches(count: int, batch: int) -> Iterator[list[int]]:
+    """Endless batches of indices below ``count``, in a fixed random order, a new one each epoch.
+
+    Consecutive windows come from one article: a batch of them pulls the training towards it.
+    """
+    order: list[int] = []
+    epochs = np.random.default_rng(0)
+    while True:
+        while len(order) < batch:
+            order += [int(i) for i in epochs.permutation(count)]
+        yield order[:batch]
+        del order[:batch]
 
 
 def feed_rows(feed: Mapping[str, Any]) -> int:
