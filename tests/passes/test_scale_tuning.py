@@ -88,15 +88,21 @@ def test_tuned_scales_bring_the_model_closer_to_float(llama_canonical, long_text
     assert _kl(reference, _logits(tuned, ids)) < 0.95 * _kl(reference, _logits(untuned, ids))
 
 
-def test_tune_seq_len_sets_the_windows_and_keeps_512_tokens_a_step(llama_canonical, long_text: Path, tokenizer_dir: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("stage", "key", "batch"), [("tune", "tuning", 16), ("reconstruct", "reconstruction", 8)])
+def test_seq_len_sets_the_windows_and_keeps_the_tokens_a_step(llama_canonical, long_text: Path, tokenizer_dir: Path, stage, key, batch) -> None:  # type: ignore[no-untyped-def]
+    """tune-seq-len / reconstruct-seq-len: the windows' length; a step still reads 512 / 256 tokens."""
     data = CalibrationData(text=str(long_text), tokenizer=str(tokenizer_dir))  # no window length of its own
     model = llama_canonical["dynamo"].clone()
-    result = tforge.compile(model, f"calibrate{{seq-len=32}},{QUANTIZE[:-1]} tune-steps=2 tune-seq-len=32}}",
+    result = tforge.compile(model, f"calibrate{{seq-len=32}},{QUANTIZE[:-1]} {stage}-steps=2 {stage}-seq-len=32}}",
                             calibration=data, progress=lambda _: None)  # fmt: skip
-    tuning = result.report.passes[-1].details["tuning"]
-    assert (tuning["window_tokens"], tuning["batch"], tuning["windows"]) == (32, 16, 32), tuning
-    with pytest.raises(PassConfigError, match="tune-seq-len must be in"):
-        tforge.compile(model, "quantize-weights{tune-seq-len=1024}", progress=lambda _: None)
+    details = result.report.passes[-1].details[key]
+    assert (details["window_tokens"], details["batch"]) == (32, batch), details
+    if stage == "tune":
+        assert details["windows"] == 32, details  # 16 held out + 2 steps of 16
+    else:
+        assert len(details["blocks"]) == 2 and details["windows"] > 16, details
+    with pytest.raises(PassConfigError, match=f"{stage}-seq-len must be in"):
+        tforge.compile(model, f"quantize-weights{{{stage}-seq-len=1024}}", progress=lambda _: None)
 
 
 def test_tune_steps_without_calibration_text_says_what_to_add(llama_canonical) -> None:  # type: ignore[no-untyped-def]

@@ -77,8 +77,9 @@ chain (each block's input is the previous block's output; otherwise ``details["r
 says why it did not run): every ``MatMulNBits`` weight of the block becomes a latent weight,
 starting at GPTQ's values, rounded to its grid straight through, and trained with its scales for
 ``N`` Adam steps (``reconstruct-lr`` in grid steps, cosine-annealed; 2 windows of 128 tokens a
-step out of 128) so that the block's output on the quantized model's own input matches the float
-block's output on the float input (:mod:`tforge.compiler.block_reconstruction`). A block whose
+step, or one of ``reconstruct-seq-len`` tokens from 256 on, out of up to 128) so that the
+block's output on the quantized model's own input matches the float block's output on the float
+input (:mod:`tforge.compiler.block_reconstruction`). A block whose
 held-out error rose keeps GPTQ's codes. Codes may move by more than one step; the packing and the
 file size stay.
 
@@ -98,6 +99,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -144,11 +146,11 @@ _BUDGET_BITS = (4, 8, 32)
 _MB = 1e6
 # sequential rounds read the pipeline's data as ``calibrate`` does when its samples are unset: at
 # least 64 samples, more until the round's widest Gram rests on 16 tokens a channel (<= 1024)
-_ROUND_SEQ_LEN = 128  # tokens a sequential round's (and reconstruction's) text windows hold, unless the pipeline says
+_ROUND_SEQ_LEN = 128  # tokens a sequential round's text windows hold, unless the pipeline says
 _TUNE_TOKENS = 512  # tokens a tuning step reads: 4 windows of 128, 1 of 512 (tune-seq-len)
 _TUNE_HELD_OUT = 16  # windows measured before and after tuning, never trained on
 _RECONSTRUCT_WINDOWS = 128  # training windows of the block reconstruction (beside the held-out ones)
-_RECONSTRUCT_BATCH = 2  # windows per reconstruction step
+_RECONSTRUCT_TOKENS = 256  # tokens a reconstruction step reads: 2 windows of 128, 1 of 256 or 512
 _RECONSTRUCT_SCALE_LR = 2e-3  # Adam's step on log(scale) in the reconstruction, cosine-annealed
 
 
@@ -198,6 +200,9 @@ class QuantizeWeights(Pass):
     # input to it; before tune-steps (compiler/block_reconstruction.py; needs PyTorch); 0: none
     reconstruct_steps: int = 0
     reconstruct_lr: float = 0.02  # Adam's step on the latent weights, in grid steps, cosine-annealed
+    # tokens a reconstruction window holds, unless the pipeline's data sets its own length; a step
+    # reads max(1, 256 // reconstruct-seq-len) windows, out of up to 128 (fewer if the text ends)
+    reconstruct_seq_len: int = 128
     # mixed precision (exclusive): 4, 8 or float per linear, least total relative output error
     budget_mb: float | None = None  # 10^6 bytes of the quantized linears' weights, scales, zero points
     avg_bits: float | None = None  # mean code width per weight (float: 32; scales not counted)
@@ -238,8 +243,7 @@ class QuantizeWeights(Pass):
                 "quantize-weights: embedding-8bit-rows keeps some rows at 8 bits beside the others' "
                 f"embedding-bits, which is {self.embedding_bits}; set embedding-bits=4 (or 2), or drop it"
             )
-        for entry in self.grid:
-            self._grid_rule(entry)
+        _ = self._grid_rules  # each entry read now, so a malformed one fails before any work
         if any(not pattern for pattern in self.exclude):
             raise PassConfigError("quantize-weights: exclude holds an empty name, which would match every linear")
         if not self.damp > 0:
@@ -263,6 +267,10 @@ class QuantizeWeights(Pass):
             raise PassConfigError(f"quantize-weights: reconstruct-steps must be >= 0, got {self.reconstruct_steps}")
         if not (self.reconstruct_lr > 0 and math.isfinite(self.reconstruct_lr)):
             raise PassConfigError(f"quantize-weights: reconstruct-lr must be a positive number, got {self.reconstruct_lr}")
+        if not 2 <= self.reconstruct_seq_len <= _TUNE_TOKENS:
+            raise PassConfigError(
+                f"quantize-weights: reconstruct-seq-len must be in [2, {_TUNE_TOKENS}], got {self.reconstruct_seq_len}"
+            )
         if self.reconstruct_steps and self.format != "nbits":
             raise PassConfigError(
                 "quantize-weights: reconstruct-steps trains MatMulNBits codes and scales; it needs format=nbits"
@@ -299,10 +307,13 @@ class QuantizeWeights(Pass):
             raise PassConfigError(str(error)) from None
         return parts[0], int(parts[1]), parts[2] == "sym"
 
+    @functools.cached_property
+    def _grid_rules(self) -> list[tuple[str, int, bool]]:
+        return [self._grid_rule(entry) for entry in self.grid]
+
     def _grid(self, lin: Linear) -> tuple[int, bool]:
         """The block and symmetry of ``lin``'s grid: its first matching ``grid`` entry's, else the pass's."""
-        for entry in self.grid:
-            pattern, block, symmetric = self._grid_rule(entry)
+        for pattern, block, symmetric in self._grid_rules:
             if pattern == lin.name or pattern in lin.name:
                 return block, symmetric
         return self.block, self.symmetric
@@ -432,8 +443,7 @@ class QuantizeWeights(Pass):
         try:
             teacher = TorchGraph(model.graph, [output.name or ""])
         except UnsupportedModelError as error:
-            details["tuning"] = {"skipped": str(error)}
-            logger.warning("quantize-weights: scales not tuned: %s", error)
+            _skip_stage(details, "tuning", str(error))
             return None
         vocab = {int(emb.table.shape[0]) for emb in find_embeddings(model.graph) if emb.table.shape is not None}
         last = output.shape[-1] if output.shape is not None and output.shape.rank() else None
@@ -445,8 +455,7 @@ class QuantizeWeights(Pass):
         ``details["reconstruction"]``) when the blocks do not form one pre-norm residual chain."""
 
         def skipped(reason: str) -> None:
-            details["reconstruction"] = {"skipped": reason}
-            logger.warning("quantize-weights: blocks not reconstructed: %s", reason)
+            _skip_stage(details, "reconstruction", reason)
 
         spans: list[_FloatSpan] = []
         for block in blocks.blocks:
@@ -481,18 +490,18 @@ class QuantizeWeights(Pass):
             add = nodes.get(span.first_add)
             start = add.inputs[span.input_index] if add is not None and len(add.inputs) > span.input_index else None
             if start is None or not start.name:
-                details["reconstruction"] = {"skipped": f"block {span.index}'s residual add {span.first_add!r} was rewritten"}
-                logger.warning("quantize-weights: blocks not reconstructed: %s", details["reconstruction"]["skipped"])
+                _skip_stage(details, "reconstruction", f"block {span.index}'s residual add {span.first_add!r} was rewritten")
                 return
             spans.append(block_reconstruction.BlockSpan(f"block {span.index}", teacher, start.name, span.output, span.input))
-        found_windows = self._training_windows(model, _TUNE_HELD_OUT + _RECONSTRUCT_WINDOWS, _ROUND_SEQ_LEN,
+        found_windows = self._training_windows(model, _TUNE_HELD_OUT + _RECONSTRUCT_WINDOWS, self.reconstruct_seq_len,
                                                "reconstruct-steps", "the reconstruction", "reconstruction", details)  # fmt: skip
         if found_windows is None:
             return
         source, windows = found_windows
+        batch = max(1, _RECONSTRUCT_TOKENS // self.reconstruct_seq_len)
         results, written = block_reconstruction.reconstruct_blocks(
             found.entry, spans, model.graph, windows, steps=self.reconstruct_steps, lr=self.reconstruct_lr,
-            scale_lr=_RECONSTRUCT_SCALE_LR, batch=_RECONSTRUCT_BATCH, held_out=_TUNE_HELD_OUT,
+            scale_lr=_RECONSTRUCT_SCALE_LR, batch=batch, held_out=_TUNE_HELD_OUT,
         )  # fmt: skip
         initializers = model.graph.initializers
         for weight in written:
@@ -502,7 +511,10 @@ class QuantizeWeights(Pass):
             initializers[weight.packed].const_value = ir.Tensor(packed, name=weight.packed)
             shape = initializers[weight.scales].const_value.shape.numpy()
             initializers[weight.scales].const_value = ir.Tensor(weight.scale_values.reshape(shape), name=weight.scales)
-        details["reconstruction"] = {"data": source, "windows": len(windows), "blocks": [dataclasses.asdict(r) for r in results]}
+        details["reconstruction"] = {
+            "data": source, "windows": len(windows), "window_tokens": feed_tokens(windows[-1]), "batch": batch,
+            "blocks": [dataclasses.asdict(r) for r in results],
+        }  # fmt: skip
         kept = sum(r.kept for r in results)
         if kept:
             stats["blocks reconstructed"] = kept
@@ -521,8 +533,7 @@ class QuantizeWeights(Pass):
         source, feeds = found
         windows = list(itertools.islice(feeds, count))
         if len(windows) <= _TUNE_HELD_OUT:
-            details[key] = {"skipped": f"{source} gives {len(windows)} windows; {who} holds {_TUNE_HELD_OUT} out and needs more"}
-            logger.warning("quantize-weights: %s skipped: %s", who, details[key]["skipped"])
+            _skip_stage(details, key, f"{source} gives {len(windows)} windows; {who} holds {_TUNE_HELD_OUT} out and needs more")
             return None
         return source, windows
 
@@ -1036,6 +1047,13 @@ class QuantizeWeights(Pass):
             "Where", [mask, *gathered], name=f"{base}.quantized", outputs=f"{old.name or base}.quantized",
             before=before, dtype=ir.DataType.FLOAT, shape=old.shape,
         )  # fmt: skip
+
+
+def _skip_stage(details: dict[str, Any], stage: str, reason: str) -> None:
+    """Say in ``details[stage]`` and in the log that a stage after the quantizer (``tuning``,
+    ``reconstruction``) did not run, and why; the quantized model stands as it is."""
+    details[stage] = {"skipped": reason}
+    logger.warning("quantize-weights: %s skipped: %s", stage, reason)
 
 
 def _awq_check(check: Any, *args: Any) -> Any:
