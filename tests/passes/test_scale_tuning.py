@@ -146,7 +146,7 @@ def test_reconstructed_blocks_bring_the_model_closer_to_float(llama_canonical, l
     tforge.compile(plain, f"calibrate,{QUANTIZE}", calibration=data, progress=lambda _: None)
     rebuilt = llama_canonical["dynamo"].clone()
     result = tforge.compile(
-        rebuilt, f"calibrate,{QUANTIZE[:-1]} reconstruct-steps=60 reconstruct-lr=0.05}}", calibration=data,
+        rebuilt, f"calibrate,{QUANTIZE[:-1]} reconstruct-steps=60 reconstruct-lr=0.02}}", calibration=data,
         progress=lambda _: None,
     )  # fmt: skip
     record = result.report.passes[-1]

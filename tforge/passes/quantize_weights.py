@@ -79,7 +79,7 @@ starting at GPTQ's values, rounded to its grid straight through, and trained wit
 ``N`` Adam steps (``reconstruct-lr`` in grid steps, cosine-annealed; 2 windows of 128 tokens a
 step, or one of ``reconstruct-seq-len`` tokens from 256 on, out of up to 128) so that the
 block's output on the quantized model's own input matches the float block's output on the float
-input (:mod:`tforge.compiler.block_reconstruction`). A block whose
+input, each token's error relative to its own norm (:mod:`tforge.compiler.block_reconstruction`). A block whose
 held-out error rose keeps GPTQ's codes. Codes may move by more than one step; the packing and the
 file size stay.
 
