@@ -103,6 +103,8 @@ def test_seq_len_sets_the_windows_and_keeps_the_tokens_a_step(llama_canonical, l
         assert len(details["blocks"]) == 2 and details["windows"] > 16, details
     with pytest.raises(PassConfigError, match=f"{stage}-seq-len must be in"):
         tforge.compile(model, f"quantize-weights{{{stage}-seq-len=1024}}", progress=lambda _: None)
+    with pytest.raises(PassConfigError, match="held-out windows would be the other's training text"):
+        tforge.compile(model, f"quantize-weights{{reconstruct-steps=1 tune-steps=1 {stage}-seq-len=512}}", progress=lambda _: None)
 
 
 def test_tune_steps_without_calibration_text_says_what_to_add(llama_canonical) -> None:  # type: ignore[no-untyped-def]

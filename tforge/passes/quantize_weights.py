@@ -271,6 +271,13 @@ class QuantizeWeights(Pass):
             raise PassConfigError(
                 f"quantize-weights: reconstruct-seq-len must be in [2, {_TUNE_TOKENS}], got {self.reconstruct_seq_len}"
             )
+        if self.reconstruct_steps and self.tune_steps and self.reconstruct_seq_len != self.tune_seq_len:
+            # each stage holds out its first 16 windows: of different lengths, the tuning's held-out
+            # text would be text the reconstruction trained on (BENCHMARKS.md, run 11)
+            raise PassConfigError(
+                f"quantize-weights: reconstruct-seq-len={self.reconstruct_seq_len} and tune-seq-len={self.tune_seq_len} "
+                "differ, so one stage's held-out windows would be the other's training text; give both the same value"
+            )
         if self.reconstruct_steps and self.format != "nbits":
             raise PassConfigError(
                 "quantize-weights: reconstruct-steps trains MatMulNBits codes and scales; it needs format=nbits"
